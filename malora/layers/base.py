@@ -1,0 +1,169 @@
+"""Shared pieces of every adapter layer: the wrapper base class and the expert-mixture dispatch paths.
+
+Notation (METHODS.md §3): a frozen linear W (out m, in n); T tokens; N experts; top-k routing. A routed layer
+first maps x (T, n) to a shared input u (T, q) (u = x for MoLoRA, S_A x for MALoRA, A x for MoSLD/HydraLoRA),
+then mixes per-expert maps ``E_t(u) = B_t D_t u`` (D_t (N, r, q) is absent for MoSLD/HydraLoRA, where r = q):
+
+    delta(x) = sum_{j < k} gates[:, j] * E_{idx[:, j]}(u)                                           (T, m)
+
+Three exact implementations of that sum, chosen per layer by ``dispatch`` (or ``choose_dispatch`` for "auto"):
+- ``sparse_mixture``: token-slots sorted by expert, one matmul pair per expert on its tokens only, scatter-add.
+- ``dense_mixture``: every expert on every token in two wide matmuls, masked by the (T, N) gate matrix.
+- ``loop_mixture``: the usual per-expert Python loop with a boolean mask per expert (benchmark baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style linear: weight (in, out), y = x @ W + b
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency; keep the library importable without it
+    Conv1D = None
+
+# choose_dispatch thresholds (tuned by benchmarks/adapter_speed.py; see choose_dispatch)
+DENSE_MAX_COST_RATIO = 0.25
+MIN_SLOTS_PER_EXPERT = 128
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features n, out_features m) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if Conv1D is not None and isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]  # Conv1D weight is (in, out)
+    raise TypeError(f"can only adapt nn.Linear or transformers Conv1D, got {type(base).__name__}")
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapter parameters are float32 (float64 with a float64 base) even on a bf16/fp16 base, as PEFT does:
+    low-precision optimiser updates of tiny adapters are lossy. The forward casts them to x.dtype."""
+    dtype = base.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """Drop-in replacement for a frozen linear: ``forward(x) = base(x) + scaling * delta(x)``.
+
+    Subclasses define ``delta(x)`` for x (T, n) -> (T, m), computed in x.dtype. Every trainable tensor's name
+    starts with ``lora_``. Routed layers set ``last_aux_loss`` on each forward (else it stays None).
+    """
+
+    def __init__(self, base: nn.Module, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base_dims(base)
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def _new(self, *shape: int) -> torch.Tensor:
+        """Uninitialised adapter tensor on the base's device, in :func:`adapter_dtype`."""
+        return torch.empty(*shape, device=self.base.weight.device, dtype=adapter_dtype(self.base))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable adapter tensors, by name relative to this layer."""
+        return {n: p for n, p in self.named_parameters() if n.split(".")[0].startswith("lora_")}
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                            # (..., m)
+        delta = self.delta(x.reshape(-1, self.in_features))         # (T, m)
+        return y + self.scaling * delta.view(y.shape).to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def choose_dispatch(num_tokens: int, num_experts: int, top_k: int, expert_macs: int, base_macs: int) -> str:
+    """Pick "dense" or "sparse" for ``dispatch="auto"``.
+
+    ``expert_macs``: multiply-adds per token of one expert's own matrices (MoLoRA r(n+m), MALoRA r_bar(d+m),
+    MoSLD r m); ``base_macs``: the frozen matmul's n m. Rule:
+    - "dense" when running every expert on every token costs at most DENSE_MAX_COST_RATIO (1/4) of the frozen
+      matmul (true for the papers' shapes: MoLoRA 8 x r8 or MALoRA (12, 32) on 4096-wide layers are ~3%): two
+      wide GEMMs beat the sort, gather, N small GEMMs and scatter of the sparse path;
+    - "dense" when experts would get fewer than MIN_SLOTS_PER_EXPERT token-slots on average (launch-bound);
+    - "sparse" otherwise (many experts or wide experts relative to the layer, enough tokens).
+    """
+    if num_experts * expert_macs <= DENSE_MAX_COST_RATIO * base_macs:
+        return "dense"
+    if num_tokens * top_k < MIN_SLOTS_PER_EXPERT * num_experts:
+        return "dense"
+    return "sparse"
+
+
+def _expert(u: torch.Tensor, e: int, up: torch.Tensor, down: torch.Tensor | None) -> torch.Tensor:
+    """E_e(u) = B_e (D_e u) for the rows u (T_e, q) -> (T_e, m)."""
+    h = u if down is None else F.linear(u, down[e])               # (T_e, r)
+    return F.linear(h, up[e])                                       # (T_e, m)
+
+
+def sparse_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
+                   up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped top-k dispatch. u (T, q), gates/idx (T, k), up (N, m, r), down (N, r, q) or None -> (T, m)."""
+    T, k = idx.shape
+    N = up.shape[0]
+    flat = idx.reshape(-1)                                          # (T*k,) expert of each token-slot
+    order = torch.argsort(flat, stable=True)                        # (T*k,) slots grouped by expert
+    token = order // k                                              # (T*k,) token of each sorted slot
+    counts = torch.bincount(flat, minlength=N).tolist()             # N ints (host sync)
+    u_sorted = u.index_select(0, token)                             # (T*k, q)
+    outs = [_expert(chunk, e, up, down)                             # (T_e, m) each
+            for e, chunk in enumerate(u_sorted.split(counts)) if counts[e]]
+    if not outs:  # no tokens
+        return u.new_zeros(T, up.shape[1])
+    out = torch.cat(outs) * gates.reshape(-1)[order, None]          # (T*k, m)
+    return u.new_zeros(T, up.shape[1]).index_add(0, token, out)     # (T, m)
+
+
+def dense_mixture(u: torch.Tensor, gate_matrix: torch.Tensor,
+                  up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+    """All experts on all tokens, weighted by gate_matrix (T, N) (zeros for unselected experts) -> (T, m).
+
+    Cost per token N r (q + m) MACs as two wide GEMMs: ``h = u D_cat^T`` (T, N r), then the gates are folded
+    into h so that B is applied once as (T, N r) @ (N r, m).
+    """
+    N, m, r = up.shape
+    T = u.shape[0]
+    if down is None:
+        h = u.unsqueeze(1).expand(T, N, r)                          # (T, N, r) shared input for every expert
+    else:
+        h = F.linear(u, down.reshape(N * r, -1)).view(T, N, r)      # (T, N, r)
+    h = (h * gate_matrix.unsqueeze(-1)).reshape(T, N * r)           # (T, N*r) gates folded in
+    up_cat = up.permute(1, 0, 2).reshape(m, N * r)                  # (m, N*r)
+    return F.linear(h, up_cat)                                      # (T, m)
+
+
+def loop_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-expert loop as usually written: for each expert, mask its tokens, run its matrices, add back."""
+    out = u.new_zeros(u.shape[0], up.shape[1])                      # (T, m)
+    for e in range(up.shape[0]):
+        token, slot = torch.where(idx == e)                         # (T_e,), (T_e,)
+        if token.numel() == 0:
+            continue
+        y = _expert(u[token], e, up, down) * gates[token, slot, None]  # (T_e, m)
+        out = out.index_add(0, token, y)
+    return out
+
+
+def gate_matrix(gates: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Scatter top-k gates (T, k) at idx (T, k) into a (T, N) matrix with zeros elsewhere."""
+    return gates.new_zeros(gates.shape[0], num_experts).scatter(1, idx, gates)
+
+
+def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
+            up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop") on top-k routing output."""
+    if mode == "sparse":
+        return sparse_mixture(u, gates, idx, up, down)
+    if mode == "dense":
+        return dense_mixture(u, gate_matrix(gates, idx, up.shape[0]), up, down)
+    if mode == "loop":
+        return loop_mixture(u, gates, idx, up, down)
+    raise ValueError(f"unknown dispatch mode {mode!r}")
