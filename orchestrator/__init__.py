@@ -1,0 +1,1 @@
+"""Ray/Optuna/MLflow orchestration, data suites and evaluation for malora adapters."""

@@ -1,0 +1,244 @@
+"""Tasks, suites and the deterministic train/eval selection the orchestrator trains and evaluates on.
+
+A :class:`Task` knows its domain, where its files are, its label words and how it is scored:
+
+- ``scoring="choice"``: multiple choice; by option log-likelihood or by generation + first label-word match.
+- ``scoring="number"``: free-form math; generation, last number compared numerically.
+- ``scoring="letter"``: AQuA; generation, last standalone A-E letter (log-likelihood also works: it has options).
+
+Suites: ``intra_domain`` (MALoRA's commonsense set), ``commonsense8`` (LLM-Adapters' eight tasks),
+``inter_domain`` (one task per domain that loads offline), ``math`` (test sets) and ``mmlu`` (57 subjects).
+
+Splits. Tasks without a train split (PIQA, SIQA, HellaSwag, WinoGrande, the math test sets, and MMLU whose dev
+split has 5 items) get a train part carved from their eval file: a seeded permutation of the file's items,
+the first ``carve_fraction`` of it goes to train and the rest is the eval pool, disjoint by construction. The
+eval pool does not depend on ``train_limit`` or on whether training happens, so zero-shot references and trained
+runs with the same seed see the same items. ``eval_limit``/``train_limit`` take a seeded sample (kept in file
+order) of each pool; every decision is written to ``Suite.notes``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.data import hub
+from orchestrator.data.loaders import (
+    LABEL_PREFIX,
+    MATH_PREFIX,
+    PUBMEDQA_LABELS,
+    read_gsm8k,
+    read_llm_adapters_choice,
+    read_llm_adapters_math,
+    read_mmlu,
+    read_pubmedqa,
+)
+from orchestrator.data.schema import DataError, Example
+
+__all__ = ["DataError", "Example", "Task", "Suite", "SUITES", "TASK_NAMES", "get_task", "load_suite", "load_task"]
+logger = logging.getLogger(__name__)
+
+SCORINGS = ("choice", "number", "letter")
+CLOZE_STYLES = ("qa", "continuation", "blank", "answer")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task.
+
+    cloze:         how the "text" log-likelihood formulation shows an item (see ``evaluate.option_requests``):
+                   ``qa`` = "Question: {q}\\nAnswer:" + " {option}"; ``continuation`` = "{q}" + " {option}";
+                   ``blank`` = WinoGrande, the option fills the ``_`` and the rest of the sentence is scored;
+                   ``answer`` = "{q}\\nAnswer:" + " {option}" (q already holds the context).
+    label_prefix:  the fixed start of every target before the label word ("the correct answer is").
+    source:        folder under the data directory; ``fmt`` says which reader parses it.
+    carve_train:   True when the train part must be carved from the eval file.
+    """
+
+    name: str
+    domain: str
+    label_set: tuple[str, ...]
+    scoring: str
+    source: str
+    fmt: str
+    carve_train: bool = False
+    cloze: str = "qa"
+    label_prefix: str = LABEL_PREFIX
+
+    def __post_init__(self) -> None:
+        assert self.scoring in SCORINGS and self.cloze in CLOZE_STYLES, self
+
+
+def _labels(word: str, k: int) -> tuple[str, ...]:
+    return tuple(f"{word}{i}" for i in range(1, k + 1))
+
+
+_CS = "commonsense"
+_TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("boolq", "reading", ("true", "false"), "choice", f"{_CS}/boolq", "choice"),
+    Task("piqa", "physical", _labels("solution", 2), "choice", f"{_CS}/piqa", "choice", carve_train=True),
+    Task("siqa", "social", _labels("answer", 3), "choice", f"{_CS}/social_i_qa", "choice", carve_train=True),
+    Task("hellaswag", "commonsense", _labels("ending", 4), "choice", f"{_CS}/hellaswag", "choice",
+         carve_train=True, cloze="continuation"),
+    Task("winogrande", "commonsense", _labels("option", 2), "choice", f"{_CS}/winogrande", "choice",
+         carve_train=True, cloze="blank"),
+    Task("arc_e", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Easy", "choice"),
+    Task("arc_c", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Challenge", "choice"),
+    Task("obqa", "science", _labels("answer", 4), "choice", f"{_CS}/openbookqa", "choice"),
+    Task("gsm8k", "math", (), "number", "math/gsm8k", "gsm8k", label_prefix=MATH_PREFIX),
+    *(Task(n.lower(), "math", (), "number", f"math/{n}", "math", carve_train=True, label_prefix=MATH_PREFIX)
+      for n in ("SVAMP", "AddSub", "MultiArith", "SingleEq", "mawps")),
+    Task("aqua", "math", tuple("ABCDE"), "letter", "math/AQuA", "aqua", carve_train=True, label_prefix=MATH_PREFIX),
+    Task("pubmedqa", "medical", PUBMEDQA_LABELS, "choice", "medical/pubmedqa", "pubmedqa", cloze="answer"),
+)}
+ALIASES = {"ARC-Easy": "arc_e", "ARC-Challenge": "arc_c", "openbookqa": "obqa", "social_i_qa": "siqa"}
+
+MMLU_SUBJECTS = tuple("""abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology
+college_chemistry college_computer_science college_mathematics college_medicine college_physics computer_security
+conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts
+high_school_biology high_school_chemistry high_school_computer_science high_school_european_history
+high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics
+high_school_microeconomics high_school_physics high_school_psychology high_school_statistics high_school_us_history
+high_school_world_history human_aging human_sexuality international_law jurisprudence logical_fallacies
+machine_learning management marketing medical_genetics miscellaneous moral_disputes moral_scenarios nutrition
+philosophy prehistory professional_accounting professional_law professional_medicine professional_psychology
+public_relations security_studies sociology us_foreign_policy virology world_religions""".split())
+_MMLU_DOMAINS = {
+    "medical": ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "nutrition",
+                "professional_medicine", "virology"),
+    "law": ("international_law", "jurisprudence", "professional_law"),
+    "economics": ("econometrics", "high_school_macroeconomics", "high_school_microeconomics"),
+}
+for _subject in MMLU_SUBJECTS:
+    _domain = next((d for d, subs in _MMLU_DOMAINS.items() if _subject in subs), "mmlu")
+    _TASKS[f"mmlu_{_subject}"] = Task(f"mmlu_{_subject}", _domain, _labels("answer", 4), "choice", "mmlu", "mmlu",
+                                      carve_train=True)
+
+TASK_NAMES = tuple(_TASKS)
+SUITES: dict[str, tuple[str, ...]] = {
+    "intra_domain": ("piqa", "obqa", "boolq", "arc_c", "arc_e"),
+    "commonsense8": ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"),
+    "inter_domain": ("gsm8k", "pubmedqa", "arc_c", "boolq", "mmlu_clinical_knowledge", "mmlu_professional_law",
+                     "mmlu_high_school_macroeconomics"),
+    "math": ("gsm8k", "svamp", "addsub", "multiarith", "singleeq", "mawps", "aqua"),
+    "mmlu": tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS),
+}
+
+
+def get_task(name: str) -> Task:
+    """Task by short name (``arc_c``) or LLM-Adapters folder name (``ARC-Challenge``)."""
+    task = _TASKS.get(ALIASES.get(name, name))
+    if task is None:
+        close = [n for n in TASK_NAMES if name.lower()[:4] in n] or list(TASK_NAMES[:14])
+        raise DataError(f"unknown task {name!r}; known tasks include {close} (and mmlu_<subject>)")
+    return task
+
+
+def resolve_tasks(suite_or_tasks: str | Sequence[str]) -> tuple[str, tuple[Task, ...]]:
+    """``(suite name, tasks)`` for a suite name, a comma-separated string of tasks, or a list of tasks."""
+    if isinstance(suite_or_tasks, str):
+        if suite_or_tasks in SUITES:
+            return suite_or_tasks, tuple(get_task(n) for n in SUITES[suite_or_tasks])
+        names = [n.strip() for n in suite_or_tasks.split(",") if n.strip()]
+        if len(names) == 1 and names[0] not in _TASKS and names[0] not in ALIASES:
+            raise DataError(f"unknown suite or task {suite_or_tasks!r}; suites: {sorted(SUITES)}")
+    else:
+        names = list(suite_or_tasks)
+    tasks = tuple(dict.fromkeys(get_task(n) for n in names))
+    if not tasks:
+        raise DataError("no tasks given; name a suite or a comma-separated list of tasks")
+    return ",".join(t.name for t in tasks), tasks
+
+
+def load_task(task: Task | str, data_dir: str | Path | None) -> tuple[list[Example] | None, list[Example]]:
+    """``(train or None, eval)`` for one task from ``data_dir``, or from the Hub when ``data_dir`` is None."""
+    task = get_task(task) if isinstance(task, str) else task
+    if data_dir is None:
+        return hub.load_hub_task(task.name)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    folder = root / task.source
+    if task.fmt == "choice":
+        train_file = folder / "train.json"
+        return (read_llm_adapters_choice(train_file) if train_file.is_file() else None,
+                read_llm_adapters_choice(folder / "test.json"))
+    if task.fmt == "gsm8k":
+        return read_gsm8k(folder / "train.jsonl"), read_gsm8k(folder / "test.jsonl")
+    if task.fmt in ("math", "aqua"):
+        return None, read_llm_adapters_math(folder / "test.json", letters=task.fmt == "aqua")
+    if task.fmt == "pubmedqa":
+        return read_pubmedqa(folder)
+    if task.fmt == "mmlu":
+        subject = task.name[len("mmlu_"):]
+        return read_mmlu(folder, subject, "dev"), read_mmlu(folder, subject, "test")
+    raise AssertionError(task.fmt)
+
+
+@dataclass
+class Suite:
+    """Selected items per task. ``notes[task]`` says where each part came from (carving, caps, seed)."""
+
+    name: str
+    tasks: tuple[str, ...]
+    train: dict[str, list[Example]]
+    eval: dict[str, list[Example]]
+    notes: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+
+def _cap(limit: int | Mapping[str, int] | None, task: str, what: str) -> int | None:
+    value = limit.get(task) if isinstance(limit, Mapping) else limit
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DataError(f"{what}={value!r} for task {task!r} must be a positive integer or None")
+    return value
+
+
+def _sample(items: list[Example], limit: int | None, rng: random.Random) -> list[Example]:
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
+
+
+def load_suite(
+    suite_or_tasks: str | Sequence[str],
+    data_dir: str | Path | None,
+    *,
+    train_limit: int | Mapping[str, int] | None = None,
+    eval_limit: int | Mapping[str, int] | None = None,
+    seed: int = 0,
+    carve_fraction: float = 0.5,
+) -> Suite:
+    """Load a suite; limits are one int for every task or a ``{task: int}`` mapping (absent tasks: no cap)."""
+    name, tasks = resolve_tasks(suite_or_tasks)
+    for what, limit in (("train_limit", train_limit), ("eval_limit", eval_limit)):
+        if isinstance(limit, Mapping) and (unknown := set(limit) - {t.name for t in tasks}):
+            raise DataError(f"{what} names tasks not in suite {name!r}: {sorted(unknown)}")
+    if not 0.0 < carve_fraction < 1.0:
+        raise DataError(f"carve_fraction={carve_fraction!r} must be strictly between 0 and 1")
+    suite = Suite(name=name, tasks=tuple(t.name for t in tasks), train={}, eval={}, seed=seed)
+    for task in tasks:
+        train, pool = load_task(task, data_dir)
+        src = str(Path(data_dir) / task.source) if data_dir is not None else f"Hub {task.name}"
+        note = [f"source {src}"]
+        if task.carve_train or train is None:  # (a Hub source can lack a train split that the files have)
+            order = list(range(len(pool)))
+            random.Random(f"{seed}:{task.name}:carve").shuffle(order)
+            n_carve = int(len(pool) * carve_fraction)
+            carved = [pool[i] for i in sorted(order[:n_carve])]
+            pool = [pool[i] for i in sorted(order[n_carve:])]
+            note.append(f"train carved from the eval file: {n_carve} items (seed {seed}, fraction {carve_fraction})"
+                        + (f" + {len(train)} from its train/dev split" if train else "")
+                        + f"; eval pool = the other {len(pool)}")
+            train = (train or []) + carved
+        train = train or []
+        t_cap, e_cap = _cap(train_limit, task.name, "train_limit"), _cap(eval_limit, task.name, "eval_limit")
+        suite.train[task.name] = _sample(train, t_cap, random.Random(f"{seed}:{task.name}:train"))
+        suite.eval[task.name] = _sample(pool, e_cap, random.Random(f"{seed}:{task.name}:eval"))
+        note.append(f"train {len(suite.train[task.name])}/{len(train)}, eval {len(suite.eval[task.name])}/{len(pool)}"
+                    f" (seeded sample, seed {seed})")
+        suite.notes[task.name] = "; ".join(note)
+        logger.info("%s: %s", task.name, suite.notes[task.name])
+    return suite

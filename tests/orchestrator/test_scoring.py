@@ -1,0 +1,174 @@
+"""Option log-likelihood scoring with controlled logits, generation parsing, evaluate_tasks and the CLI."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator import scoring as sc
+from orchestrator.data.schema import Example
+from orchestrator.data.tasks import get_task, load_task
+from orchestrator.evaluate import TaskScore, evaluate_tasks, main, option_requests
+from orchestrator.models import build_tiny_llama, build_tiny_tokenizer
+
+
+class BigramLM(nn.Module):
+    """A model whose logits we control: ``logits[b, t] = table[input_ids[b, t]]``."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(vocab, vocab))
+        self.config = SimpleNamespace(max_position_embeddings=512)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        logits = self.table[input_ids]  # (B, T, V)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_llama(seed=0)
+
+
+def _last_token(tok, text: str) -> tuple[int, int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids[-2], ids[-1]
+
+
+def test_label_scoring_follows_the_logits_on_a_real_item(shared_data_dir, tok):
+    _, arc = load_task("arc_e", shared_data_dir)
+    ex = arc[0]  # photosynthesis; gold answer1 (sunlight)
+    assert ex.gold == "answer1"
+    model = BigramLM(len(tok))
+    prev, gold_last = _last_token(tok, " answer1")
+    _, wrong_last = _last_token(tok, " answer3")
+    with torch.no_grad():
+        model.table[prev, gold_last] = 5.0
+    assert evaluate_tasks(model, tok, {"arc_e": [ex]}, options="label")["arc_e"].accuracy == 1.0
+    with torch.no_grad():
+        model.table[prev, wrong_last] = 6.0
+    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, options="label")["arc_e"]
+    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25)
+
+
+def test_sum_and_length_normalised_log_likelihood_by_hand(tok):
+    # Uniform logits: every token costs log V, so LL(c) = -len(c) log V.
+    # acc picks the option with the fewest tokens; acc_norm divides by the option's UTF-8 bytes.
+    ex = Example("q", "t", ("the quick brown fox jumps over the lazy dog", "zq"), 0, "answer1",
+                 ("answer1", "answer2"), "Which?")
+    task = get_task("arc_e")
+    model = BigramLM(len(tok))
+    reqs = option_requests(task, ex, tok, options="text")
+    rows = sc.build_rows([reqs], 512)
+    ll = sc.continuation_logprobs(model, rows, batch_size=2, pad_id=0)
+    n_tokens = [len(c) for _, c in reqs]
+    assert [ll[0], ll[1]] == pytest.approx([-n * math.log(len(tok)) for n in n_tokens])
+    nbytes = [len(" the quick brown fox jumps over the lazy dog"), len(" zq")]
+    expect_norm = sc.pick([-n / b for n, b in zip(n_tokens, nbytes)])
+    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, options="text")["arc_e"]
+    assert n_tokens[1] < n_tokens[0] and score.accuracy == 0.0  # the short wrong option wins on the sum
+    assert score.accuracy_norm == float(expect_norm == 0)
+
+
+def test_batched_left_padded_log_likelihood_matches_unpadded(tiny):
+    model, tok = tiny
+    requests = [[(tok("Question: what is red?\nAnswer:")["input_ids"], tok(" a tomato", add_special_tokens=False)
+                  ["input_ids"]), ([5, 6], [7, 8, 9, 10, 11])], [([40] * 30, [41])]]
+    rows = sc.build_rows(requests, 512)
+    reference = {}
+    with torch.no_grad():
+        flat = 0
+        for options in requests:
+            for ctx, cont in options:
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+                reference[flat] = float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+                flat += 1
+    for batch_size in (1, 3):
+        got = sc.continuation_logprobs(model, rows, batch_size=batch_size, pad_id=tok.pad_token_id)
+        assert got == pytest.approx(reference, abs=1e-4)
+
+
+def test_label_words_share_one_row(tok):
+    ex = Example("p", "t", ("a red apple", "the blue sky", "green"), 0, "answer1",
+                 ("answer1", "answer2", "answer3"), "q")
+    reqs = option_requests(get_task("arc_e"), ex, tok, options="label")
+    rows = sc.build_rows([reqs], 512)
+    assert len(rows) == 1 and len(rows[0].targets) == 3
+    text_reqs = option_requests(get_task("arc_e"), ex, tok, options="text")
+    assert len(sc.build_rows([text_reqs], 512)) == 3
+
+
+def test_cloze_contexts(tok):
+    wino = Example("p", "t", ("Sarah", "Maria"), 1, "option2", ("option1", "option2"), "Sarah beat Maria so _ won.")
+    reqs = option_requests(get_task("winogrande"), wino, tok, options="text")
+    assert [tok.decode(c) for c, _ in reqs] == ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"]
+    assert {tok.decode(x) for _, x in reqs} == {" won."}
+    boolq = Example("p", "t", ("true", "false"), 0, "true", ("true", "false"), "is it?")
+    reqs = option_requests(get_task("boolq"), boolq, tok, options="text")
+    assert tok.decode(reqs[0][0]) == "Question: is it?\nAnswer:"
+    assert [tok.decode(x) for _, x in reqs] == [" true", " false"]
+
+
+def test_generation_parsing():
+    labels = ("answer1", "answer2", "answer3")
+    assert sc.parse_label("The correct answer is Answer2. answer1 is wrong", labels) == 1
+    assert sc.parse_label("no idea", labels) is None
+    assert sc.parse_label("that is untrue", ("true", "false")) is None
+    assert sc.parse_label("false, surely", ("true", "false")) == 1
+    assert sc.parse_letter("A quick look: the answer is (D).") == 3
+    assert sc.parse_letter("I cannot tell") is None
+
+
+@pytest.mark.parametrize(("text", "gold", "ok"), [
+    ("so she makes 9 * 2 = $18 per day. The answer is 18.", "18", True),
+    ("The total is 1,234.0 apples", "1234", True),
+    ("It is -3.5 degrees", "-3.5", True),
+    ("8 apples and 9 pears", "8", False),  # the *last* number counts
+    ("nothing numeric", "8", False),
+    ("the answer is 0.3333", "0.333", True),  # LLM-Adapters' tolerance 1e-3
+])
+def test_number_extraction(text, gold, ok):
+    assert sc.number_correct(text, gold) is ok
+
+
+def test_evaluate_tasks_end_to_end(tiny, shared_data_dir):
+    model, tok = tiny
+    model.train()
+    _, arc = load_task("arc_e", shared_data_dir)
+    _, gsm = load_task("gsm8k", shared_data_dir)
+    scores = evaluate_tasks(model, tok, {"arc_e": arc[:3], "gsm8k": gsm[:1]}, batch_size=2, max_new_tokens=2)
+    assert scores["arc_e"].n == 3 and scores["arc_e"].method == "loglik/label" and scores["arc_e"].chance == 0.25
+    assert scores["gsm8k"].n == 1 and scores["gsm8k"].method == "generate" and scores["gsm8k"].accuracy_norm is None
+    gen = evaluate_tasks(model, tok, {"arc_e": arc[:3]}, scoring="generate", max_new_tokens=2)
+    assert gen["arc_e"].method == "generate" and 0.0 <= gen["arc_e"].accuracy <= 1.0
+    again = evaluate_tasks(model, tok, {"arc_e": arc[:3]}, batch_size=3)
+    assert again["arc_e"] == scores["arc_e"]  # deterministic and batch-size independent
+    assert model.training  # the caller's mode is restored
+
+
+def test_generate_is_deterministic(tiny):
+    model, tok = tiny
+    prompts = [tok("Paris is")["input_ids"], tok("The quick brown fox jumps")["input_ids"]]
+    first = sc.generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert first == sc.generate(model, tok, prompts, max_new_tokens=4, batch_size=2) and len(first) == 2
+
+
+def test_cli_table_and_errors(shared_data_dir, capsys):
+    assert main(["--model", "tiny-llama", "--suite", "arc_e,boolq", "--limit", "2",
+                 "--data-dir", str(shared_data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| arc_e | 2 |" in out and "| boolq | 2 |" in out and "| mean | 4 |" in out and "time:" in out
+    assert main(["--model", "tiny-llama", "--suite", "nope", "--data-dir", str(shared_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown suite or task 'nope'") and err.count("\n") == 1
+    assert main(["--model", "no/such-model", "--suite", "boolq", "--limit", "1",
+                 "--data-dir", str(shared_data_dir)]) == 2
+    assert "cannot load model 'no/such-model'" in capsys.readouterr().err
