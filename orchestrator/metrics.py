@@ -1,0 +1,89 @@
+"""Per-evaluation metrics of a trial: accuracies, seesaw metrics, expert utilisation; and a cross-rank sum.
+
+Metric names (what Tune sees and MLflow plots):
+
+* ``acc/<task>`` accuracy, ``mean_acc`` = mean over tasks (the primary objective);
+* ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.seesaw` against the base model's zero-shot
+  accuracy (opposite-pair fraction over the trial's evaluations), ``seesaw_prev/...`` against the previous one;
+* ``util/<task>/<group>/e<i>``: share of the token-slots routed to expert ``i``, averaged over the routed layers
+  of one group (group = module name, e.g. ``q_proj``; ``q_proj_n4`` when a module's layers differ in N);
+* ``util_entropy/<task>``: mean over layers of the normalised routing entropy ``H(f) / log N`` in [0, 1]
+  (1 = uniform use of the experts, 0 = a single expert).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+
+def reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over the Train workers (identity without an initialised process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def utilisation_groups(fractions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{layer path: fraction (N,)} -> {group: mean fraction (N,)} over the layers of each group."""
+    by_module: dict[str, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    for path, frac in fractions.items():
+        by_module[path.rsplit(".", 1)[-1]][frac.numel()].append(frac.float())
+    out = {}
+    for module, by_n in sorted(by_module.items()):
+        for n, fracs in sorted(by_n.items()):
+            out[module if len(by_n) == 1 else f"{module}_n{n}"] = torch.stack(fracs).mean(0)
+    return out
+
+
+def routing_entropy(fractions: dict[str, torch.Tensor]) -> float:
+    """Mean over layers of H(f)/log N (layers with N = 1 or no tokens are skipped); NaN if none."""
+    values = []
+    for frac in fractions.values():
+        total = float(frac.sum())
+        if frac.numel() < 2 or total <= 0:
+            continue
+        p = frac.double() / total
+        h = -float((p[p > 0] * p[p > 0].log()).sum())
+        values.append(h / math.log(frac.numel()))
+    return sum(values) / len(values) if values else float("nan")
+
+
+def seesaw_block(acc: dict[str, float], reference: dict[str, float] | None,
+                 history: list[dict[str, float]]) -> dict[str, float]:
+    """Seesaw metrics of :mod:`orchestrator.seesaw`: against the base model (``seesaw/*``, ``delta/<task>``, with
+    the opposite-pair fraction over ``history``) and against the previous evaluation (``seesaw_prev/*``)."""
+    from orchestrator import seesaw
+
+    acc = {t: a for t, a in acc.items() if not math.isnan(a)}
+    out: dict[str, float] = {}
+    if reference and acc and set(acc) <= set(reference):
+        ref = {t: reference[t] for t in acc}
+        past = [{t: h[t] for t in acc} for h in history if set(acc) <= set(h)]
+        out.update(seesaw.seesaw_metrics(acc, ref, past))
+    if history and acc and set(acc) <= set(history[-1]):
+        prev = seesaw.delta_summary(seesaw.task_deltas(acc, {t: history[-1][t] for t in acc}))
+        out.update({f"seesaw_prev/{k}": v for k, v in prev.items()})
+    return out
+
+
+def eval_metrics(acc: dict[str, float], util: dict[str, dict[str, torch.Tensor]],
+                 reference: dict[str, float] | None, history: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of one evaluation (see the module docstring)."""
+    finite = [a for a in acc.values() if not math.isnan(a)]
+    out: dict[str, float] = {f"acc/{t}": a for t, a in acc.items()}
+    out["mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
+    out.update(seesaw_block(acc, reference, history))
+    for task, fractions in util.items():
+        if not fractions:
+            continue
+        out[f"util_entropy/{task}"] = routing_entropy(fractions)
+        for group, frac in utilisation_groups(fractions).items():
+            out.update({f"util/{task}/{group}/e{i}": float(v) for i, v in enumerate(frac.tolist())})
+    return out

@@ -1,0 +1,543 @@
+"""Search spaces: one YAML file -> one frozen, validated :class:`SearchSpec` (a pure function, no cluster).
+
+A file has the groups ``model``, ``data``, ``train``, ``eval``, ``methods``, ``search``, ``resources``,
+``tracking`` plus ``name``, ``storage_path`` and the optional ``smoke_test`` (overrides used by ``--smoke-test``)
+and ``debug`` (test hooks). Every group is a frozen dataclass; the attribute docstrings below are the schema.
+
+Validation collects *every* problem -- unknown keys (with the valid list and a "did you mean"), wrong types,
+impossible values, cross-field conflicts, adapter configs that cannot be built at the corners of their
+domains -- and raises one :class:`SpaceError`. PyYAML reads ``1e-5`` (no dot) as the *string* "1e-5"; such a
+value is rejected with the fix ``write 1.0e-5`` rather than silently converted.
+
+Per-method hyperparameters (``methods.<kind>.<name>``) are either a constant or one domain::
+
+    {choice: [a, b, ...]}   {uniform: [lo, hi]}   {loguniform: [lo, hi]}   {int: [lo, hi]}   {logint: [lo, hi]}
+
+Names are the adapter config fields of ``malora.config`` for that kind, the per-method training overrides
+``lr``/``weight_decay``/``warmup_ratio``, and the derived names of :mod:`orchestrator.hparams`
+(``alpha_over_r``; MALoRA ``lam``; MoSLD ``expert_schedule``/``expert_levels``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.hparams import DOMAIN_KINDS, Domain, method_corner_configs, parse_domain, valid_hparam_names
+
+
+class SpaceError(ValueError):
+    """A search-space file is invalid; ``problems`` lists every problem (each names the key, value and fix)."""
+
+    def __init__(self, problems: list[str], source: str = "search space"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+def _f(default: Any = None, **check: Any) -> Any:
+    """A dataclass field whose default is copied per instance and whose ``check`` rules live in metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=check)
+    return field(default=default, metadata=check)
+
+
+# ------------------------------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = _f("tiny-llama")
+    """Named model of orchestrator.models ("tiny-llama", "smollm2-135m-instruct"), a Hub id or a local path."""
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    """dtype the frozen base weights are loaded in."""
+    cache_dir: str | None = _f(None)
+    """Where converted named models are cached (None: the models module's default)."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    suite: str | None = _f(None)
+    """Suite name of orchestrator.data.tasks.SUITES (e.g. intra_domain); exclusive with ``tasks``."""
+    tasks: tuple[str, ...] | None = _f(None)
+    """Explicit task names; exclusive with ``suite``."""
+    data_dir: str | None = _f("${MALORA_DATA_DIR:-../shared/data}")
+    """Local benchmark folder; relative paths resolve against the YAML's folder, then the working directory.
+    ``${VAR:-default}`` is expanded. None: let the data layer use the Hugging Face Hub."""
+    train_limit: int | None = _f(None, ge=1)
+    """Cap on training examples per task (None: all)."""
+    num_train_examples: int | None = _f(None, ge=1)
+    """Size of the mixed training stream (None: the sum of the capped task sets)."""
+    mixing: str = _f("proportional", choices=("proportional", "uniform", "temperature"))
+    """Multi-task mixing: proportional to size, uniform over tasks, or temperature sampling p_t ∝ n_t^(1/T)."""
+    mixing_temperature: float = _f(2.0, gt=0)
+    """T of temperature mixing."""
+    template: str = _f("alpaca", choices=("alpaca", "chat"))
+    """Prompt template (LLM-Adapters Alpaca style, or the tokenizer's chat template)."""
+    max_length: int = _f(256, ge=8)
+    """Maximum tokens per training example (examples whose answer does not fit are dropped and counted)."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    max_steps: int | None = _f(None, ge=1)
+    """Optimizer steps per trial; exclusive with ``epochs``."""
+    epochs: float | None = _f(None, gt=0)
+    """Passes over the mixed training stream; exclusive with ``max_steps``."""
+    batch_size: int = _f(8, ge=1)
+    """Examples per micro-batch per worker."""
+    grad_accum: int = _f(1, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * workers)."""
+    lr: float = _f(4.0e-4, gt=0, lt=1)
+    """Peak AdamW learning rate (MALoRA intra-domain: 4e-4); a method's ``lr`` hyperparameter overrides it."""
+    schedule: str = _f("cosine", choices=("cosine", "linear", "constant"))
+    """Decay after linear warm-up: lr_t = lr * w(t) with w the warm-up ramp, then cosine/linear to 0."""
+    warmup_ratio: float = _f(0.1, ge=0, lt=1)
+    """Fraction of the steps spent warming up linearly from 0."""
+    weight_decay: float = _f(0.01, ge=0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = _f(1.0, gt=0)
+    """Gradient clipping by global norm (None: no clipping)."""
+    precision: str = _f("fp32", choices=("fp32", "bf16", "fp16"))
+    """Autocast precision of the forward pass (fp16 needs a GPU)."""
+    seed: int = _f(0, ge=0)
+    """Seed of data sampling, adapter init and dropout."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    every_n_steps: int = _f(50, ge=1)
+    """Evaluate (and report to Tune/MLflow, checkpoint the adapter) every N optimizer steps and at the end."""
+    eval_limit: int | None = _f(200, ge=1)
+    """Evaluation items per task (None: the whole split)."""
+    scoring: str = _f("loglik", choices=("loglik", "generate"))
+    """Option log-likelihood (robust default for small models) or LLM-Adapters' greedy generation."""
+    options: str = _f("label", choices=("label", "text"))
+    """Log-likelihood strings: "label" (the trained answer words, also used for the zero-shot reference, so both
+    sides of a Δ use one formulation) or "text" (lm-eval's cloze over the option texts)."""
+    batch_size: int = _f(8, ge=1)
+    """Evaluation batch size."""
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    enabled: bool = _f(True)
+    """Stop weak trials early (ASHA) on the first objective, once per evaluation (time unit = evaluations)."""
+    grace_period: int = _f(1, ge=1)
+    """Evaluations every trial gets before it can be stopped."""
+    reduction_factor: int = _f(2, ge=2)
+    """Keep the top 1/reduction_factor at each rung."""
+    max_t: int | None = _f(None, ge=1)
+    """Maximum evaluations per trial (None: derived from train.max_steps / eval.every_n_steps)."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    sampler: str = _f("tpe", choices=("tpe", "nsga2", "random"))
+    """Optuna sampler: TPE (seeded, multivariate), NSGA-II (multi-objective), or random."""
+    num_trials: int = _f(16, ge=1)
+    """Number of trials."""
+    seed: int = _f(0, ge=0)
+    """Sampler seed."""
+    objectives: dict | None = _f(None)
+    """Ordered ``{metric: max|min}``; more than one entry makes the search multi-objective (Pareto front).
+    Default: ``{mean_acc: max}``; for nsga2 ``{mean_acc: max, trainable_params: min}``."""
+    n_startup_trials: int = _f(4, ge=0)
+    """Random trials before TPE models the space."""
+    asha: AshaSpec = _f(None)
+    """ASHA early stopping."""
+    points_to_evaluate: tuple | None = _f(None)
+    """Trials to run first, e.g. ``[{method: malora, d: 32, beta: 1.25}]`` (unnamed hyperparameters sampled)."""
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers_per_trial: int = _f(1, ge=1)
+    """Ray Train workers (DDP ranks) per trial."""
+    cpus_per_worker: float = _f(1.0, gt=0)
+    """CPUs per worker slot. Each Train worker asks Ray for ``cpus_per_worker - trial_driver_cpus`` so that a
+    trial (driver + workers) fits in ``workers_per_trial * cpus_per_worker`` CPUs; torch uses
+    round(cpus_per_worker) threads."""
+    gpus_per_worker: float = _f(0.0, ge=0)
+    """GPUs per worker (>0 turns on use_gpu)."""
+    trial_driver_cpus: float = _f(0.01, gt=0, lt=1)
+    """CPU reserved by the Tune function that drives a trial's TorchTrainer (a full CPU would deadlock 2-core boxes)."""
+    max_concurrent_trials: int | str = _f("auto")
+    """Concurrent trials, or "auto": as many as the cluster's free CPUs/GPUs fit."""
+    max_failures: int = _f(0, ge=-1)
+    """Ray Train worker-group restarts per trial (from the last adapter checkpoint); -1 = unlimited."""
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    tracking_uri: str | None = _f(None)
+    """MLflow URI (None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db with artifacts in ./mlartifacts)."""
+    experiment: str = _f("malora-search")
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class DebugSpec:
+    fail_method: str | None = _f(None)
+    """Test hook: trials of this method fail on purpose."""
+    fail_mode: str = _f("raise", choices=("raise", "nan"))
+    """raise an exception, or turn the loss into NaN (exercises the NaN guard)."""
+    fail_at_step: int = _f(1, ge=1)
+    """Optimizer step at which the failure happens."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    kind: str
+    """Adapter kind (lora, molora, malora, mosld, hydra)."""
+    hparams: tuple[tuple[str, Domain], ...]
+    """(name, domain) pairs in file order; constants are Domain("const", (value,))."""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    name: str
+    """Search name: the Tune experiment folder under storage_path and the MLflow parent run name."""
+    storage_path: str
+    """Absolute folder holding the Tune experiment (trial results, adapter checkpoints, reference accuracy)."""
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+    eval: EvalSpec
+    methods: tuple[MethodSpec, ...]
+    search: SearchOptions
+    resources: ResourcesSpec
+    tracking: TrackingSpec
+    debug: DebugSpec
+    smoke_test: dict
+    """Overrides applied by --smoke-test (already validated)."""
+    source: str = ""
+    """The YAML file it came from."""
+
+    @property
+    def objectives(self) -> dict[str, str]:
+        return dict(self.search.objectives)
+
+    @property
+    def metric(self) -> str:
+        """Primary objective (ASHA and 'best trial' use it)."""
+        return next(iter(self.search.objectives))
+
+    def method(self, kind: str) -> MethodSpec:
+        return next(m for m in self.methods if m.kind == kind)
+
+
+GROUPS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec, "search": SearchOptions,
+          "resources": ResourcesSpec, "tracking": TrackingSpec, "debug": DebugSpec}
+TOP_KEYS = ("name", "storage_path", *GROUPS, "methods", "smoke_test")
+SMOKE_DEFAULTS = {"train": {"max_steps": 8, "epochs": None}, "eval": {"every_n_steps": 4, "eval_limit": 16},
+                  "data": {"train_limit": 64, "max_length": 128}, "search": {"num_trials": 4}}
+"""--smoke-test without a ``smoke_test`` block: cap steps, eval items, train items and trials (values are minima
+with the file's own, except num_trials which becomes max(4, number of methods) capped by the file's)."""
+
+
+# --------------------------------------------------------------------------------------------- type checks
+def _unknown(keys: list[str], valid: list[str], where: str) -> list[str]:
+    out = []
+    for key in keys:
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"{where}{key}: unknown key{hint}. Valid keys: {', '.join(valid)}")
+    return out
+
+
+def numeric_string_fix(value: Any) -> str | None:
+    """'1e-5' -> '1.0e-5' (what to write instead) when ``value`` is a string PyYAML did not read as a number."""
+    if not isinstance(value, str) or not re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        return None
+    text = value.strip()
+    mantissa, _, exponent = text.lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa
+
+
+def _check_type(value: Any, tp: Any, path: str) -> str | None:
+    """None if ``value`` matches the annotation ``tp``, else the problem text."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = [_check_type(value, a, path) for a in args if a is not type(None)]
+        return None if any(e is None for e in errors) else errors[0]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    if tp in (int, str, bool, dict) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return None
+    if origin is tuple or tp is tuple:
+        if isinstance(value, (list, tuple)) and (not args or all(isinstance(v, args[0]) for v in value)):
+            return None
+        return f"{path}: {value!r} must be a list" + (f" of {args[0].__name__}" if args else "")
+    fix = numeric_string_fix(value) if tp in (int, float) else None
+    if fix is not None:
+        return (f"{path}: {value!r} is a string, not a number (PyYAML reads exponents without a dot as text). "
+                f"Fix: write {fix}")
+    name = getattr(tp, "__name__", str(tp))
+    return f"{path}: {value!r} must be of type {name}, got {type(value).__name__}"
+
+
+def _check_rules(value: Any, rules: dict, path: str) -> str | None:
+    if value is None:
+        return None
+    if "choices" in rules and value not in rules["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in rules["choices"]], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{path}: {value!r} is not allowed{hint}. Fix: use one of {', '.join(map(str, rules['choices']))}"
+    for op, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                           ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        if op in rules and isinstance(value, (int, float)) and not test(value, rules[op]):
+            return f"{path}: {value!r} is impossible. Fix: use a value {word} {rules[op]}"
+    return None
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate a group dataclass from a mapping, appending every problem; falls back to defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping of keys to values, got {type(raw).__name__}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems += _unknown(sorted(set(map(str, raw)) - set(fields)), list(fields), f"{path}.")
+    kwargs = {}
+    for name, fld in fields.items():
+        if name not in raw:
+            continue
+        value, where = raw[name], f"{path}.{name}"
+        if cls is SearchOptions and name == "asha":
+            kwargs[name] = _build(AshaSpec, value, where, problems)
+            continue
+        problem = _check_type(value, hints[name], where) or _check_rules(value, fld.metadata, where)
+        if problem:
+            problems.append(problem)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    obj = cls(**kwargs)
+    if cls is SearchOptions and obj.asha is None:
+        obj = dataclasses.replace(obj, asha=AshaSpec())
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- paths
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
+
+
+def expand_env(text: str) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` (unset without default -> empty)."""
+    def sub(m: re.Match) -> str:
+        var = m.group(1) or m.group(3)
+        return os.environ.get(var) or (m.group(2) or "")
+    return _ENV.sub(sub, text)
+
+
+def resolve_data_dir(raw: str | None, base_dir: Path) -> tuple[str | None, str | None]:
+    """(absolute data dir or None, problem or None); relative paths: the YAML's folder first, then the cwd."""
+    if raw is None:
+        return None, None
+    text = expand_env(raw)
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [base_dir / path, Path.cwd() / path]
+    for cand in candidates:
+        if cand.is_dir():
+            return str(cand.resolve()), None
+    tried = " or ".join(str(c) for c in candidates)
+    return None, (f"data.data_dir: {raw!r} -> no such folder ({tried}). Fix: set data.data_dir to the benchmark "
+                  "folder (see ../shared/data/README.md), export MALORA_DATA_DIR, or set it to null for the Hub")
+
+
+# ----------------------------------------------------------------------------------------------- entry
+def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "search space",
+                   smoke_test: bool = False, overrides: dict | None = None) -> SearchSpec:
+    """Validate a parsed YAML mapping into a SearchSpec, raising one SpaceError listing every problem.
+
+    ``overrides`` (e.g. from the command line: ``{"search": {"num_trials": 3}, "name": "x"}``) are merged last
+    and validated like the file's own values.
+    """
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpaceError([f"top level: must be a mapping, got {type(raw).__name__}"], source)
+    problems += _unknown(sorted(set(map(str, raw)) - set(TOP_KEYS)), list(TOP_KEYS), "")
+    smoke = raw.get("smoke_test") or {}
+    if not isinstance(smoke, dict):
+        problems.append("smoke_test: must be a mapping of group -> overrides")
+        smoke = {}
+    if smoke_test:
+        raw = apply_smoke_overrides(raw, smoke)
+    for key, value in (overrides or {}).items():
+        base = raw.get(key) if isinstance(raw.get(key), dict) else {}
+        raw = {**raw, key: {**base, **value} if isinstance(value, dict) else value}
+    groups = {key: _build(cls, raw.get(key), key, problems) for key, cls in GROUPS.items()}
+    for key in set(smoke) - set(GROUPS):
+        problems += _unknown([key], list(GROUPS), "smoke_test.")
+    for key, cls in GROUPS.items():  # the overrides themselves must be valid even when not applied
+        if isinstance(smoke.get(key), dict):
+            _build(cls, smoke[key], f"smoke_test.{key}", problems)
+
+    name = raw.get("name", Path(source).stem if source != "search space" else "search")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        problems.append(f"name: {name!r} must be a folder-safe name (letters, digits, - _ .). Fix: e.g. intra_domain")
+    storage = raw.get("storage_path", "ray_results")
+    if not isinstance(storage, str) or not storage:
+        problems.append(f"storage_path: {storage!r} must be a path string. Fix: e.g. ray_results")
+        storage = "ray_results"
+    storage = expand_env(storage)
+    if "://" not in storage:
+        storage = str((Path.cwd() / Path(storage).expanduser()).resolve())
+
+    data, train, search = groups["data"], groups["train"], groups["search"]
+    data_dir, problem = resolve_data_dir(data.data_dir, Path(base_dir))
+    problems += [problem] if problem else []
+    data = dataclasses.replace(data, data_dir=data_dir)
+    if (data.suite is None) == (data.tasks is None):
+        problems.append("data: give exactly one of data.suite (e.g. intra_domain) or data.tasks (a list)")
+    if data.tasks is not None and not data.tasks:
+        problems.append("data.tasks: is empty. Fix: list at least one task or use data.suite")
+    problems += _check_tasks(data)
+    if (train.max_steps is None) == (train.epochs is None):
+        problems.append("train: give exactly one of train.max_steps or train.epochs")
+    if train.precision == "fp16" and groups["resources"].gpus_per_worker == 0:
+        problems.append("train.precision: 'fp16' needs a GPU. Fix: use bf16 or fp32, or set resources.gpus_per_worker")
+    res = groups["resources"]
+    mct = res.max_concurrent_trials
+    if not (mct == "auto" or (isinstance(mct, int) and not isinstance(mct, bool) and mct >= 1)):
+        problems.append(f"resources.max_concurrent_trials: {mct!r} must be a positive integer or 'auto'")
+    if res.gpus_per_worker == 0 and res.cpus_per_worker <= res.trial_driver_cpus:
+        problems.append("resources.cpus_per_worker: must exceed resources.trial_driver_cpus "
+                        f"({res.trial_driver_cpus}), which each worker leaves to the trial's driver")
+
+    methods = _build_methods(raw.get("methods"), problems)
+    kinds = [m.kind for m in methods]
+    declared = {k: set(v or {}) for k, v in raw["methods"].items()} if isinstance(raw.get("methods"), dict) else {}
+    search = _check_search(search, declared, problems)
+    dbg = groups["debug"]
+    if dbg.fail_method is not None and dbg.fail_method not in kinds:
+        problems.append(f"debug.fail_method: {dbg.fail_method!r} is not a searched method ({', '.join(kinds)})")
+    if problems:
+        raise SpaceError(problems, source)
+    return SearchSpec(name=name, storage_path=storage, model=groups["model"], data=data, train=train,
+                      eval=groups["eval"], methods=tuple(methods), search=search, resources=res,
+                      tracking=groups["tracking"], debug=dbg, smoke_test=smoke, source=source)
+
+
+def _check_tasks(data: DataSpec) -> list[str]:
+    """Suite and task names against orchestrator.data.tasks."""
+    from orchestrator.data.tasks import SUITES, get_task
+
+    out = []
+    if data.suite is not None and data.suite not in SUITES:
+        out += [p.replace("unknown key", "unknown suite").replace("Valid keys", "Valid suites")
+                for p in _unknown([data.suite], sorted(SUITES), "data.suite: ")]
+    for name in data.tasks or ():
+        try:
+            get_task(name)
+        except ValueError as exc:
+            out.append(f"data.tasks: {exc}")
+    return out
+
+
+def _build_methods(raw: Any, problems: list[str]) -> list[MethodSpec]:
+    from malora.config import CONFIG_CLASSES
+
+    if not isinstance(raw, dict) or not raw:
+        problems.append("methods: must map at least one adapter kind to its hyperparameters, e.g. "
+                        "{lora: {r: {choice: [8, 16]}}}")
+        return []
+    methods = []
+    for kind, params in raw.items():
+        if kind not in CONFIG_CLASSES:
+            problems += _unknown([kind], sorted(CONFIG_CLASSES), "methods.")
+            continue
+        params = params or {}
+        if not isinstance(params, dict):
+            problems.append(f"methods.{kind}: must be a mapping of hyperparameter -> value or domain")
+            continue
+        valid = valid_hparam_names(kind)
+        problems += _unknown(sorted(set(params) - set(valid)), valid, f"methods.{kind}.")
+        hps = []
+        for name, value in params.items():
+            if name not in valid:
+                continue
+            dom, problem = parse_domain(value, f"methods.{kind}.{name}", numeric_string_fix)
+            if problem:
+                problems.append(problem)
+            else:
+                hps.append((name, dom))
+        spec = MethodSpec(kind=kind, hparams=tuple(hps))
+        if len(hps) == sum(1 for n in params if n in valid):
+            problems += method_corner_configs(spec)
+        methods.append(spec)
+    return methods
+
+
+def _check_search(search: SearchOptions, declared: dict[str, set], problems: list[str]) -> SearchOptions:
+    objectives = search.objectives
+    if objectives is None:
+        objectives = {"mean_acc": "max"}
+        if search.sampler == "nsga2":
+            objectives["trainable_params"] = "min"
+    bad = {k: v for k, v in objectives.items() if v not in ("max", "min")}
+    if bad or not objectives:
+        problems.append(f"search.objectives: {dict(objectives)!r} must map metric names to max|min, e.g. "
+                        "{mean_acc: max, trainable_params: min}")
+    if search.sampler == "nsga2" and len(objectives) < 2:
+        problems.append("search.sampler: nsga2 is multi-objective. Fix: give two search.objectives or use tpe")
+    points = []
+    for i, point in enumerate(search.points_to_evaluate or ()):
+        where = f"search.points_to_evaluate[{i}]"
+        if not isinstance(point, dict) or point.get("method") not in declared:
+            if declared:  # (no methods at all is reported once, under methods)
+                problems.append(f"{where}: {point!r} needs 'method' set to one of {', '.join(declared)}")
+            continue
+        valid = sorted(declared.get(point["method"], ()))
+        problems += _unknown(sorted(set(point) - {"method"} - set(valid)), valid, f"{where}.")
+        points.append(dict(point))
+    return dataclasses.replace(search, objectives=dict(objectives), points_to_evaluate=tuple(points) or None)
+
+
+def apply_smoke_overrides(raw: dict, smoke: dict) -> dict:
+    """The raw mapping with --smoke-test overrides merged in: the file's ``smoke_test`` block verbatim, or
+    else SMOKE_DEFAULTS as caps (min with the file's value; num_trials = min(file, max(4, #methods)))."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for group, values in (smoke or SMOKE_DEFAULTS).items():
+        if not isinstance(values, dict) or group not in GROUPS:
+            continue
+        merged = dict(out.get(group) or {})
+        for key, value in values.items():
+            old = merged.get(key)
+            if not smoke and key == "num_trials":
+                value = max(value, len(raw.get("methods") or {}))
+            if not smoke and value is not None and isinstance(old, int) and not isinstance(old, bool):
+                value = min(old, value)
+            merged[key] = value
+        out[group] = merged
+    return out
+
+
+def load_space(path: str | Path, *, smoke_test: bool = False, overrides: dict | None = None) -> SearchSpec:
+    """Read and validate a search-space YAML file (see the module docstring for the schema)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError([f"--space: {str(path)!r} does not exist. Fix: pass a YAML file such as "
+                          "search_spaces/smoke.yaml"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError([f"YAML syntax: {exc}"], str(path)) from None
+    return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path), smoke_test=smoke_test,
+                          overrides=overrides)
+
+
+__all__ = ["SearchSpec", "SpaceError", "load_space", "spec_from_dict", "DOMAIN_KINDS", "Domain",
+           "numeric_string_fix", "expand_env"]

@@ -1,0 +1,219 @@
+"""MLflow for a search: one parent run per search, one nested run per trial, logged from the Tune driver.
+
+The driver (the process running ``orchestrator.search``) is the only writer, through a Tune ``Callback``: a SQLite
+store then never sees concurrent writers, and nothing in the Train workers needs MLflow credentials.
+
+Resume without duplicates: the parent run is tagged ``malora.search_key`` (= ``<storage_path>/<name>``) and each
+nested run ``malora.trial_id``; a resumed search finds both by tag, and results at steps already logged are
+skipped, so a finished trial keeps exactly one run and a restarted one continues its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator import plots
+
+logger = logging.getLogger(__name__)
+SEARCH_KEY, TRIAL_KEY, PARENT = "malora.search_key", "malora.trial_id", "mlflow.parentRunId"
+TUNE_KEYS = {"time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "iterations_since_restore",
+             "time_since_restore", "pid", "done", "checkpoint_path"}
+PARAM_METRICS = ("trainable_params", "total_params", "trainable_share", "train_examples", "dropped_too_long",
+                 "total_steps", "world_size")
+
+
+def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the YAML's tracking.tracking_uri, else local SQLite."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store (local only)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Experiment id; a new one on a local store keeps its artifacts in ./mlartifacts/<name>."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:") or "://" not in uri:
+        location = (Path.cwd() / "mlartifacts" / name).as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def find_runs(uri: str, exp_id: str, **tags: str) -> list:
+    filt = " and ".join(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items())
+    return client(uri).search_runs([exp_id], filter_string=filt, max_results=1000)
+
+
+def parent_run(uri: str, exp_id: str, search_key: str, run_name: str, reuse: bool) -> tuple[str, bool]:
+    """(run id, reused?) of the search's parent run: found by tag when resuming, else created."""
+    if reuse:
+        runs = [r for r in find_runs(uri, exp_id, malora__search_key=search_key) if PARENT not in r.data.tags]
+        if runs:
+            run_id = runs[0].info.run_id
+            client(uri).update_run(run_id, status="RUNNING")
+            return run_id, True
+    run = client(uri).create_run(exp_id, run_name=run_name, tags={SEARCH_KEY: search_key, "malora.role": "search"})
+    return run.info.run_id, False
+
+
+def log_dict(uri: str, run_id: str, *, params: dict | None = None, metrics: dict | None = None,
+             tags: dict | None = None, step: int = 0) -> None:
+    """Batch-log; params already logged with the same value (resume) are fine, different ones are reported."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    c, now = client(uri), int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if _is_number(v)]
+    for i in range(0, len(ms), 1000):
+        c.log_batch(run_id, metrics=ms[i:i + 1000])
+    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, len(ps), 100):
+        try:
+            c.log_batch(run_id, params=ps[i:i + 100])
+        except MlflowException as exc:  # resumed run: changed values cannot be overwritten
+            logger.warning("MLflow params not logged (%s)", str(exc).splitlines()[0])
+    if tags:
+        c.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def failure_reason(text: str) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) traceback, or the last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    pattern = re.compile(r"^([\w.]+(Error|Exception|Interrupt|Exit)):\s*(.*)")
+    hits = [ln for ln in lines if pattern.match(ln) and not re.match(
+        r"^(ray\.[\w.]+|TrainingFailedError|WorkerGroupError|RayTaskError[\w()]*)[:(]", ln)]
+    return (hits[-1] if hits else (lines[-1] if lines else "unknown error"))[:1000]
+
+
+class MLflowSearchCallback(Callback):
+    """Tune callback that mirrors trials into nested MLflow runs (params, per-eval metrics, plots, adapter)."""
+
+    def __init__(self, uri: str, exp_id: str, parent_id: str, search_key: str, spec: Any,
+                 reference: dict[str, float] | None):
+        self.uri, self.exp_id, self.parent_id, self.search_key = uri, exp_id, parent_id, search_key
+        self.spec, self.reference = spec, reference
+        self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged step)
+
+    def __getstate__(self) -> dict:  # Tune pickles the run config; keep no live state
+        return {**self.__dict__, "_runs": {}}
+
+    # --------------------------------------------------------------------------------------------- runs
+    def run_for(self, trial: Any) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id][0]
+        from orchestrator.hparams import adapter_config, trial_hparams
+
+        existing = [r for r in find_runs(self.uri, self.exp_id, malora__trial_id=trial.trial_id)
+                    if r.data.tags.get(PARENT) == self.parent_id]
+        if existing:
+            run_id = existing[0].info.run_id
+            hist = client(self.uri).get_metric_history(run_id, "step")
+            self._runs[trial.trial_id] = (run_id, int(max((m.value for m in hist), default=0)))
+            client(self.uri).update_run(run_id, status="RUNNING")
+            return run_id
+        method, hp = trial_hparams(self.spec.methods, trial.config)
+        run = client(self.uri).create_run(self.exp_id, run_name=f"{method}-{trial.trial_id}", tags={
+            PARENT: self.parent_id, TRIAL_KEY: trial.trial_id, SEARCH_KEY: self.search_key, "malora.method": method})
+        params: dict[str, Any] = {"method": method, **{f"hp.{k}": v for k, v in hp.items()}}
+        try:
+            params.update({f"adapter.{k}": v for k, v in adapter_config(method, hp).to_dict().items()})
+        except (ValueError, TypeError):  # per-layer MoSLD lists need the model's layer count; logged by hp.*
+            pass
+        t = self.spec.train
+        params.update({"lr": hp.get("lr", t.lr), "weight_decay": hp.get("weight_decay", t.weight_decay),
+                       "warmup_ratio": hp.get("warmup_ratio", t.warmup_ratio), "model": self.spec.model.name,
+                       "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
+                       "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
+                       "workers": self.spec.resources.workers_per_trial})
+        log_dict(self.uri, run.info.run_id, params=params)
+        self._runs[trial.trial_id] = (run.info.run_id, 0)
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_for(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.run_for(trial)
+        step = int(result.get("step", 0))
+        last = self._runs[trial.trial_id][1]
+        if step <= last:  # already logged before an interruption
+            return
+        metrics = {k: v for k, v in result.items() if k not in TUNE_KEYS and k not in PARAM_METRICS}
+        params = {k: result[k] for k in PARAM_METRICS if k in result} if last == 0 else None
+        log_dict(self.uri, run_id, params=params, metrics=metrics, step=step)
+        self._runs[trial.trial_id] = (run_id, step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        stopped = bool(last.get("step")) and last.get("step", 0) < last.get("total_steps", 0)
+        self._finish(trial, "FINISHED", {"malora.early_stopped": stopped})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        text = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text(errors="replace")
+        self._finish(trial, "FAILED", {"malora.failure_reason": failure_reason(text) if text else "unknown"})
+
+    def _finish(self, trial: Any, status: str, tags: dict) -> None:
+        run_id = self.run_for(trial)
+        try:
+            self._artifacts(trial, run_id)
+        except Exception:  # a plot must never take the search down
+            logger.exception("artifacts of trial %s not logged", trial.trial_id)
+        log_dict(self.uri, run_id, tags=tags)
+        client(self.uri).set_terminated(run_id, status)
+        self._runs.pop(trial.trial_id, None)
+
+    def _artifacts(self, trial: Any, run_id: str) -> None:
+        c = client(self.uri)
+        latest = c.get_run(run_id).data.metrics
+        with tempfile.TemporaryDirectory() as tmp:
+            history = {k.split("/", 1)[1]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                       for k in latest if k.startswith("acc/")}
+            if history:
+                history["mean_acc"] = [(m.step, m.value) for m in c.get_metric_history(run_id, "mean_acc")]
+                plots.accuracy_plot(history, self.reference, Path(tmp) / "accuracy_vs_step.png",
+                                    f"{trial.trial_id}: per-task accuracy")
+            util: dict[str, dict[str, list[float]]] = {}
+            for key in sorted(latest, key=lambda k: (k.rsplit("/e", 1)[0], int(k.rsplit("/e", 1)[-1]))
+                              if k.startswith("util/") else ("", 0)):
+                if key.startswith("util/"):
+                    _, task, group, _e = key.split("/")
+                    util.setdefault(group, {}).setdefault(task, []).append(latest[key])
+            plots.utilisation_heatmap(util, Path(tmp) / "expert_utilisation.png",
+                                      f"{trial.trial_id}: token share per expert (last evaluation)")
+            for png in Path(tmp).glob("*.png"):
+                c.log_artifact(run_id, str(png), "plots")
+        ckpt = (trial.last_result or {}).get("checkpoint_path")
+        if ckpt and (Path(ckpt) / "adapter").is_dir():
+            c.log_artifacts(run_id, str(Path(ckpt) / "adapter"), "adapter")
+
+
+def finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)

@@ -1,0 +1,185 @@
+"""End to end on a real local Ray and a real MLflow SQLite store: ``python -m orchestrator.search`` subprocesses.
+
+Slow (each Train-inside-Tune trial costs ~20-30 s of Ray start-up here), so few trials and tiny models:
+the smoke search with its MLflow runs; a failing trial next to a 2-worker DDP trial; a killed and resumed
+multi-objective (NSGA-II) search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def _env(shared_data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, MALORA_DATA_DIR=str(shared_data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _space(tmp_path: Path, **changes) -> Path:
+    """smoke.yaml with ``group.key`` overrides, written to tmp_path."""
+    raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    for dotted, value in changes.items():
+        group, key = dotted.split("__")
+        raw.setdefault(group, {})[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _search(tmp_path: Path, space: Path, env: dict, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "orchestrator.search", "--space", str(space), *extra]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp_path / "search.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def _client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _runs(tmp_path: Path, experiment: str) -> tuple[object, list]:
+    c = _client(tmp_path)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
+    proc = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Best trial per method:" in proc.stdout and "Pareto front" in proc.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --host 127.0.0.1" in proc.stdout
+
+    parent, children = _runs(tmp_path, "malora-smoke")
+    c = _client(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.params["num_trials"] == "2"
+    assert {"ref/boolq", "ref/arc_e", "ref/mean_acc"} <= set(parent.data.metrics)
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "summary")} >= {
+        "summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/pareto.json"}
+    assert len(children) == 2
+    assert sorted(r.data.params["method"] for r in children) == ["lora", "malora"]
+    for run in children:
+        p, m = run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert int(p["trainable_params"]) > 0 and int(p["total_params"]) > int(p["trainable_params"])
+        assert 0 < float(p["trainable_share"]) < 1 and float(p["lr"]) > 0
+        assert {"acc/boolq", "acc/arc_e", "mean_acc", "train_loss", "tokens_per_s", "step_time_s",
+                "peak_memory_mb", "seesaw/mean_delta", "delta/boolq"} <= set(m)
+        assert m["mean_acc"] == pytest.approx((m["acc/boolq"] + m["acc/arc_e"]) / 2)
+        steps = [h.step for h in c.get_metric_history(run.info.run_id, "mean_acc")]
+        assert steps == sorted(set(steps)) and steps[0] == 2
+        arts = {a.path for d in ("plots", "adapter") for a in c.list_artifacts(run.info.run_id, d)}
+        assert {"plots/accuracy_vs_step.png", "adapter/adapter_config.json",
+                "adapter/adapter_model.safetensors"} <= arts
+        if p["method"] == "malora":
+            assert p["adapter.d"] == "16" and p["adapter.r_bar"] == "4" and p["adapter.beta"] == "1.25"
+            assert m["balance_loss"] > 0 and 0 < m["util_entropy/boolq"] <= 1
+            assert sum(m[f"util/boolq/q_proj/e{i}"] for i in range(4)) == pytest.approx(1.0)
+            assert "plots/expert_utilisation.png" in arts
+        else:
+            assert "adapter.d" not in p and "hp.top_k" not in p
+    rows = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("trial_id,method,status")
+
+
+def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path, shared_data_dir):
+    space = _space(tmp_path, resources__workers_per_trial=2, debug__fail_method="malora", debug__fail_mode="nan",
+                   debug__fail_at_step=1, search__asha={"enabled": False}, tracking__experiment="e2e-fail")
+    proc = _search(tmp_path, space, _env(shared_data_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, children = _runs(tmp_path, "e2e-fail")
+    by_method = {r.data.params["method"]: r for r in children}
+    assert set(by_method) == {"lora", "malora"}
+    failed, ok = by_method["malora"], by_method["lora"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["malora.failure_reason"].startswith("FloatingPointError: non-finite loss nan at step 1")
+    assert ok.info.status == "FINISHED"
+    m = ok.data.metrics
+    assert ok.data.params["world_size"] == "2"
+    assert m["tokens_rank/0"] > 0 and m["tokens_rank/1"] > 0  # both DDP ranks trained on their own shard
+    assert m["ddp_param_divergence"] == pytest.approx(0.0, abs=1e-9)  # and their replicas stayed identical
+    # Tune's view: one trial ERROR, one TERMINATED
+    summary = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text()
+    assert ",malora,ERROR," in summary and ",lora,TERMINATED," in summary
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
+    space = _space(tmp_path, resources__max_concurrent_trials=1, search__asha={"enabled": False},
+                   search__sampler="nsga2", search__objectives={"mean_acc": "max", "trainable_params": "min"},
+                   tracking__experiment="e2e-resume")
+    env = _env(shared_data_dir)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.search", "--space", str(space)], cwd=tmp_path,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    db = tmp_path / "mlflow.db"
+
+    def finished_runs() -> list:
+        if not db.is_file():
+            return []
+        try:
+            exp = _client(tmp_path).get_experiment_by_name("e2e-resume")
+            runs = _client(tmp_path).search_runs([exp.experiment_id]) if exp else []
+        except Exception:  # store still being created
+            return []
+        return [r for r in runs if r.info.status == "FINISHED" and "malora.trial_id" in r.data.tags]
+
+    try:
+        _wait_for(lambda: len(finished_runs()) == 1, 240, "the first trial to finish", proc)
+        first = finished_runs()[0].data.tags["malora.trial_id"]
+        result_file = tmp_path / "ray_results" / "smoke" / f"trial_{first}" / "result.json"
+        time.sleep(6)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records the finished trial
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+        log.close()
+    n_results = len(result_file.read_text().splitlines())
+    train_dir = tmp_path / "ray_results" / "smoke" / "train_runs" / f"train-{first}"
+    ckpts_before = sorted(p.name for p in train_dir.glob("checkpoint_*"))
+
+    proc2 = _search(tmp_path, space, env, "--resume")
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    assert "resuming search" in proc2.stderr
+    parent, children = _runs(tmp_path, "e2e-resume")
+    trial_ids = [r.data.tags["malora.trial_id"] for r in children]
+    assert len(children) == 2 and len(set(trial_ids)) == 2  # one nested run per trial, none duplicated
+    assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
+    c = _client(tmp_path)
+    for run in children:
+        steps = [h.step for h in c.get_metric_history(run.info.run_id, "mean_acc")]
+        assert steps == [2, 4], (run.data.tags["malora.trial_id"], steps)
+    # the finished trial was not run again: same Tune results, no new Train checkpoints
+    assert len(result_file.read_text().splitlines()) == n_results
+    assert sorted(p.name for p in train_dir.glob("checkpoint_*")) == ckpts_before
+    rows = json.loads((tmp_path / "ray_results" / "smoke" / "pareto.json").read_text())
+    assert rows and all(r["trial_id"] in trial_ids for r in rows)

@@ -1,0 +1,120 @@
+"""Search pieces without Ray: concurrency sizing, Pareto front, failure reasons, utilisation/seesaw metrics,
+and the worker loop itself (bare, LocalSession) including resuming from its own checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import pareto, search, tracking
+from orchestrator.metrics import eval_metrics, routing_entropy, utilisation_groups
+from orchestrator.space import load_space
+
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+@pytest.fixture()
+def smoke(shared_data_dir, monkeypatch):
+    monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
+    return load_space(SPACES / "smoke.yaml")
+
+
+def test_concurrency_fits_trial_slots_into_the_cluster(smoke):
+    assert search.concurrency(smoke, {"CPU": 2.0}) == 2
+    assert search.concurrency(smoke, {"CPU": 16.0}) == 2  # never more than num_trials
+    two = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, workers_per_trial=2))
+    assert search.concurrency(two, {"CPU": 2.0}) == 1
+    gpu = dataclasses.replace(smoke, search=dataclasses.replace(smoke.search, num_trials=8),
+                              resources=dataclasses.replace(smoke.resources, gpus_per_worker=1.0))
+    assert search.concurrency(gpu, {"CPU": 16.0, "GPU": 3.0}) == 3  # GPU-bound
+    fixed = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, max_concurrent_trials=1))
+    assert search.concurrency(fixed, {"CPU": 2.0}) == 1
+
+
+def test_pareto_front_and_best_per_method():
+    rows = [{"trial_id": "a", "method": "lora", "mean_acc": 0.60, "trainable_params": 100},
+            {"trial_id": "b", "method": "malora", "mean_acc": 0.70, "trainable_params": 300},
+            {"trial_id": "c", "method": "molora", "mean_acc": 0.65, "trainable_params": 400},  # dominated by b
+            {"trial_id": "d", "method": "lora", "mean_acc": 0.55, "trainable_params": 50},
+            {"trial_id": "e", "method": "mosld", "mean_acc": math.nan, "trainable_params": 10}]
+    front = pareto.pareto_front(rows, {"mean_acc": "max", "trainable_params": "min"})
+    assert [r["trial_id"] for r in front] == ["b", "a", "d"]
+    best = pareto.best_per_method(rows)
+    assert {r["method"]: r["trial_id"] for r in best} == {"lora": "a", "malora": "b", "molora": "c"}
+    assert pareto.markdown_table(front, ("trial_id", "mean_acc")).splitlines()[2] == "| b | 0.7000 |"
+
+
+def test_failure_reason_finds_the_innermost_error():
+    text = """Traceback (most recent call last):
+  File "x.py", line 1, in f
+ray.train.v2.api.exceptions.TrainingFailedError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+Traceback (most recent call last):
+  File "/work/main/orchestrator/trainable.py", line 230, in run_training
+    raise FloatingPointError(...)
+FloatingPointError: non-finite loss nan at step 1 (lm 5.97, balance 0.04); lower the lr
+"""
+    assert tracking.failure_reason(text) == ("FloatingPointError: non-finite loss nan at step 1 "
+                                             "(lm 5.97, balance 0.04); lower the lr")
+    assert tracking.failure_reason("just a line") == "just a line"
+
+
+def test_default_tracking_uri_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None, None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5055")
+    assert tracking.resolve_tracking_uri(None, None) == "http://127.0.0.1:5055"
+    assert tracking.resolve_tracking_uri("sqlite:///x.db", None) == "sqlite:///x.db"
+    assert tracking.ui_command("sqlite:///x.db") == (
+        "mlflow ui --backend-store-uri sqlite:///x.db --host 127.0.0.1 --port 5000")
+
+
+def test_utilisation_groups_and_entropy():
+    fr = {"model.layers.0.self_attn.q_proj": torch.tensor([0.5, 0.5, 0.0, 0.0]),
+          "model.layers.1.self_attn.q_proj": torch.tensor([0.25, 0.25, 0.25, 0.25]),
+          "model.layers.0.self_attn.v_proj": torch.tensor([1.0, 0.0]),
+          "model.layers.1.self_attn.v_proj": torch.tensor([0.25, 0.25, 0.25, 0.25])}
+    groups = utilisation_groups(fr)
+    assert set(groups) == {"q_proj", "v_proj_n2", "v_proj_n4"}
+    assert groups["q_proj"].tolist() == pytest.approx([0.375, 0.375, 0.125, 0.125])
+    # layers: H/logN = 0.5, 1.0, 0.0, 1.0 -> mean 0.625
+    assert routing_entropy(fr) == pytest.approx(0.625)
+
+
+def test_eval_metrics_names_and_seesaw():
+    acc = {"boolq": 0.6, "arc_e": 0.4}
+    util = {"boolq": {"m.0.q_proj": torch.tensor([0.75, 0.25])}, "arc_e": {}}
+    m = eval_metrics(acc, util, reference={"boolq": 0.5, "arc_e": 0.5}, history=[{"boolq": 0.55, "arc_e": 0.45}])
+    assert m["mean_acc"] == pytest.approx(0.5) and m["acc/boolq"] == 0.6
+    assert m["delta/boolq"] == pytest.approx(0.1) and m["delta/arc_e"] == pytest.approx(-0.1)
+    assert m["seesaw/n_regressed"] == 1 and m["seesaw/delta_std"] == pytest.approx(0.1)
+    assert m["seesaw_prev/mean_delta"] == pytest.approx(0.0)
+    assert m["seesaw/opposite_pair_frac"] == pytest.approx(1.0)  # boolq up, arc_e down
+    assert m["util/boolq/q_proj/e0"] == 0.75 and "util_entropy/arc_e" not in m
+
+
+@pytest.mark.slow  # two tiny trainings, ~3 s
+def test_worker_loop_bare_and_resumed_from_its_checkpoint(smoke, tmp_path):
+    """The Train worker function without Ray: reports at steps 2 and 4; restarting from the step-2 checkpoint
+    (what Ray Train's FailureConfig and --resume do) continues at step 3 and reports only step 4."""
+    from orchestrator.trainable import LocalSession, run_training
+
+    config = {"method": "malora", "malora.r": 4, "malora.num_experts": 4, "malora.top_k": 2, "malora.d": 16,
+              "malora.beta": 1.25, "malora.alpha_over_r": 2.0, "malora.target_modules": ["q_proj", "v_proj"],
+              "malora.lr": 1.0e-3}
+    session = LocalSession(keep_checkpoints=str(tmp_path))
+    reports = run_training(smoke, config, session, reference={"boolq": 0.5, "arc_e": 0.5})
+    assert [r["step"] for r in reports] == [2, 4]
+    first = reports[0]
+    assert first["trainable_params"] == 9216 and first["world_size"] == 1 and first["total_steps"] == 4
+    assert first["balance_loss"] > 0 and math.isfinite(first["train_loss"])
+    assert (tmp_path / "step_000002" / "adapter" / "adapter_config.json").is_file()
+    resumed = run_training(smoke, config, LocalSession(resume_dir=str(tmp_path / "step_000002")),
+                           reference={"boolq": 0.5, "arc_e": 0.5})
+    assert [r["step"] for r in resumed] == [4]
+    assert resumed[0]["tokens_total"] == reports[-1]["tokens_total"]

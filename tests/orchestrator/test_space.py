@@ -1,0 +1,274 @@
+"""Search spaces: every shipped YAML validates; each validation rule has its own error; the conditional
+Optuna space (define-by-run, real optuna Study, no Ray) only ever produces the chosen method's parameters."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from orchestrator import search
+from orchestrator.hparams import (ConditionalSpace, adapter_config, expert_schedule, optuna_points,
+                                  schedule_factor, trial_hparams)
+from orchestrator.space import SpaceError, load_space, numeric_string_fix, spec_from_dict
+
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+SHIPPED = sorted(SPACES.glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(shared_data_dir, monkeypatch):
+    monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
+
+
+def smoke_raw() -> dict:
+    return yaml.safe_load((SPACES / "smoke.yaml").read_text())
+
+
+def test_three_spaces_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"smoke.yaml", "intra_domain.yaml", "inter_domain.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("smoke", [False, True])
+def test_shipped_space_validates(path, smoke, shared_data_dir):
+    spec = load_space(path, smoke_test=smoke)
+    assert spec.name == path.stem
+    assert Path(spec.data.data_dir) == shared_data_dir.resolve()
+    assert spec.methods and all(m.hparams for m in spec.methods)
+    assert Path(spec.storage_path).is_absolute()
+    if smoke:
+        assert spec.train.max_steps is not None and spec.train.max_steps <= 8
+        assert spec.search.num_trials <= 4
+
+
+def test_intra_domain_has_the_paper_methods_and_ranges():
+    spec = load_space(SPACES / "intra_domain.yaml")
+    assert [m.kind for m in spec.methods] == ["lora", "molora", "malora", "mosld"]
+    malora = dict(spec.method("malora").hparams)
+    assert malora["beta"].values == (1.0, 1.5) and 32 in malora["d"].values
+    assert malora["lr"].kind == "loguniform"
+    assert spec.search.points_to_evaluate[0] == {"method": "malora", "d": 32, "beta": 1.25, "top_k": 2, "lr": 4.0e-4}
+    assert spec.data.suite == "intra_domain" and spec.model.name == "smollm2-135m-instruct"
+    smoke = load_space(SPACES / "intra_domain.yaml", smoke_test=True)
+    assert (smoke.train.max_steps, smoke.search.num_trials, smoke.eval.eval_limit) == (6, 4, 12)
+
+
+def test_inter_domain_is_multi_objective():
+    spec = load_space(SPACES / "inter_domain.yaml")
+    assert spec.search.sampler == "nsga2"
+    assert spec.objectives == {"mean_acc": "max", "trainable_params": "min"}
+    assert spec.train.epochs == 1.0 and spec.train.max_steps is None
+
+
+def _set(raw: dict, dotted: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    *head, last = dotted.split(".")
+    node = raw
+    for key in head:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(last)
+    else:
+        node[last] = value
+    return raw
+
+
+_DELETE = object()
+BAD = [
+    ("trian", {}, r"trian: unknown key \(did you mean 'train'\?\)"),
+    ("train.lr", "1e-5", r"train\.lr: '1e-5' is a string.*Fix: write 1\.0e-5"),
+    ("train.batch_size", 0, r"train\.batch_size: 0 is impossible\. Fix: use a value >= 1"),
+    ("train.batch_size", "eight", r"train\.batch_size: 'eight' must be of type int"),
+    ("train.warmup_ratio", 1.5, r"train\.warmup_ratio: 1\.5 is impossible"),
+    ("train.epochs", 2.0, r"exactly one of train\.max_steps or train\.epochs"),
+    ("train.precision", "fp16", r"train\.precision: 'fp16' needs a GPU"),
+    ("train.shedule", "cosine", r"train\.shedule: unknown key \(did you mean 'schedule'\?\)"),
+    ("search.sampler", "tpee", r"search\.sampler: 'tpee' is not allowed \(did you mean 'tpe'\?\)"),
+    ("search.objectives", {"mean_acc": "up"}, r"search\.objectives: .* must map metric names to max\|min"),
+    ("search.asha.grace_period", 0, r"search\.asha\.grace_period: 0 is impossible"),
+    ("search.points_to_evaluate", [{"method": "hydra"}], r"points_to_evaluate\[0\]: .*needs 'method'"),
+    ("search.points_to_evaluate", [{"method": "lora", "rank": 4}], r"points_to_evaluate\[0\]\.rank: unknown key"),
+    ("resources.max_concurrent_trials", "many", r"max_concurrent_trials: 'many' must be a positive integer or 'auto'"),
+    ("resources.cpus_per_worker", 0.005, r"cpus_per_worker: must exceed resources\.trial_driver_cpus"),
+    ("data.data_dir", "/no/such/folder", r"data\.data_dir: '/no/such/folder' -> no such folder.*MALORA_DATA_DIR"),
+    ("data.suite", "intra_domain", r"data: give exactly one of data\.suite .* or data\.tasks"),
+    ("data.tasks", ["boolq", "arcx"], r"data\.tasks: unknown task 'arcx'"),
+    ("data.mixing", "balanced", r"data\.mixing: 'balanced' is not allowed"),
+    ("methods.lorra", {"r": 4}, r"methods\.lorra: unknown key \(did you mean 'lora'\?\)"),
+    ("methods.lora.rank", 4, r"methods\.lora\.rank: unknown key.*Valid keys: r, alpha"),
+    ("methods.lora.lr", {"loguniform": [1.0e-2, 1.0e-4]}, r"methods\.lora\.lr\.loguniform: .* needs lo < hi"),
+    ("methods.lora.lr", {"loguniform": ["1e-4", 1.0e-2]}, r"methods\.lora\.lr: '1e-4' is a string.*write 1\.0e-4"),
+    ("methods.lora.r", {"normal": [1, 2]}, r"methods\.lora\.r: .* must be a constant or exactly one of"),
+    ("methods.malora.top_k", 9, r"methods\.malora: MALoRAConfig\.top_k=9 is invalid: exceeds the number of experts"),
+    ("methods.malora.lam", 0.5, r"methods\.malora: malora: give lam or d/r_bar, not both"),
+    ("methods.malora.d", {"choice": [8, 10]}, r"methods\.malora: malora: d=10 .* no integer r_bar"),
+    ("methods", {}, r"methods: must map at least one adapter kind"),
+    ("debug.fail_method", "mosld", r"debug\.fail_method: 'mosld' is not a searched method"),
+    ("name", "my search", r"name: 'my search' must be a folder-safe name"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", BAD, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD])
+def test_each_bad_value_has_one_error(key, value, match):
+    with pytest.raises(SpaceError, match=match) as info:
+        spec_from_dict(_set(smoke_raw(), key, value), base_dir=SPACES)
+    assert len(info.value.problems) == 1, info.value.problems
+
+
+def test_all_problems_are_collected_at_once():
+    raw = smoke_raw()
+    raw["trian"] = {}
+    raw["train"]["lr"] = "1e-5"
+    raw["eval"]["every_n_steps"] = -1
+    raw["data"]["data_dir"] = "/no/such/folder"
+    raw["methods"]["lora"]["rank"] = 4
+    raw["search"]["sampler"] = "grid"
+    with pytest.raises(SpaceError) as info:
+        spec_from_dict(raw, base_dir=SPACES)
+    text = str(info.value)
+    assert len(info.value.problems) == 6 and text.startswith("6 problem(s)")
+    for key in ("trian", "train.lr", "eval.every_n_steps", "data.data_dir", "methods.lora.rank", "search.sampler"):
+        assert key in text
+
+
+def test_data_dir_resolves_against_the_yaml_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir("/")
+    raw = _set(smoke_raw(), "data.data_dir", "data")
+    raw["data"]["tasks"] = ["boolq"]
+    spec = spec_from_dict(raw, base_dir=tmp_path)
+    assert spec.data.data_dir == str((tmp_path / "data").resolve())
+
+
+def test_default_data_dir_uses_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALORA_DATA_DIR", str(tmp_path))
+    spec = spec_from_dict(_set(smoke_raw(), "data.data_dir", _DELETE), base_dir=SPACES)
+    assert spec.data.data_dir == str(tmp_path.resolve())
+
+
+def test_numeric_string_fix():
+    assert numeric_string_fix("1e-5") == "1.0e-5"
+    assert numeric_string_fix("3E4") == "3.0e4"
+    assert numeric_string_fix("2") == "2.0"
+    assert numeric_string_fix("cosine") is None and numeric_string_fix(1e-5) is None
+
+
+def test_smoke_defaults_cap_a_file_without_a_smoke_block():
+    raw = _set(smoke_raw(), "train.max_steps", 500)
+    raw["eval"]["eval_limit"] = 300
+    raw["search"]["num_trials"] = 30
+    spec = spec_from_dict(raw, base_dir=SPACES, smoke_test=True)
+    assert (spec.train.max_steps, spec.eval.eval_limit, spec.search.num_trials) == (8, 16, 4)
+    assert spec.data.train_limit == 32  # already below the cap: kept
+
+
+# ------------------------------------------------------------------------------------ conditional space
+def test_define_by_run_only_suggests_the_chosen_methods_parameters():
+    spec = load_space(SPACES / "intra_domain.yaml")
+    space = ConditionalSpace(spec.methods)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(48):
+        trial = study.ask()
+        constants = space(trial) or {}
+        params = {**trial.params, **constants}
+        method = params["method"]
+        seen.add(method)
+        own = {f"{method}.{n}" for n, _ in spec.method(method).hparams} | {"method"}
+        assert set(params) == own, (method, set(params) ^ own)
+        kind, hp = trial_hparams(spec.methods, params)
+        assert kind == method
+        assert ("d" in hp) == (method == "malora") and ("beta" in hp) == (method == "malora")
+        assert ("top_k" in hp) == (method in ("molora", "malora", "mosld"))
+        assert ("expert_schedule" in hp) == (method == "mosld")
+        cfg = adapter_config(kind, hp, num_layers=30)
+        assert cfg.kind == method
+        if method == "malora":
+            assert cfg.r_bar == 2 * 8 - cfg.d // 8 and cfg.alpha == 2.0 * cfg.r_bar
+        study.tell(trial, 0.5)
+    assert seen == {"lora", "molora", "malora", "mosld"}
+
+
+def test_points_to_evaluate_are_enqueued_first():
+    spec = load_space(SPACES / "intra_domain.yaml")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for point in optuna_points(spec.methods, spec.search.points_to_evaluate):
+        study.enqueue_trial(point)
+    space, methods = ConditionalSpace(spec.methods), []
+    for _ in range(4):
+        trial = study.ask()
+        space(trial)
+        methods.append(trial.params["method"])
+        study.tell(trial, 0.5)
+    assert methods == ["malora", "molora", "lora", "mosld"]
+    assert study.trials[0].params["malora.d"] == 32 and study.trials[0].params["malora.beta"] == 1.25
+
+
+def test_single_method_space_returns_the_method_as_constant():
+    raw = smoke_raw()
+    del raw["methods"]["malora"], raw["search"]["points_to_evaluate"]
+    spec = spec_from_dict(raw, base_dir=SPACES)
+    trial = optuna.create_study().ask()
+    assert ConditionalSpace(spec.methods)(trial)["method"] == "lora"
+    assert set(trial.params) == {"lora.r", "lora.lr"}
+
+
+def test_mosld_expert_schedules():
+    assert expert_schedule("increasing", (2, 4, 6, 8), 8) == (2, 2, 4, 4, 6, 6, 8, 8)
+    assert expert_schedule("decreasing", (2, 4, 6, 8), 4) == (8, 6, 4, 2)
+    cfg = adapter_config("mosld", {"expert_schedule": "increasing", "top_k": 2}, num_layers=30)
+    assert len(cfg.num_experts) == 30 and cfg.num_experts[0] == 2 and cfg.num_experts[-1] == 8
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert schedule_factor(0, 10, 2, "cosine") == 0.5 and schedule_factor(1, 10, 2, "cosine") == 1.0
+    assert schedule_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert schedule_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert schedule_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert schedule_factor(9, 10, 2, "constant") == 1.0
+
+
+# ------------------------------------------------------------------------------------ CLI without Ray
+def test_cli_bad_file_exits_2_listing_every_problem(tmp_path, capsys):
+    raw = smoke_raw()
+    raw["train"]["lr"] = "1e-5"
+    raw["search"]["sampler"] = "tpee"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert search.main(["--space", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "write 1.0e-5" in err and "did you mean 'tpe'" in err
+
+
+def test_cli_dry_run_prints_the_plan_and_starts_nothing(capsys):
+    import ray
+
+    assert search.main(["--space", str(SPACES / "intra_domain.yaml"), "--smoke-test", "--dry-run",
+                        "--num-trials", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "search 'intra_domain'" in out and "5 trials, tpe" in out and "max_steps=6" in out
+    assert "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    assert not ray.is_initialized()
+
+
+def test_cli_rejects_bad_overrides(capsys):
+    assert search.main(["--space", str(SPACES / "smoke.yaml"), "--num-trials", "0", "--dry-run"]) == 2
+    assert "search.num_trials: 0 is impossible. Fix: use a value >= 1" in capsys.readouterr().err
+
+
+def test_missing_file_exits_2(capsys):
+    assert search.main(["--space", "nope.yaml", "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_data_dir_override(tmp_path, capsys):
+    assert search.main(["--space", str(SPACES / "smoke.yaml"), "--data-dir", str(tmp_path / "nope"), "--dry-run"]) == 2
+    assert "data.data_dir:" in capsys.readouterr().err
+    assert search.main(["--space", str(SPACES / "smoke.yaml"), "--data-dir", str(tmp_path), "--name", "other",
+                        "--storage-path", str(tmp_path / "rr"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"from {tmp_path}" in out and f"storage      {tmp_path / 'rr'}/other" in out
