@@ -34,6 +34,7 @@ from malora.config import AdapterConfig, ConfigError, config_from_dict
 from malora.inject import adapter_layers, inject_adapters
 from malora.layers import build_adapter_layer
 from malora.layers.base import base_dims
+from malora.params import layer_index
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLik
     if not layers:
         raise CheckpointError("save_adapter: the model has no adapter layers. Fix: call "
                               "malora.inject_adapters(model, cfg) (or load_adapter) before saving.")
+    diffs = _config_differences(model, cfg)
+    if diffs:
+        raise CheckpointError(f"save_adapter: cfg does not describe the model's adapters ({'; '.join(diffs[:3])}). "
+                              "Fix: pass the config the adapters were injected with.")
     state = adapter_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +220,14 @@ def _config_differences(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """
     diffs = []
     for name, layer in adapter_layers(model):
-        reference = build_adapter_layer(_meta_like(layer.base), cfg, getattr(layer, "num_experts", None))
+        experts = getattr(cfg, "num_experts", None)
+        if isinstance(experts, tuple):  # per-layer list: this layer's entry
+            idx = layer_index(name)
+            if idx is None or not 0 <= idx < len(experts):
+                diffs.append(f"{name}: no entry of the per-layer num_experts {experts} applies to it")
+                continue
+            experts = experts[idx]
+        reference = build_adapter_layer(_meta_like(layer.base), cfg, experts)
         if repr(reference) != repr(layer) or reference.scaling != layer.scaling:
             diffs.append(f"{name}: has {repr(layer)!r}, checkpoint config builds {repr(reference)!r}")
     return diffs
@@ -226,15 +238,15 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = 
 
     Strict (default): any missing key, unexpected key or shape mismatch raises CheckpointError listing them,
     and the model is left as it was. ``strict=False`` loads the keys that match and logs the rest (shape
-    mismatches always raise). A model that already has adapters is accepted only if they are the same layers
-    with the same tensor shapes (the weights are then overwritten); otherwise CheckpointError.
+    mismatches always raise). A model that already has adapters is accepted only if they are the layers the
+    checkpoint's config builds (same layers, kinds, ranks, experts, routing, dropout, scaling, tensor shapes);
+    their weights are then overwritten. Otherwise CheckpointError.
     """
     in_dir = Path(in_dir)
     cfg, payload = read_adapter_config(in_dir)
     loaded = _read_tensors(in_dir)
     weights_path = in_dir / WEIGHTS_NAME
     existing = [name for name, _ in adapter_layers(model)]
-    injected: list[str] = []
     if existing:
         expected = adapter_state_dict(model)
         diffs = _config_differences(model, cfg)

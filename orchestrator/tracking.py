@@ -50,14 +50,19 @@ def client(uri: str):
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """Experiment id; a new one on a local store keeps its artifacts in ./mlartifacts/<name>."""
+    """Experiment id; a new one on a SQLite store keeps its artifacts in mlartifacts/<name> beside the DB file.
+
+    Beside the DB, not under the working directory: a Ray job runs in a temporary copy of the project that is
+    deleted with the job, and MLflow's own default for SQLite is relative to the current directory.
+    """
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:") or "://" not in uri:
-        location = (Path.cwd() / "mlartifacts" / name).as_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        location = ((db if db.is_absolute() else Path.cwd() / db).parent / "mlartifacts" / name).as_uri()
     return c.create_experiment(name, artifact_location=location)
 
 

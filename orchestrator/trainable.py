@@ -361,6 +361,28 @@ def trial_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
+    _drain_report_queue()
+
+
+def _drain_report_queue(timeout_s: float = 60.0, settle_s: float = 1.0) -> None:
+    """Wait until Tune has taken the last forwarded report before this function returns.
+
+    Ray 2.60 race (seen as a search that hangs forever): TuneReportCallback hands reports to the trial's main thread
+    through a one-slot queue; the main thread re-reports each one into the session's one-slot result queue. If this
+    function returns while the last report is still in flight, Tune's own final "done" result fills the result
+    queue first and the main thread blocks forever putting that report behind it. Returning only once the hand-off
+    queue is empty, plus a moment for the main thread to finish its re-report, closes the window.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if queue is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(settle_s)
 
 
 def train_storage(spec: SearchSpec) -> str:
