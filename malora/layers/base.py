@@ -75,7 +75,9 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                            # (..., m)
         delta = self.delta(x.reshape(-1, self.in_features))         # (T, m)
-        return y + self.scaling * delta.view(y.shape).to(y.dtype)
+        # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
+        # saves two output-sized temporaries (scaling * delta, and the sum) per adapted layer and step.
+        return y.add_(delta.view(y.shape).to(y.dtype), alpha=self.scaling)
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
