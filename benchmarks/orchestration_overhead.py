@@ -6,7 +6,7 @@
 1. Runs ``python -m orchestrator.search`` (subprocess, fresh temp dir) on a copy of the space with ``--trials``
    trials, one at a time (max_concurrent_trials 1, no ASHA) so that wall times compare one-for-one.
 2. Reads the trials' resolved configs back from Tune and runs exactly those trials with the same worker
-   function (``orchestrator.trainable.run_training``, LocalSession: no Ray, no DDP wrapper, no MLflow), after the
+   function (``orchestrator.training.worker.run_training``, LocalSession: no Ray, no DDP wrapper, no MLflow), after the
    same base-model reference evaluation, sequentially in this process.
 3. Prints and (``--out``) writes JSON: search wall, bare wall, ratio, fixed cost per trial
    ``(search - bare) / trials``, and per trial Tune's ``time_total_s`` against the bare time.
@@ -14,7 +14,7 @@ Both sides use the same torch thread count (``resources.cpus_per_worker``).
 
     python benchmarks/orchestration_overhead.py --ddp-cost --method malora --max-steps 6
 
-measures instead the DDP choice of ``orchestrator.trainable``: the same worker loop in 2 gloo processes (no Ray),
+measures instead the DDP choice of ``orchestrator.training.worker``: the same worker loop in 2 gloo processes (no Ray),
 ``find_unused_parameters=False`` (ours: stacked experts always get a gradient tensor) against ``True`` (DDP's
 generic fix for unused experts, one autograd-graph walk per step); prints the mean step time of each.
 """
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                        "tune_time_total_s": rows[-1]["time_total_s"], "setup_s": rows[-1].get("setup_s"),
                        "tune_step_time_s": rows[-1].get("step_time_s")})
 
-    from orchestrator.space import load_space
-    from orchestrator.trainable import LocalSession, base_accuracy, run_training
+    from orchestrator.spec.space import load_space
+    from orchestrator.training.worker import LocalSession, base_accuracy, run_training
 
     spec = load_space(space)
     t0 = time.perf_counter()
@@ -142,7 +142,7 @@ class _DDPSession:
     def prepare(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        from orchestrator.trainable import no_buffer_sync
+        from orchestrator.training.worker import no_buffer_sync
         return DistributedDataParallel(model, find_unused_parameters=self.find_unused, **no_buffer_sync())
 
     def report(self, metrics: dict, ckpt_dir: str | None) -> None:
@@ -154,8 +154,8 @@ class _DDPSession:
 def _ddp_worker(rank: int, world: int, space: str, config: dict, find_unused: bool, out: str, port: int) -> None:
     import torch.distributed as dist
 
-    from orchestrator.space import load_space
-    from orchestrator.trainable import run_training
+    from orchestrator.spec.space import load_space
+    from orchestrator.training.worker import run_training
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -173,7 +173,7 @@ def ddp_cost(space: Path, method: str, out: str | None, repeats: int = 2) -> int
 
     import torch.multiprocessing as mp
 
-    from orchestrator.space import load_space
+    from orchestrator.spec.space import load_space
 
     spec = load_space(space)
     m = spec.method(method)
@@ -203,7 +203,7 @@ def ddp_cost(space: Path, method: str, out: str | None, repeats: int = 2) -> int
 
 def _data_dir(raw: dict, space: Path) -> str:
     """The data folder as the search would resolve it, made absolute (the copy lives in a temp dir)."""
-    from orchestrator.space import resolve_data_dir
+    from orchestrator.spec.space import resolve_data_dir
 
     path, problem = resolve_data_dir(raw.get("data", {}).get("data_dir", "${MALORA_DATA_DIR:-../shared/data}"),
                                      space.resolve().parent)

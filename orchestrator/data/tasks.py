@@ -19,6 +19,7 @@ order) of each pool; every decision is written to ``Suite.notes``.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -242,3 +243,12 @@ def load_suite(
         suite.notes[task.name] = "; ".join(note)
         logger.info("%s: %s", task.name, suite.notes[task.name])
     return suite
+
+
+def default_data_dir() -> Path | None:
+    """``$MALORA_DATA_DIR``, else ``../shared/data`` beside the repository if it exists, else None (Hub)."""
+    env = os.environ.get("MALORA_DATA_DIR")
+    if env:
+        return Path(env)
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return candidate if candidate.is_dir() else None

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from orchestrator import k8s
+from orchestrator.cluster import kuberay
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
@@ -39,7 +40,7 @@ FAKE_SECRETS = {"AWS_SECRET_ACCESS_KEY": "fake-aws-SECRET-7f3kq", "AWS_ACCESS_KE
 
 def render(argv: list[str]) -> dict:
     args = k8s.build_parser().parse_args(["render", *argv])
-    return k8s.render_rayjob(args)
+    return kuberay.render_rayjob(args)
 
 
 def _strict(schema):
@@ -68,7 +69,7 @@ def validator():
 @pytest.mark.parametrize("combo", sorted(COMBOS))
 def test_rendered_manifest_validates_against_crd(combo, validator):
     extra, workers, gpus = COMBOS[combo]
-    manifest = yaml.safe_load(k8s.to_yaml(render(BASE + extra)))  # what `render` prints, read back
+    manifest = yaml.safe_load(kuberay.to_yaml(render(BASE + extra)))  # what `render` prints, read back
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
     assert errors == []
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
@@ -178,8 +179,8 @@ def test_bad_input_one_line_exit_2(extra, message, capsys, tmp_path):
 def test_default_name_is_stable_dns_label():
     a, b = render(BASE), render(BASE)
     name = a["metadata"]["name"]
-    assert name == b["metadata"]["name"] and name.startswith("malora-smoke-") and len(name) <= k8s.MAX_NAME
-    assert k8s.DNS_LABEL.match(name)
+    assert name == b["metadata"]["name"] and name.startswith("malora-smoke-") and len(name) <= kuberay.MAX_NAME
+    assert kuberay.DNS_LABEL.match(name)
     assert render([*BASE, "--storage-path", "s3://bucket/other"])["metadata"]["name"] != name
 
 
@@ -253,8 +254,8 @@ def test_apply_refuses_inline_secret_and_incomplete_options(tmp_path, monkeypatc
 
 def test_missing_kubernetes_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "kubernetes", None)  # import kubernetes -> ImportError
-    with pytest.raises(k8s.ClusterError, match=r"pip install 'malora\[k8s\]'"):
-        k8s.custom_objects_api()
+    with pytest.raises(kuberay.ClusterError, match=r"pip install 'malora\[k8s\]'"):
+        kuberay.custom_objects_api()
 
 
 def test_shipped_example_matches_renderer(validator):
@@ -263,5 +264,5 @@ def test_shipped_example_matches_renderer(validator):
     (command,) = header
     argv = shlex.split(command.removeprefix("#   python -m orchestrator.k8s"))
     body = yaml.safe_load(example.read_text())
-    assert body == yaml.safe_load(k8s.to_yaml(k8s.render_rayjob(k8s.build_parser().parse_args(argv))))
+    assert body == yaml.safe_load(kuberay.to_yaml(kuberay.render_rayjob(k8s.build_parser().parse_args(argv))))
     assert list(validator.iter_errors(body)) == []

@@ -1,4 +1,4 @@
-"""orchestrator.submit and orchestrator.raycluster: pure rules (fast) and real Ray jobs on a local head (ray, slow).
+"""orchestrator.submit and orchestrator.cluster.ray_cluster: pure rules (fast) and real Ray jobs on a local head (ray, slow).
 
 The real head runs with token authentication on (``RAY_AUTH_MODE=token``, its own token file), as every cluster
 started on a machine where ``ray.init()`` once ran does; the client finds the token through ``RAY_AUTH_TOKEN_PATH``.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import raycluster, submit
-from orchestrator.raycluster import ClusterError, LocalRayNode
+from orchestrator import submit
+from orchestrator.cluster import jobs as ray_jobs, ray_cluster
+from orchestrator.cluster.ray_cluster import ClusterError, LocalRayNode
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = "search_spaces/smoke.yaml"
@@ -38,48 +39,48 @@ def clean_auth_env(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ auth
 def test_token_precedence_matches_ray(clean_auth_env, tmp_path, monkeypatch):
-    assert raycluster.find_auth_token() is None and raycluster.ray_auth_env() == {}
+    assert ray_cluster.find_auth_token() is None and ray_cluster.ray_auth_env() == {}
     (clean_auth_env / ".ray").mkdir()
     (clean_auth_env / ".ray" / "auth_token").write_text("from-home\n")
-    assert raycluster.find_auth_token().value == "from-home"
+    assert ray_cluster.find_auth_token().value == "from-home"
     token_file = tmp_path / "tok"
     token_file.write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    assert raycluster.find_auth_token().value == "from-path"
+    assert ray_cluster.find_auth_token().value == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    token = raycluster.find_auth_token()
+    token = ray_cluster.find_auth_token()
     assert (token.value, token.source) == ("from-env", "RAY_AUTH_TOKEN")
     assert "from-env" not in repr(token)  # never printed
-    assert raycluster.auth_headers() == {"Authorization": "Bearer from-env"}
-    assert raycluster.ray_auth_env() == {"RAY_AUTH_MODE": "token"}
+    assert ray_cluster.auth_headers() == {"Authorization": "Bearer from-env"}
+    assert ray_cluster.ray_auth_env() == {"RAY_AUTH_MODE": "token"}
 
 
 def test_explicit_auth_mode_is_respected(clean_auth_env, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert raycluster.auth_headers() == {} and raycluster.ray_auth_env() == {}
+    assert ray_cluster.auth_headers() == {} and ray_cluster.ray_auth_env() == {}
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert raycluster.auth_headers() == {"Authorization": "Bearer t"} and raycluster.ray_auth_env() == {}
+    assert ray_cluster.auth_headers() == {"Authorization": "Bearer t"} and ray_cluster.ray_auth_env() == {}
 
 
 def test_unreadable_token_path_is_one_clear_error(clean_auth_env, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(ClusterError, match="RAY_AUTH_TOKEN_PATH=.*missing cannot be read"):
-        raycluster.find_auth_token()
+        ray_cluster.find_auth_token()
     (tmp_path / "empty").write_text("  \n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "empty"))
     with pytest.raises(ClusterError, match="is empty"):
-        raycluster.auth_headers()
+        ray_cluster.auth_headers()
 
 
 def test_auth_failure_messages_name_the_fix(clean_auth_env, monkeypatch):
-    missing = raycluster.describe_auth_failure("Authentication required: Unauthorized", "http://h:8265")
+    missing = ray_cluster.describe_auth_failure("Authentication required: Unauthorized", "http://h:8265")
     assert "no token was found" in missing and "RAY_AUTH_TOKEN" in missing and "RAY_AUTH_TOKEN_PATH" in missing
     monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
-    rejected = raycluster.describe_auth_failure("Authentication failed: Forbidden: Invalid", "http://h:8265")
+    rejected = ray_cluster.describe_auth_failure("Authentication failed: Forbidden: Invalid", "http://h:8265")
     assert "rejected the token from RAY_AUTH_TOKEN" in rejected and "wrong" not in rejected
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert "RAY_AUTH_MODE=disabled" in raycluster.describe_auth_failure("Unauthorized", "http://h:8265")
+    assert "RAY_AUTH_MODE=disabled" in ray_cluster.describe_auth_failure("Unauthorized", "http://h:8265")
     assert all("\n" not in m for m in (missing, rejected))
 
 
@@ -92,14 +93,14 @@ def test_auth_failure_messages_name_the_fix(clean_auth_env, monkeypatch):
     ("https://ray.example.com:443/proxy", "https://ray.example.com:443/proxy"),
 ])
 def test_normalize_dashboard_address(given, expected):
-    assert raycluster.normalize_dashboard_address(given) == expected
+    assert ray_cluster.normalize_dashboard_address(given) == expected
 
 
 @pytest.mark.parametrize("given, message", [("ray://head:10001", "Ray Client"), ("auto", "cannot locate"),
                                              ("grpc://head:1", "http or https"), ("  ", "empty")])
 def test_bad_dashboard_address(given, message):
     with pytest.raises(ClusterError, match=message):
-        raycluster.normalize_dashboard_address(given)
+        ray_cluster.normalize_dashboard_address(given)
 
 
 # --------------------------------------------------------------------------------------------- storage
@@ -113,7 +114,7 @@ def test_bad_dashboard_address(given, message):
     ("/mnt/nfs", True, ("/mnt/nfs/",), "/mnt/nfs"),
 ])
 def test_storage_path_accepted(path, multi, shared, expected):
-    assert raycluster.validate_storage_path(path, multi, shared_fs=shared, allow_relative=False) == expected
+    assert ray_cluster.validate_storage_path(path, multi, shared_fs=shared, allow_relative=False) == expected
 
 
 @pytest.mark.parametrize("path, multi, shared, message", [
@@ -129,12 +130,12 @@ def test_storage_path_accepted(path, multi, shared, expected):
 ])
 def test_storage_path_refused(path, multi, shared, message):
     with pytest.raises(ClusterError, match=message):
-        raycluster.validate_storage_path(path, multi, shared_fs=shared, allow_relative=False)
+        ray_cluster.validate_storage_path(path, multi, shared_fs=shared, allow_relative=False)
 
 
 def test_relative_storage_resolved_for_local_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert raycluster.validate_storage_path("runs", multi_node=False) == str(tmp_path / "runs")
+    assert ray_cluster.validate_storage_path("runs", multi_node=False) == str(tmp_path / "runs")
 
 
 @pytest.mark.parametrize("uri, multi, ok", [
@@ -145,10 +146,10 @@ def test_relative_storage_resolved_for_local_runs(tmp_path, monkeypatch):
 ])
 def test_tracking_uri_rules(uri, multi, ok):
     if ok:
-        assert raycluster.validate_tracking_uri(uri, multi) == uri
+        assert ray_cluster.validate_tracking_uri(uri, multi) == uri
     else:
         with pytest.raises(ClusterError):
-            raycluster.validate_tracking_uri(uri, multi)
+            ray_cluster.validate_tracking_uri(uri, multi)
 
 
 # ----------------------------------------------------------------------------------- the submitted job
@@ -163,7 +164,7 @@ def test_job_forwards_search_arguments_and_environment(monkeypatch):
     monkeypatch.delenv("MALORA_DATA_DIR", raising=False)
     args = _args("--experiment", "exp1", "--num-trials", "3", "--smoke-test", "--resume", "--data-dir", "/data",
                  "--env", "A=1", "--env", "MY_FLAG")
-    job = submit.build_job(args, ["--name", "x y"], multi_node=False)
+    job = ray_jobs.build_job(args, ["--name", "x y"], multi_node=False)
     assert shlex.split(job["entrypoint"]) == [
         "python", "-m", "orchestrator.search", "--space", SMOKE, "--address", "auto", "--storage-path", "/srv/runs",
         "--tracking-uri", "http://mlflow:5000", "--experiment", "exp1", "--num-trials", "3", "--smoke-test",
@@ -177,19 +178,19 @@ def test_job_forwards_search_arguments_and_environment(monkeypatch):
 
 
 def test_local_storage_inside_project_is_not_uploaded():
-    job = submit.build_job(_args("--storage-path", str(REPO / "results" / "run1")), [], multi_node=False)
+    job = ray_jobs.build_job(_args("--storage-path", str(REPO / "results" / "run1")), [], multi_node=False)
     assert "/results/run1" in job["runtime_env"]["excludes"]
 
 
 def test_submission_id_is_stable_and_ignores_resume():
-    base = submit.build_job(_args(), [], multi_node=False)["submission_id"]
-    assert base == submit.build_job(_args(), [], multi_node=False)["submission_id"]
-    assert base == submit.build_job(_args("--resume"), [], multi_node=False)["submission_id"]
-    assert base != submit.build_job(_args("--num-trials", "9"), [], multi_node=False)["submission_id"]
-    assert base != submit.build_job(_args("--storage-path", "s3://b/p"), [], multi_node=False)["submission_id"]
-    assert submit.build_job(_args("--submission-id", "mine"), [], multi_node=False)["submission_id"] == "mine"
-    a = submit.derive_submission_id(b"space: 1", "My Space!", "/s", ["--x"])
-    assert a != submit.derive_submission_id(b"space: 2", "My Space!", "/s", ["--x"])
+    base = ray_jobs.build_job(_args(), [], multi_node=False)["submission_id"]
+    assert base == ray_jobs.build_job(_args(), [], multi_node=False)["submission_id"]
+    assert base == ray_jobs.build_job(_args("--resume"), [], multi_node=False)["submission_id"]
+    assert base != ray_jobs.build_job(_args("--num-trials", "9"), [], multi_node=False)["submission_id"]
+    assert base != ray_jobs.build_job(_args("--storage-path", "s3://b/p"), [], multi_node=False)["submission_id"]
+    assert ray_jobs.build_job(_args("--submission-id", "mine"), [], multi_node=False)["submission_id"] == "mine"
+    a = ray_jobs.derive_submission_id(b"space: 1", "My Space!", "/s", ["--x"])
+    assert a != ray_jobs.derive_submission_id(b"space: 2", "My Space!", "/s", ["--x"])
     assert a.startswith("malora-my-space-") and len(a.rsplit("-", 1)[1]) == 8
 
 
@@ -261,17 +262,17 @@ class FakeJobs:
 
 
 def test_resubmission_suffixes_finished_and_refuses_running():
-    assert submit.choose_submission_id(FakeJobs({}), "malora-a-1", "http://h:8265") == "malora-a-1"
+    assert ray_jobs.choose_submission_id(FakeJobs({}), "malora-a-1", "http://h:8265") == "malora-a-1"
     done = FakeJobs({"malora-a-1": "SUCCEEDED", "malora-a-1-2": "FAILED"})
-    assert submit.choose_submission_id(done, "malora-a-1", "http://h:8265") == "malora-a-1-3"
+    assert ray_jobs.choose_submission_id(done, "malora-a-1", "http://h:8265") == "malora-a-1-3"
     running = FakeJobs({"malora-a-1": "STOPPED", "malora-a-1-2": "RUNNING"})
     with pytest.raises(ClusterError, match=r"malora-a-1-2 is already RUNNING.*logs malora-a-1-2 --follow.*stop"):
-        submit.choose_submission_id(running, "malora-a-1", "http://h:8265")
+        ray_jobs.choose_submission_id(running, "malora-a-1", "http://h:8265")
 
 
 @pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1), ("STOPPED", 1)])
 def test_follow_streams_logs_and_maps_status(final, code, capsys):
-    assert submit.follow(FakeJobs({"j": final}), "j", poll_s=0) == code
+    assert ray_jobs.follow(FakeJobs({"j": final}), "j", poll_s=0) == code
     captured = capsys.readouterr()
     assert captured.out == "line 1\nline 2\n" and f"finished: {final}" in captured.err
 
@@ -279,7 +280,7 @@ def test_follow_streams_logs_and_maps_status(final, code, capsys):
 def test_follow_timeout_stops_the_job(capsys):
     jobs = FakeJobs({"j": "RUNNING"})
     t0 = time.monotonic()
-    assert submit.follow(jobs, "j", poll_s=0, timeout=0.3) == 1
+    assert ray_jobs.follow(jobs, "j", poll_s=0, timeout=0.3) == 1
     assert time.monotonic() - t0 < 5 and jobs.jobs["j"] == "STOPPED"
     err = capsys.readouterr().err
     assert "ran past --timeout 0.3s: stopping it" in err and "finished: STOPPED" in err

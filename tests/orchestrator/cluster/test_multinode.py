@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from orchestrator.raycluster import LocalRayNode
+from orchestrator.cluster.ray_cluster import LocalRayNode
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

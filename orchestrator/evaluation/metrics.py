@@ -3,7 +3,7 @@
 Metric names (what Tune sees and MLflow plots):
 
 * ``acc/<task>`` accuracy, ``mean_acc`` = mean over tasks (the primary objective);
-* ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.seesaw` against the base model's zero-shot
+* ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.evaluation.seesaw` against the base model's zero-shot
   accuracy (opposite-pair fraction over the trial's evaluations), ``seesaw_prev/...`` against the previous one;
 * ``util/<task>/<group>/e<i>``: share of the token-slots routed to expert ``i``, averaged over the routed layers
   of one group (group = module name, e.g. ``q_proj``; ``q_proj_n4`` when a module's layers differ in N);
@@ -57,9 +57,9 @@ def routing_entropy(fractions: dict[str, torch.Tensor]) -> float:
 
 def seesaw_block(acc: dict[str, float], reference: dict[str, float] | None,
                  history: list[dict[str, float]]) -> dict[str, float]:
-    """Seesaw metrics of :mod:`orchestrator.seesaw`: against the base model (``seesaw/*``, ``delta/<task>``, with
+    """Seesaw metrics of :mod:`orchestrator.evaluation.seesaw`: against the base model (``seesaw/*``, ``delta/<task>``, with
     the opposite-pair fraction over ``history``) and against the previous evaluation (``seesaw_prev/*``)."""
-    from orchestrator import seesaw
+    from orchestrator.evaluation import seesaw
 
     acc = {t: a for t, a in acc.items() if not math.isnan(a)}
     out: dict[str, float] = {}

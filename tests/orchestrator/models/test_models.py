@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from orchestrator import models
-from orchestrator.models import ModelError, build_tiny_llama, load_model
+from orchestrator.models import loading as models
+from orchestrator.models.loading import ModelError, build_tiny_llama, load_model
 
 
 def test_tiny_llama_shape_and_tokenizer():

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from orchestrator import search
-from orchestrator.hparams import (ConditionalSpace, adapter_config, expert_schedule, optuna_points,
+from orchestrator.spec.hparams import (ConditionalSpace, adapter_config, expert_schedule, optuna_points,
                                   schedule_factor, trial_hparams)
-from orchestrator.space import SpaceError, load_space, numeric_string_fix, spec_from_dict
+from orchestrator.spec.space import SpaceError, load_space, numeric_string_fix, spec_from_dict
 
-SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
 SHIPPED = sorted(SPACES.glob("*.yaml"))
 
 

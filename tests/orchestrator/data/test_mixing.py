@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.data.mixing import label_token_counts, mix_examples, mixture_counts, mixture_weights
 from orchestrator.data.schema import DataError, Example
-from orchestrator.models import build_tiny_tokenizer
+from orchestrator.models.loading import build_tiny_tokenizer
 
 
 def _items(task: str, n: int) -> list[Example]:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import scoring as sc
+from orchestrator.evaluation import scoring as sc
 from orchestrator.data.schema import Example
 from orchestrator.data.tasks import get_task, load_task
-from orchestrator.evaluate import TaskScore, evaluate_tasks, main, option_requests
-from orchestrator.models import build_tiny_llama, build_tiny_tokenizer
+from orchestrator.evaluate import main
+from orchestrator.evaluation.accuracy import TaskScore, evaluate_tasks, option_requests
+from orchestrator.models.loading import build_tiny_llama, build_tiny_tokenizer
 
 
 class BigramLM(nn.Module):

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator import plots
+from orchestrator.report import plots
 
 logger = logging.getLogger(__name__)
 SEARCH_KEY, TRIAL_KEY, PARENT = "malora.search_key", "malora.trial_id", "mlflow.parentRunId"
@@ -132,7 +132,7 @@ class MLflowSearchCallback(Callback):
     def run_for(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id][0]
-        from orchestrator.hparams import adapter_config, trial_hparams
+        from orchestrator.spec.hparams import adapter_config, trial_hparams
 
         existing = [r for r in find_runs(self.uri, self.exp_id, malora__trial_id=trial.trial_id)
                     if r.data.tags.get(PARENT) == self.parent_id]

@@ -14,7 +14,7 @@ Per-method hyperparameters (``methods.<kind>.<name>``) are either a constant or 
     {choice: [a, b, ...]}   {uniform: [lo, hi]}   {loguniform: [lo, hi]}   {int: [lo, hi]}   {logint: [lo, hi]}
 
 Names are the adapter config fields of ``malora.config`` for that kind, the per-method training overrides
-``lr``/``weight_decay``/``warmup_ratio``, and the derived names of :mod:`orchestrator.hparams`
+``lr``/``weight_decay``/``warmup_ratio``, and the derived names of :mod:`orchestrator.spec.hparams`
 (``alpha_over_r``; MALoRA ``lam``; MoSLD ``expert_schedule``/``expert_levels``).
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.hparams import DOMAIN_KINDS, Domain, method_corner_configs, parse_domain, valid_hparam_names
+from orchestrator.spec.hparams import DOMAIN_KINDS, Domain, method_corner_configs, parse_domain, valid_hparam_names
 
 
 class SpaceError(ValueError):
@@ -54,7 +54,7 @@ def _f(default: Any = None, **check: Any) -> Any:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = _f("tiny-llama")
-    """Named model of orchestrator.models ("tiny-llama", "smollm2-135m-instruct"), a Hub id or a local path."""
+    """Named model of orchestrator.models.loading ("tiny-llama", "smollm2-135m-instruct"), a Hub id or a local path."""
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
     """dtype the frozen base weights are loaded in."""
     cache_dir: str | None = _f(None)

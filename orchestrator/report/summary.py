@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from orchestrator import pareto, plots, tracking
-from orchestrator.hparams import trial_hparams
-from orchestrator.space import SearchSpec
+from orchestrator.report import pareto, plots, tracking
+from orchestrator.spec.hparams import trial_hparams
+from orchestrator.spec.space import SearchSpec
 
 
 def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[str, float]) -> None:

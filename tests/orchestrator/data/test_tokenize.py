@@ -14,7 +14,7 @@ from orchestrator.data.tokenize import (
     render_prompt,
     render_response,
 )
-from orchestrator.models import build_tiny_tokenizer
+from orchestrator.models.loading import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import pareto, search, tracking
-from orchestrator.metrics import eval_metrics, routing_entropy, utilisation_groups
-from orchestrator.space import load_space
+from orchestrator.report import pareto, tracking
+from orchestrator.tuning import plan
+from orchestrator.evaluation.metrics import eval_metrics, routing_entropy, utilisation_groups
+from orchestrator.spec.space import load_space
 
-SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
 
 
 @pytest.fixture()
@@ -24,15 +25,15 @@ def smoke(shared_data_dir, monkeypatch):
 
 
 def test_concurrency_fits_trial_slots_into_the_cluster(smoke):
-    assert search.concurrency(smoke, {"CPU": 2.0}) == 2
-    assert search.concurrency(smoke, {"CPU": 16.0}) == 2  # never more than num_trials
+    assert plan.concurrency(smoke, {"CPU": 2.0}) == 2
+    assert plan.concurrency(smoke, {"CPU": 16.0}) == 2  # never more than num_trials
     two = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, workers_per_trial=2))
-    assert search.concurrency(two, {"CPU": 2.0}) == 1
+    assert plan.concurrency(two, {"CPU": 2.0}) == 1
     gpu = dataclasses.replace(smoke, search=dataclasses.replace(smoke.search, num_trials=8),
                               resources=dataclasses.replace(smoke.resources, gpus_per_worker=1.0))
-    assert search.concurrency(gpu, {"CPU": 16.0, "GPU": 3.0}) == 3  # GPU-bound
+    assert plan.concurrency(gpu, {"CPU": 16.0, "GPU": 3.0}) == 3  # GPU-bound
     fixed = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, max_concurrent_trials=1))
-    assert search.concurrency(fixed, {"CPU": 2.0}) == 1
+    assert plan.concurrency(fixed, {"CPU": 2.0}) == 1
 
 
 def test_pareto_front_and_best_per_method():
@@ -54,7 +55,7 @@ def test_failure_reason_finds_the_innermost_error():
 ray.train.v2.api.exceptions.TrainingFailedError: Training failed due to worker errors:
 [Rank 0 Error Snippet]:
 Traceback (most recent call last):
-  File "/work/main/orchestrator/trainable.py", line 230, in run_training
+  File "/work/main/orchestrator/training/worker.py", line 230, in run_training
     raise FloatingPointError(...)
 FloatingPointError: non-finite loss nan at step 1 (lm 5.97, balance 0.04); lower the lr
 """
@@ -102,7 +103,7 @@ def test_eval_metrics_names_and_seesaw():
 def test_worker_loop_bare_and_resumed_from_its_checkpoint(smoke, tmp_path):
     """The Train worker function without Ray: reports at steps 2 and 4; restarting from the step-2 checkpoint
     (what Ray Train's FailureConfig and --resume do) continues at step 3 and reports only step 4."""
-    from orchestrator.trainable import LocalSession, run_training
+    from orchestrator.training.worker import LocalSession, run_training
 
     config = {"method": "malora", "malora.r": 4, "malora.num_experts": 4, "malora.top_k": 2, "malora.d": 16,
               "malora.beta": 1.25, "malora.alpha_over_r": 2.0, "malora.target_modules": ["q_proj", "v_proj"],

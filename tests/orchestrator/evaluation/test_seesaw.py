@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from orchestrator.seesaw import delta_summary, opposite_pair_fraction, seesaw_metrics, task_deltas
+from orchestrator.evaluation.seesaw import delta_summary, opposite_pair_fraction, seesaw_metrics, task_deltas
 
 CUR = {"a": 0.6, "b": 0.5, "c": 0.9}
 REF = {"a": 0.5, "b": 0.6, "c": 0.7}

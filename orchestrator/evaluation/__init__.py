@@ -1,0 +1,1 @@
+"""Scoring, per-task accuracy, seesaw and per-evaluation metrics (imports data/, models/)."""

@@ -1,0 +1,1 @@
+"""MLflow tracking, search summaries, the Pareto front and plots (imports spec/, evaluation/)."""

@@ -1,0 +1,1 @@
+"""YAML -> validated SearchSpec, and the conditional per-method hyperparameter space (pure; imports data/ only)."""

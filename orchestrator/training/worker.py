@@ -1,0 +1,428 @@
+"""One trial's Ray Train worker loop (DDP over ``workers_per_trial`` ranks); the Tune side is ``training.driver``.
+
+``train_worker(config)`` runs in every Train worker: load the model, inject the trial's adapter, build the mixed
+multi-task stream, and train with AdamW, linear warm-up then cosine/linear decay, gradient accumulation and the
+objective ``L = CE(response tokens) + sum_layers balance_coef * N * sum_i f_i P_i``. Every ``eval.every_n_steps``
+(and at the end) it evaluates sharded over the ranks, reports metrics with ``ray.train.report`` and a checkpoint
+holding the adapter (``malora.save_adapter``) plus the optimizer state, from which a restarted worker group
+(``FailureConfig``) or a resumed search continues.
+
+DDP choice: experts are stacked tensors (``lora_B`` of shape (N, m, r), ...), so each parameter *tensor* gets a
+gradient on every step even when some expert received no token (its slice of the gradient is zero). DDP
+therefore runs with ``find_unused_parameters=False`` -- no extra autograd-graph traversal per step -- and
+gradient accumulation skips the all-reduce with ``no_sync()`` on all but the last micro-batch.
+
+``run_training(spec, trial_config, session)`` is the same loop without Ray (``LocalSession``), used by the
+orchestration-overhead benchmark and by tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
+from orchestrator.evaluation.metrics import eval_metrics, reduce_sum
+from orchestrator.spec.space import SearchSpec
+
+logger = logging.getLogger(__name__)
+TRAIN_STATE = "train_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+class LocalSession:
+    """Single-process stand-in for a Ray Train worker session (rank 0 of 1); keeps every report."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, resume_dir: str | None = None, keep_checkpoints: str | None = None):
+        self.reports: list[dict[str, Any]] = []
+        self.resume_dir, self.keep = resume_dir, keep_checkpoints
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def checkpoint_dir(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext(self.resume_dir)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device())
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if ckpt_dir and self.keep:
+            import shutil
+            shutil.copytree(ckpt_dir, Path(self.keep) / f"step_{metrics['step']:06d}", dirs_exist_ok=True)
+
+
+class RaySession:
+    """The Ray Train V2 worker session: rank, device, DDP wrapping, reports and the restored checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def checkpoint_dir(self) -> contextlib.AbstractContextManager:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # stacked experts: no unused parameter tensors; buffers (rotary tables, per-rank routing counts) are not
+        # synchronised on every forward
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs={
+            "find_unused_parameters": False, **no_buffer_sync()})
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP kwarg that skips the per-forward buffer broadcast (``forward_sync_buffers`` from torch 2.13 on)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``config`` = {spec, trial (Tune config), trial_id, reference}."""
+    run_training(config["spec"], config["trial"], RaySession(), reference=config.get("reference"),
+                 trial_id=config.get("trial_id", ""))
+
+
+# ----------------------------------------------------------------------------------------------- data
+def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], dict[str, list], dict[str, Any]]:
+    """(encoded training examples, eval examples by task, data notes): the same on every rank."""
+    from orchestrator.data.mixing import mix_examples
+    from orchestrator.data.tasks import load_suite
+    from orchestrator.data.tokenize import encode_example
+
+    d = spec.data
+    suite = load_suite(d.suite or list(d.tasks), d.data_dir, train_limit=d.train_limit,
+                       eval_limit=spec.eval.eval_limit, seed=spec.train.seed)
+    mixed = mix_examples(suite.train, d.mixing, temperature=d.mixing_temperature,
+                         num_examples=d.num_train_examples, seed=spec.train.seed)
+    encoded, dropped = [], 0
+    for _task, ex in mixed:
+        enc = encode_example(tokenizer, ex, template=d.template, max_length=d.max_length)
+        if enc is None:
+            dropped += 1
+        else:
+            encoded.append(enc)
+    if not encoded:
+        raise ValueError(f"no training example fits data.max_length={d.max_length} ({dropped} dropped); raise it")
+    notes = {"train_examples": len(encoded), "dropped_too_long": dropped, **dict(getattr(suite, "notes", {}))}
+    return encoded, dict(suite.eval), notes
+
+
+def batches(encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int):
+    """Endless micro-batches of this rank's shard; a new shuffle (seed + epoch) per pass. Yields (epoch, batch)."""
+    from orchestrator.data.tokenize import collate
+
+    epoch = 0
+    while True:
+        order = list(range(len(encoded)))
+        random.Random(seed + epoch).shuffle(order)
+        shard = order[rank::world]
+        for i in range(0, len(shard) - batch_size + 1 if len(shard) >= batch_size else 1, batch_size):
+            yield epoch, collate([encoded[j] for j in shard[i:i + batch_size]], pad_id)
+        epoch += 1
+
+
+def total_steps(spec: SearchSpec, num_examples: int, world: int) -> int:
+    if spec.train.max_steps is not None:
+        return spec.train.max_steps
+    per_step = spec.train.batch_size * spec.train.grad_accum * world
+    return max(1, math.ceil(spec.train.epochs * num_examples / per_step))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------- loop
+@dataclass
+class TrialModel:
+    """The base model with the trial's adapter injected (on ``device``), and what describes it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    method: str
+    hparams: dict[str, Any]
+    adapter: Any          # the malora adapter config
+    counts: Any           # malora.params.ParamCounts
+
+
+@dataclass
+class Optimisation:
+    """AdamW over the trainable (adapter) tensors, its LR schedule and the fp16 loss scaler."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+
+
+@dataclass
+class Progress:
+    """Where a trial stands: optimizer steps done, real tokens seen, and the accuracies of earlier evaluations."""
+
+    step: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def new_window() -> dict[str, Any]:
+    """Accumulators of one reporting window (the steps between two evaluations)."""
+    return {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "time": 0.0, "steps": 0}
+
+
+def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *,
+                 reference: dict[str, float] | None = None, trial_id: str = "") -> list[dict[str, Any]]:
+    """Train one trial and report at every evaluation; returns rank 0's metric dicts (LocalSession: all)."""
+    t_setup = time.perf_counter()
+    device = session.device()
+    trial = build_trial_model(spec, trial_config, device)
+    encoded, eval_by_task, notes = build_training_data(spec, trial.tokenizer)
+    steps = total_steps(spec, len(encoded), session.world_size)
+    optim = build_optimisation(trial, spec, steps)
+    progress = restore_progress(session, trial.model, optim, device, trial_id)
+    ddp = session.prepare(trial.model)
+    stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
+    setup_s = time.perf_counter() - t_setup
+    window, out, epoch = new_window(), [], 0
+    for step in range(progress.step, steps):
+        epoch = train_step(ddp, trial, optim, stream, spec, session.world_size, step, window, device)
+        done = step + 1
+        if done % spec.eval.every_n_steps and done != steps:
+            continue
+        metrics = evaluate_window(trial, optim, spec, session, device, eval_by_task, window, progress,
+                                  reference=reference, notes=notes, done=done, steps=steps, epoch=epoch,
+                                  setup_s=setup_s)
+        progress.step = done
+        checkpoint_and_report(session, trial, optim, progress, metrics, out)
+        window = new_window()
+    return out
+
+
+def build_trial_model(spec: SearchSpec, trial_config: dict[str, Any], device: torch.device) -> TrialModel:
+    """Load the base model (seeded), inject the adapter that ``trial_config`` describes, move it to ``device``."""
+    from malora.inject import inject_adapters
+    from malora.params import count_parameters
+    from orchestrator.models.loading import load_model
+
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
+    torch.manual_seed(spec.train.seed)
+    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=str(device),
+                                  cache_dir=spec.model.cache_dir, seed=spec.train.seed)
+    method, hp = trial_hparams(spec.methods, trial_config)
+    cfg = adapter_config(method, hp, num_layers=getattr(model.config, "num_hidden_layers", None))
+    inject_adapters(model, cfg)
+    model.to(device)
+    return TrialModel(model, tokenizer, method, hp, cfg, count_parameters(model))
+
+
+def build_optimisation(trial: TrialModel, spec: SearchSpec, steps: int) -> Optimisation:
+    """AdamW (trial's lr/weight decay, else the spec's) with linear warm-up then the spec's decay schedule."""
+    train, hp = spec.train, trial.hparams
+    lr, wd = hp.get("lr", train.lr), hp.get("weight_decay", train.weight_decay)
+    warmup = int(round(hp.get("warmup_ratio", train.warmup_ratio) * steps))
+    params = [p for p in trial.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule_factor(s, steps, warmup, train.schedule))
+    device_type = next(trial.model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=train.precision == "fp16")  # fp16 needs loss scaling
+    return Optimisation(params, opt, sched, scaler)
+
+
+def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, device: torch.device,
+                     trial_id: str = "") -> Progress:
+    """Load adapter, optimizer and schedule from the session's checkpoint, if it holds one; else start at 0."""
+    with session.checkpoint_dir() as ckpt:
+        if not ckpt or not (Path(ckpt) / TRAIN_STATE).is_file():
+            return Progress()
+        state = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False)
+        missing = set(state["adapter"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the adapter: {sorted(missing)[:5]}")
+        model.load_state_dict(state["adapter"], strict=False)
+        optim.optimizer.load_state_dict(state["optimizer"])
+        optim.scheduler.load_state_dict(state["scheduler"])
+        logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], ckpt)
+        return Progress(state["step"], state["tokens"], state.get("history", []))
+
+
+def resume_stream(encoded: list[dict], spec: SearchSpec, session: Any, tokenizer: Any, start_step: int):
+    """This rank's micro-batch stream, advanced past the ``start_step * grad_accum`` micro-batches already used."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = batches(encoded, spec.train.batch_size, session.rank, session.world_size, spec.train.seed, pad_id)
+    for _ in range(start_step * spec.train.grad_accum):  # replay the stream position of a resumed run
+        next(stream)
+    return stream
+
+
+def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, stream, spec: SearchSpec, world: int,
+               step: int, window: dict[str, Any], device: torch.device) -> int:
+    """One optimizer step over ``grad_accum`` micro-batches of ``L = CE + balance loss``; returns the data epoch.
+
+    DDP all-reduces only on the last micro-batch (``no_sync`` before); ``window`` accumulates losses and tokens.
+    """
+    from malora.inject import collect_aux_loss
+
+    train = spec.train
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if train.precision == "bf16" else torch.float16)
+                if train.precision != "fp32" else contextlib.nullcontext())
+    fail = spec.debug.fail_method == trial.method
+    ddp.train()
+    t0 = time.perf_counter()
+    epoch = 0
+    for micro in range(train.grad_accum):
+        epoch, batch = next(stream)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = world == 1 or micro == train.grad_accum - 1
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+            lm_loss = ddp(**batch).loss
+            aux = collect_aux_loss(trial.model)
+            loss = lm_loss + aux
+            if fail and step + 1 == spec.debug.fail_at_step:
+                if spec.debug.fail_mode == "raise":
+                    raise RuntimeError(f"debug.fail_method={trial.method!r}: failing on purpose at step {step + 1}")
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} "
+                                         f"(lm {lm_loss.item():.4g}, balance {aux.item():.4g}); lower the lr")
+            optim.scaler.scale(loss / train.grad_accum).backward()
+        window["loss"] += lm_loss.item()
+        window["aux"] += aux.item()
+        window["micro"] += 1
+        window["tokens"] += int(batch["attention_mask"].sum())
+    if train.max_grad_norm:
+        optim.scaler.unscale_(optim.optimizer)
+        torch.nn.utils.clip_grad_norm_(optim.params, train.max_grad_norm)
+    optim.scaler.step(optim.optimizer)
+    optim.scaler.update()
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    window["time"] += time.perf_counter() - t0
+    window["steps"] += 1
+    return epoch
+
+
+def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
+                    eval_by_task: dict[str, list], window: dict[str, Any], progress: Progress, *,
+                    reference: dict[str, float] | None, notes: dict[str, Any], done: int, steps: int, epoch: int,
+                    setup_s: float) -> dict[str, Any]:
+    """Evaluate (sharded over ranks) and build the window's metrics; appends the accuracies to ``progress``."""
+    rank, world = session.rank, session.world_size
+    rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
+    progress.tokens += int(sum(rank_tokens))
+    acc, util = evaluate_sharded(trial.model, trial.tokenizer, eval_by_task, spec, rank, world, device)
+    loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
+    if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
+        checksum = float(sum(p.detach().double().sum() for p in optim.params))
+        sums = reduce_sum([checksum if r == rank else 0.0 for r in range(world)], device)
+        divergence = {"ddp_param_divergence": max(sums) - min(sums)}
+    else:
+        divergence = {}
+    counts = trial.counts
+    metrics = {
+        "step": done, "total_steps": steps, "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
+        "train_loss": loss_sum[0] / max(1.0, loss_sum[2]), "balance_loss": loss_sum[1] / max(1.0, loss_sum[2]),
+        "tokens_per_s": sum(rank_tokens) / max(window["time"], 1e-9),
+        "step_time_s": window["time"] / max(1, window["steps"]), "peak_memory_mb": peak_memory_mb(device),
+        "tokens_total": progress.tokens, "world_size": world, "setup_s": setup_s,
+        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
+        "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
+        **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
+        **divergence, **eval_metrics(acc, util, reference, progress.history),
+    }
+    progress.history.append(acc)
+    return metrics
+
+
+def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, progress: Progress,
+                          metrics: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    """Rank 0 writes the adapter and the training state to a checkpoint; every rank reports (Train needs all)."""
+    from malora.checkpoint import save_adapter
+
+    core = trial.model
+    with tempfile.TemporaryDirectory(prefix="malora-ckpt-") as tmp:
+        ckpt_dir = None
+        if session.rank == 0:
+            save_adapter(core, trial.adapter, Path(tmp) / ADAPTER_DIR)
+            torch.save({"step": progress.step, "tokens": progress.tokens, "history": progress.history,
+                        "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
+                        "adapter": {n: p.detach() for n, p in core.named_parameters() if p.requires_grad}},
+                       Path(tmp) / TRAIN_STATE)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ckpt_dir = tmp
+            out.append(metrics)
+        session.report(metrics, ckpt_dir)
+
+
+def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[str, list], spec: SearchSpec,
+                     rank: int, world: int, device: torch.device) -> tuple[dict[str, float], dict[str, dict]]:
+    """Per-task accuracy and routing fractions, each rank scoring items[rank::world], summed over ranks.
+
+    Returns ({task: accuracy}, {task: {layer path: fraction (N,) of token-slots per expert}}).
+    """
+    from malora.inject import reset_routing_stats, routing_stats
+    from orchestrator.evaluation.accuracy import evaluate_tasks
+
+    model.eval()
+    sizes = {name: frac.numel() for name, frac in routing_stats(model).items()}  # routed layer -> N
+    names = sorted(sizes)
+    acc, util = {}, {}
+    with torch.no_grad():
+        for task, items in eval_by_task.items():
+            shard = items[rank::world]
+            reset_routing_stats(model)
+            correct, n, fractions = 0.0, 0, {}
+            if shard:
+                score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
+                                       batch_size=spec.eval.batch_size, template=spec.data.template,
+                                       options=spec.eval.options)[task]
+                correct, n = score.accuracy * score.n, score.n
+                fractions = routing_stats(model)
+            # one vector per rank: [correct, n, n * fraction of every routed layer], summed over the ranks
+            vec = [correct, float(n)] + [float(x) * n for name in names
+                                         for x in fractions.get(name, torch.zeros(sizes[name])).tolist()]
+            vec = reduce_sum(vec, device) if world > 1 else vec
+            total, pos, util[task] = vec[1], 2, {}
+            for name in names:
+                util[task][name] = torch.tensor(vec[pos:pos + sizes[name]]) / max(total, 1.0)
+                pos += sizes[name]
+            acc[task] = vec[0] / total if total else float("nan")
+    reset_routing_stats(model)
+    return acc, util

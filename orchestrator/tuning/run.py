@@ -1,0 +1,65 @@
+"""A whole search, once its spec is valid: Ray up, MLflow parent run, the base reference, ``Tuner.fit``, summary.
+
+Exit codes (returned to ``python -m orchestrator.search``): 0 done, 1 no trial succeeded, 2 the storage already
+holds a search and ``--resume`` was not given, 130 interrupted (continue with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.cluster.runtime import init_ray, prepare_env
+from orchestrator.spec.space import SearchSpec
+from orchestrator.tuning.plan import concurrency
+from orchestrator.tuning.reference import cached_reference
+from orchestrator.tuning.tuner import build_tuner
+
+logger = logging.getLogger("orchestrator.search")
+
+
+def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool) -> int:
+    """Run (or with ``resume`` continue) the search of ``spec``; returns the command's exit code."""
+    prepare_env(address)
+    from ray import tune
+
+    exp_path = f"{spec.storage_path}/{spec.name}"
+    if not resume and tune.Tuner.can_restore(exp_path):
+        print(f"error: {exp_path} already holds a search. Fix: pass --resume to continue it, or --name/--storage-path "
+              "for a new one", file=sys.stderr)
+        return 2
+    from orchestrator.report import summary, tracking
+
+    t0 = time.perf_counter()
+    cluster = init_ray(address)
+    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
+    exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
+    parent_id, reused = tracking.parent_run(uri, exp_id, exp_path, spec.name, reuse=resume)
+    try:
+        reference = cached_reference(spec)
+        if not reused:
+            summary.log_search_params(uri, parent_id, spec, reference)
+        callback = tracking.MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference)
+        tuner, restored = build_tuner(spec, reference, callback, concurrency(spec, cluster), resume)
+        logger.info("%s search %s: %d trials, %d at a time; MLflow parent run %s", "resuming" if restored
+                    else "starting", exp_path, spec.search.num_trials, concurrency(spec, cluster), parent_id)
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        tracking.client(uri).set_terminated(parent_id, "KILLED")
+        raise
+    except Exception as exc:
+        tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": tracking.failure_reason(str(exc))})
+        tracking.client(uri).set_terminated(parent_id, "FAILED")
+        raise
+    rows = summary.trial_rows(results, spec)
+    interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
+    text = summary.finish(uri, parent_id, spec, rows, Path(spec.storage_path) / spec.name, time.perf_counter() - t0,
+                          status="KILLED" if interrupted else "FINISHED")
+    print(text)
+    print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
+    if interrupted:
+        print("\nThe search was interrupted; continue it with the same command plus --resume.", file=sys.stderr)
+        return 130
+    return 0 if any(r["status"] in ("TERMINATED", "STOPPED") for r in rows) else 1

@@ -1,0 +1,58 @@
+"""The Ray Tune ``Tuner`` of a search: Optuna over the conditional space, ASHA, and restore for --resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.spec.space import SearchSpec
+from orchestrator.tuning.plan import asha_max_t
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, max_concurrent: int, resume: bool):
+    """A fresh Tuner, or the restored one when resuming an existing experiment."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.spec.hparams import ConditionalSpace, optuna_points
+    from orchestrator.training.driver import trial_driver
+
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, spec=spec, reference=reference),
+                                    {"cpu": spec.resources.trial_driver_cpus})
+    exp_path = f"{spec.storage_path}/{spec.name}"
+    if resume and tune.Tuner.can_restore(exp_path):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        local = getattr(tuner, "_local_tuner", None)  # use this run's MLflow callback (new --tracking-uri etc.)
+        if local is not None:
+            local.get_run_config().callbacks = [callback]
+        return tuner, True
+    objectives = spec.objectives
+    s = spec.search
+    if s.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.num_trials // 2)))
+    elif s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                             group=True)
+    multi = len(objectives) > 1
+    searcher = OptunaSearch(space=ConditionalSpace(spec.methods), sampler=sampler,
+                            metric=list(objectives) if multi else spec.metric,
+                            mode=list(objectives.values()) if multi else objectives[spec.metric],
+                            points_to_evaluate=optuna_points(spec.methods, s.points_to_evaluate) or None)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=spec.metric, mode=objectives[spec.metric],
+                               max_t=asha_max_t(spec), grace_period=s.asha.grace_period,
+                               reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_trials,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, callbacks=[callback],
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+    return tuner, False
