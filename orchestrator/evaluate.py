@@ -26,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.evaluate", description="Per-task accuracy of a causal LM.")
     p.add_argument("--model", required=True, help="smollm2-135m-instruct, tiny-llama, a local folder or a Hub id")
     p.add_argument("--suite", default="intra_domain", help=f"one of {sorted(SUITES)} or comma-separated task names")
-    p.add_argument("--limit", type=int, default=None, help="items per task (seeded sample; default: all)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="which pool to score: the held-out test pool (default) or val (see orchestrator.data.pools)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task in that pool (seeded sample; default: the whole pool)")
     p.add_argument("--data-dir", default=None, help="local data folder (default: $MALORA_DATA_DIR or ../shared/data)")
     p.add_argument("--scoring", choices=SCORING_MODES, default="loglik")
     p.add_argument("--options", choices=("auto", *OPTION_MODES), default="auto",
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="folder saved by malora.checkpoint.save_adapter")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="split seed of the pools (a search's data.split_seed)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = args.options if args.options != "auto" else ("label" if args.adapter else "text")
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
         t0 = time.perf_counter()
-        suite = load_suite(args.suite, data_dir, eval_limit=args.limit, seed=args.seed)
+        suite = load_suite(args.suite, data_dir, split_seed=args.seed, **{f"{args.split}_limit": args.limit})
         t1 = time.perf_counter()
         from orchestrator.models.loading import load_model
 
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_adapter(model, args.adapter)
             model.eval()
         t2 = time.perf_counter()
-        scores = evaluate_tasks(model, tokenizer, suite.eval, scoring=args.scoring, batch_size=args.batch_size,
+        scores = evaluate_tasks(model, tokenizer, getattr(suite, args.split), scoring=args.scoring, batch_size=args.batch_size,
                                 template=args.template, options=options, max_new_tokens=args.max_new_tokens)
         t3 = time.perf_counter()
     except (ValueError, OSError) as exc:  # DataError, ModelError, ConfigError are ValueErrors
@@ -78,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(f"model {args.model}{' + adapter ' + args.adapter if args.adapter else ''} | suite {suite.name} | "
-          f"scoring {args.scoring} (options {options}, template {args.template}) | limit {args.limit} | "
-          f"seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
+          f"scoring {args.scoring} (options {options}, template {args.template}) | {args.split} pool, limit "
+          f"{args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
     print(format_table(scores))
     print(f"time: data {t1 - t0:.1f} s, model {t2 - t1:.1f} s, evaluation {t3 - t2:.1f} s, total {t3 - t0:.1f} s")
     return 0

@@ -24,10 +24,10 @@ from orchestrator.data.schema import DataError, Example
 # task name -> (dataset id, config, train split or None, eval split)
 HUB_SOURCES: dict[str, tuple[str, str | None, str | None, str]] = {
     "boolq": ("google/boolq", None, "train", "validation"),
-    "piqa": ("ybisk/piqa", None, None, "validation"),
-    "siqa": ("allenai/social_i_qa", None, None, "validation"),
-    "hellaswag": ("Rowan/hellaswag", None, None, "validation"),
-    "winogrande": ("allenai/winogrande", "winogrande_xl", None, "validation"),
+    "piqa": ("ybisk/piqa", None, "train", "validation"),
+    "siqa": ("allenai/social_i_qa", None, "train", "validation"),
+    "hellaswag": ("Rowan/hellaswag", None, "train", "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "train", "validation"),
     "arc_e": ("allenai/ai2_arc", "ARC-Easy", "train", "test"),
     "arc_c": ("allenai/ai2_arc", "ARC-Challenge", "train", "test"),
     "obqa": ("allenai/openbookqa", "main", "train", "test"),

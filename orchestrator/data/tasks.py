@@ -9,18 +9,16 @@ A :class:`Task` knows its domain, where its files are, its label words and how i
 Suites: ``intra_domain`` (MALoRA's commonsense set), ``commonsense8`` (LLM-Adapters' eight tasks),
 ``inter_domain`` (one task per domain that loads offline), ``math`` (test sets) and ``mmlu`` (57 subjects).
 
-Splits. Tasks without a train split (PIQA, SIQA, HellaSwag, WinoGrande, the math test sets, and MMLU whose dev
-split has 5 items) get a train part carved from their eval file: a seeded permutation of the file's items,
-the first ``carve_fraction`` of it goes to train and the rest is the eval pool, disjoint by construction. The
-eval pool does not depend on ``train_limit`` or on whether training happens, so zero-shot references and trained
-runs with the same seed see the same items. ``eval_limit``/``train_limit`` take a seeded sample (kept in file
-order) of each pool; every decision is written to ``Suite.notes``.
+Pools. Every task gets three disjoint pools, train / val / test, fixed by ``split_seed`` alone (never by the
+training seed) and deduplicated by normalised prompt text: :mod:`orchestrator.data.pools` has the rules. Tasks
+without a train split here (PIQA, SIQA, HellaSwag, WinoGrande, the math test sets, and MMLU whose dev split has 5
+items) have all three carved from their evaluation file; from the Hub, a task's own train split is used where the
+dataset has one. Every decision is written to ``Suite.notes``; ``Suite.splits()`` gives sizes and fingerprints.
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from orchestrator.data.loaders import (
     read_mmlu,
     read_pubmedqa,
 )
+from orchestrator.data.pools import make_pools
 from orchestrator.data.schema import DataError, Example
 
 __all__ = ["DataError", "Example", "Task", "Suite", "SUITES", "TASK_NAMES", "get_task", "load_suite", "load_task"]
@@ -180,14 +179,23 @@ def load_task(task: Task | str, data_dir: str | Path | None) -> tuple[list[Examp
 
 @dataclass
 class Suite:
-    """Selected items per task. ``notes[task]`` says where each part came from (carving, caps, seed)."""
+    """Selected items per task: ``train``, ``val`` (for choosing) and ``test`` (for reporting), disjoint.
+
+    ``notes[task]`` says where each pool came from (carving, caps, deduplication, seed).
+    """
 
     name: str
     tasks: tuple[str, ...]
     train: dict[str, list[Example]]
-    eval: dict[str, list[Example]]
+    val: dict[str, list[Example]]
+    test: dict[str, list[Example]]
     notes: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
+    split_seed: int = 0
+    records: dict[str, dict] = field(default_factory=dict)
+
+    def splits(self) -> dict[str, dict]:
+        """Per task: pool sizes and sha256 fingerprints (``train``, ``val``, ``test``, ``*_sha256``)."""
+        return {task: dict(self.records[task]) for task in self.tasks}
 
 
 def _cap(limit: int | Mapping[str, int] | None, task: str, what: str) -> int | None:
@@ -197,50 +205,39 @@ def _cap(limit: int | Mapping[str, int] | None, task: str, what: str) -> int | N
     return value
 
 
-def _sample(items: list[Example], limit: int | None, rng: random.Random) -> list[Example]:
-    if limit is None or limit >= len(items):
-        return list(items)
-    return [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
-
-
 def load_suite(
     suite_or_tasks: str | Sequence[str],
     data_dir: str | Path | None,
     *,
     train_limit: int | Mapping[str, int] | None = None,
-    eval_limit: int | Mapping[str, int] | None = None,
-    seed: int = 0,
-    carve_fraction: float = 0.5,
+    val_limit: int | Mapping[str, int] | None = None,
+    test_limit: int | Mapping[str, int] | None = None,
+    split_seed: int = 0,
 ) -> Suite:
-    """Load a suite; limits are one int for every task or a ``{task: int}`` mapping (absent tasks: no cap)."""
+    """Load a suite's train/val/test pools; a limit is one int for every task or a ``{task: int}`` mapping.
+
+    ``None`` (or a task absent from a mapping) means no cap: the whole official test file, or for a carved task
+    the largest share the pool rules allow. Searches pass their ``data.val_limit``/``data.test_limit`` (defaults
+    200 and 500, ``pools.DEFAULT_VAL_LIMIT``/``DEFAULT_TEST_LIMIT``).
+    """
     name, tasks = resolve_tasks(suite_or_tasks)
-    for what, limit in (("train_limit", train_limit), ("eval_limit", eval_limit)):
+    for what, limit in (("train_limit", train_limit), ("val_limit", val_limit), ("test_limit", test_limit)):
         if isinstance(limit, Mapping) and (unknown := set(limit) - {t.name for t in tasks}):
             raise DataError(f"{what} names tasks not in suite {name!r}: {sorted(unknown)}")
-    if not 0.0 < carve_fraction < 1.0:
-        raise DataError(f"carve_fraction={carve_fraction!r} must be strictly between 0 and 1")
-    suite = Suite(name=name, tasks=tuple(t.name for t in tasks), train={}, eval={}, seed=seed)
+    suite = Suite(name=name, tasks=tuple(t.name for t in tasks), train={}, val={}, test={}, split_seed=split_seed)
     for task in tasks:
-        train, pool = load_task(task, data_dir)
+        train, evaluation = load_task(task, data_dir)
         src = str(Path(data_dir) / task.source) if data_dir is not None else f"Hub {task.name}"
-        note = [f"source {src}"]
-        if task.carve_train or train is None:  # (a Hub source can lack a train split that the files have)
-            order = list(range(len(pool)))
-            random.Random(f"{seed}:{task.name}:carve").shuffle(order)
-            n_carve = int(len(pool) * carve_fraction)
-            carved = [pool[i] for i in sorted(order[:n_carve])]
-            pool = [pool[i] for i in sorted(order[n_carve:])]
-            note.append(f"train carved from the eval file: {n_carve} items (seed {seed}, fraction {carve_fraction})"
-                        + (f" + {len(train)} from its train/dev split" if train else "")
-                        + f"; eval pool = the other {len(pool)}")
-            train = (train or []) + carved
-        train = train or []
-        t_cap, e_cap = _cap(train_limit, task.name, "train_limit"), _cap(eval_limit, task.name, "eval_limit")
-        suite.train[task.name] = _sample(train, t_cap, random.Random(f"{seed}:{task.name}:train"))
-        suite.eval[task.name] = _sample(pool, e_cap, random.Random(f"{seed}:{task.name}:eval"))
-        note.append(f"train {len(suite.train[task.name])}/{len(train)}, eval {len(suite.eval[task.name])}/{len(pool)}"
-                    f" (seeded sample, seed {seed})")
-        suite.notes[task.name] = "; ".join(note)
+        # local files: carve where the task has no real train split; the Hub gives one wherever the dataset has it
+        # (MMLU's Hub dev split has 5 items: carve there too)
+        carve = train is None or (task.carve_train and (data_dir is not None or task.fmt == "mmlu"))
+        pools = make_pools(task.name, train, evaluation, carve=carve, split_seed=split_seed,
+                           val_limit=_cap(val_limit, task.name, "val_limit"),
+                           test_limit=_cap(test_limit, task.name, "test_limit"),
+                           train_limit=_cap(train_limit, task.name, "train_limit"))
+        suite.train[task.name], suite.val[task.name], suite.test[task.name] = pools.train, pools.val, pools.test
+        suite.records[task.name] = pools.record()
+        suite.notes[task.name] = f"source {src}; {pools.note}"
         logger.info("%s: %s", task.name, suite.notes[task.name])
     return suite
 

@@ -46,6 +46,8 @@ class TaskScore:
     accuracy_norm: float | None = None
     method: str = "loglik"
     chance: float = 0.0
+    correct: tuple[int, ...] = ()
+    """1/0 per item, in the order of the items scored (paired comparisons and bootstrap CIs need it)."""
 
 
 def chance_level(task: Task, examples: Sequence[Example]) -> float:
@@ -89,15 +91,15 @@ def _score_loglik(model, tokenizer, task, examples, *, options, template, batch_
     rows = sc.build_rows(requests, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ll = sc.continuation_logprobs(model, rows, batch_size=batch_size, pad_id=pad_id)
-    hits = hits_norm = 0
+    hits, hits_norm = [], 0
     flat = 0
     for ex, opts in zip(examples, requests):
         scores = [ll[flat + k] for k in range(len(opts))]
         flat += len(opts)
         nbytes = _continuation_bytes(task, ex, options)
-        hits += sc.pick(scores) == ex.answer_index
+        hits.append(int(sc.pick(scores) == ex.answer_index))
         hits_norm += sc.pick([s / max(1, b) for s, b in zip(scores, nbytes)]) == ex.answer_index
-    return hits / len(examples), hits_norm / len(examples)
+    return hits, hits_norm / len(examples)
 
 
 def _score_generate(model, tokenizer, task, examples, *, template, batch_size, max_new_tokens):
@@ -108,15 +110,15 @@ def _score_generate(model, tokenizer, task, examples, *, template, batch_size, m
     eos = sorted({tokenizer.eos_token_id, *configured} - {None})
     texts = sc.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         eos_ids=eos)
-    hits = 0
+    hits = []
     for ex, text in zip(examples, texts):
         if task.scoring == "number":
-            hits += sc.number_correct(text, ex.gold)
+            hits.append(int(sc.number_correct(text, ex.gold)))
             continue
         labels = ex.labels or task.label_set
         idx = sc.parse_letter(text, labels) if task.scoring == "letter" else sc.parse_label(text, labels)
-        hits += idx is not None and labels[idx].lower() == ex.gold.lower()
-    return hits / len(examples)
+        hits.append(int(idx is not None and labels[idx].lower() == ex.gold.lower()))
+    return hits
 
 
 def evaluate_tasks(
@@ -155,14 +157,15 @@ def evaluate_tasks(
             chance = chance_level(task, examples)
             loglik_ok = scoring == "loglik" and task.scoring != "number" and all(ex.choices for ex in examples)
             if loglik_ok:
-                acc, acc_norm = _score_loglik(model, tokenizer, task, examples, options=options, template=template,
-                                              batch_size=batch_size, max_length=max_length)
-                results[name] = TaskScore(acc, len(examples), acc_norm, f"loglik/{options}", chance)
+                hits, acc_norm = _score_loglik(model, tokenizer, task, examples, options=options,
+                                               template=template, batch_size=batch_size, max_length=max_length)
+                results[name] = TaskScore(sum(hits) / len(hits), len(examples), acc_norm, f"loglik/{options}",
+                                          chance, tuple(hits))
             else:
                 budget = max_new_tokens or (256 if task.scoring == "number" else 32)
-                acc = _score_generate(model, tokenizer, task, examples, template=template, batch_size=batch_size,
-                                      max_new_tokens=budget)
-                results[name] = TaskScore(acc, len(examples), None, "generate", chance)
+                hits = _score_generate(model, tokenizer, task, examples, template=template, batch_size=batch_size,
+                                       max_new_tokens=budget)
+                results[name] = TaskScore(sum(hits) / len(hits), len(examples), None, "generate", chance, tuple(hits))
             logger.info("%s: acc %.4f over %d items in %.1f s", name, results[name].accuracy, len(examples),
                         time.perf_counter() - start)
     finally:

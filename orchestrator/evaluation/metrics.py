@@ -2,9 +2,13 @@
 
 Metric names (what Tune sees and MLflow plots):
 
-* ``acc/<task>`` accuracy, ``mean_acc`` = mean over tasks (the primary objective);
-* ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.evaluation.seesaw` against the base model's zero-shot
-  accuracy (opposite-pair fraction over the trial's evaluations), ``seesaw_prev/...`` against the previous one;
+* ``val/acc/<task>`` validation accuracy, ``val/mean_acc`` = mean over tasks (the primary objective): every
+  evaluation scores the val pool, and only val metrics feed Optuna, ASHA, "best" and the Pareto front;
+* ``test/acc/<task>``, ``test/mean_acc`` and ``test_correct/<task>`` (1/0 per test item, in pool order): once per
+  trial, on its final adapter (:func:`test_metrics`), reported and never chosen on;
+* ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.evaluation.seesaw` on val against the base model's
+  zero-shot val accuracy (opposite-pair fraction over the trial's evaluations), ``seesaw_prev/...`` against the
+  previous evaluation;
 * ``util/<task>/<group>/e<i>``: share of the token-slots routed to expert ``i``, averaged over the routed layers
   of one group (group = module name, e.g. ``q_proj``; ``q_proj_n4`` when a module's layers differ in N);
 * ``util_entropy/<task>``: mean over layers of the normalised routing entropy ``H(f) / log N`` in [0, 1]
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 
@@ -77,8 +82,8 @@ def eval_metrics(acc: dict[str, float], util: dict[str, dict[str, torch.Tensor]]
                  reference: dict[str, float] | None, history: list[dict[str, float]]) -> dict[str, float]:
     """The metrics of one evaluation (see the module docstring)."""
     finite = [a for a in acc.values() if not math.isnan(a)]
-    out: dict[str, float] = {f"acc/{t}": a for t, a in acc.items()}
-    out["mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
+    out: dict[str, float] = {f"val/acc/{t}": a for t, a in acc.items()}
+    out["val/mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
     out.update(seesaw_block(acc, reference, history))
     for task, fractions in util.items():
         if not fractions:
@@ -86,4 +91,13 @@ def eval_metrics(acc: dict[str, float], util: dict[str, dict[str, torch.Tensor]]
         out[f"util_entropy/{task}"] = routing_entropy(fractions)
         for group, frac in utilisation_groups(fractions).items():
             out.update({f"util/{task}/{group}/e{i}": float(v) for i, v in enumerate(frac.tolist())})
+    return out
+
+
+def test_metrics(acc: dict[str, float], correct: dict[str, list[int]]) -> dict[str, Any]:
+    """The held-out block of a trial's final report: ``test/acc/<task>``, ``test/mean_acc``, ``test_correct/<task>``."""
+    finite = [a for a in acc.values() if not math.isnan(a)]
+    out: dict[str, Any] = {f"test/acc/{t}": a for t, a in acc.items()}
+    out["test/mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
+    out.update({f"test_correct/{t}": list(hits) for t, hits in correct.items()})
     return out

@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("trial_id", "method", "status", "mean_acc", "best_mean_acc", "trainable_params", "trainable_share",
-           "step", "hparams", "error")
+#: val/* is what every choice used; test/* is the held-out score of the trial's final adapter (reported only)
+COLUMNS = ("trial_id", "method", "status", "val/mean_acc", "best val/mean_acc", "test/mean_acc", "trainable_params",
+           "trainable_share", "step", "hparams", "error")
 
 
 def dominates(a: dict, b: dict, objectives: dict[str, str]) -> bool:
@@ -33,7 +34,7 @@ def pareto_front(rows: list[dict], objectives: dict[str, str]) -> list[dict]:
     return sorted(front, key=lambda r: r[first], reverse=mode == "max")
 
 
-def best_per_method(rows: list[dict], metric: str = "mean_acc", mode: str = "max") -> list[dict]:
+def best_per_method(rows: list[dict], metric: str = "val/mean_acc", mode: str = "max") -> list[dict]:
     best: dict[str, dict] = {}
     for r in rows:
         v = r.get(metric)

@@ -54,7 +54,7 @@ def utilisation_heatmap(util: dict[str, dict[str, list[float]]], path: str | Pat
     return _save(fig, path)
 
 
-def pareto_plot(rows: list[dict], front_ids: set[str], path: str | Path, metric: str = "mean_acc") -> Path:
+def pareto_plot(rows: list[dict], front_ids: set[str], path: str | Path, metric: str = "val/mean_acc") -> Path:
     """Accuracy vs trainable parameters for every finished trial, coloured by method; the front joined."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in rows}):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +13,41 @@ from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.space import SearchSpec
 
 
-def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[str, float]) -> None:
-    """Parent run: the search's settings, the base model's zero-shot accuracy (ref/<task>) and the YAML file."""
+def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[str, dict[str, float]],
+                      splits: dict[str, dict] | None = None) -> None:
+    """Parent run: the search's settings, its pools (``split/<task>/...`` params and ``splits.json``), the base
+    model's zero-shot accuracy on val and test (``ref/val/acc/<task>``, ``ref/test/acc/<task>``) and the YAML."""
     d, t, s = spec.data, spec.train, spec.search
     params = {"space": spec.source, "model": spec.model.name, "data": d.suite or ",".join(d.tasks),
-              "train_limit": d.train_limit, "eval_limit": spec.eval.eval_limit, "max_length": d.max_length,
+              "train_limit": d.train_limit, "val_limit": d.val_limit, "test_limit": d.test_limit,
+              "split_seed": d.split_seed, "max_length": d.max_length,
               "mixing": d.mixing, "template": d.template, "max_steps": t.max_steps, "epochs": t.epochs,
               "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr, "schedule": t.schedule,
               "sampler": s.sampler, "num_trials": s.num_trials, "objectives": json.dumps(spec.objectives),
               "asha": s.asha.enabled, "methods": ",".join(m.kind for m in spec.methods),
               "workers_per_trial": spec.resources.workers_per_trial, "storage": f"{spec.storage_path}/{spec.name}"}
-    metrics = {f"ref/{k}": v for k, v in reference.items()}
-    finite = [v for v in reference.values() if not math.isnan(v)]
-    if finite:
-        metrics["ref/mean_acc"] = sum(finite) / len(finite)
+    for task, record in (splits or {}).items():
+        params.update({f"split/{task}/{k}": v for k, v in record.items()})
+    metrics = {}
+    for pool, accuracy in reference.items():
+        metrics.update({f"ref/{pool}/acc/{k}": v for k, v in accuracy.items()})
+        finite = [v for v in accuracy.values() if not math.isnan(v)]
+        if finite:
+            metrics[f"ref/{pool}/mean_acc"] = sum(finite) / len(finite)
     tracking.log_dict(uri, run_id, params=params, metrics=metrics)
     if spec.source and Path(spec.source).is_file():
         tracking.client(uri).log_artifact(run_id, spec.source, "space")
+    if splits:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "splits.json").write_text(json.dumps(splits, indent=1, sort_keys=True))
+            tracking.client(uri).log_artifact(run_id, str(Path(tmp) / "splits.json"))
 
 
 def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
-    """One dict per trial of a Tune ResultGrid (final values; best mean_acc over its evaluations)."""
+    """One dict per trial of a Tune ResultGrid: final val and test values, the best val value over its evaluations.
+
+    status: TERMINATED (ran its whole budget), STOPPED (early-stopped by ASHA), ERROR.
+    """
     rows = []
     for res in results:
         m = dict(res.metrics or {})
@@ -48,39 +63,53 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
         if status == "TERMINATED" and m.get("step", 0) < m.get("total_steps", 0):
             status = "STOPPED"  # ASHA
         rows.append({"trial_id": trial_id, "method": method, "status": status,
-                     "mean_acc": m.get("mean_acc", float("nan")), "best_mean_acc": best,
+                     spec.metric: m.get(spec.metric, float("nan")), f"best {spec.metric}": best,
+                     "val/mean_acc": m.get("val/mean_acc", float("nan")),
+                     "test/mean_acc": m.get("test/mean_acc", float("nan")),
                      "trainable_params": m.get("trainable_params", float("nan")),
                      "trainable_share": m.get("trainable_share", float("nan")), "step": m.get("step", 0),
                      "hparams": hp, "error": tracking.failure_reason(str(res.error)) if res.error else "",
-                     **{k: v for k, v in m.items() if k.startswith("acc/")}})
+                     **{k: v for k, v in m.items() if k.startswith(("val/acc/", "test/acc/"))}})
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))
 
 
 def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir: Path, wall_s: float,
            status: str = "FINISHED") -> str:
-    """Write summary.csv/.md, pareto.json/.png to out_dir and the parent run; return the terminal summary."""
+    """Write summary.csv/.md, pareto.json/.png to out_dir and the parent run; return the terminal summary.
+
+    "Best per method" and the Pareto front are chosen on the validation objective among the trials that ran
+    their whole budget (early-stopped ones are listed apart), in each objective's own mode; the tables show the
+    held-out test accuracy of the same trials beside it, never used to choose.
+    """
     objectives = spec.objectives if len(spec.objectives) > 1 else {spec.metric: spec.objectives[spec.metric],
                                                                     "trainable_params": "min"}
-    ok = [r for r in rows if r["status"] != "ERROR"]
-    front = pareto.pareto_front(ok, objectives)
-    best = pareto.best_per_method(ok, spec.metric, spec.objectives[spec.metric])
+    complete = [r for r in rows if r["status"] == "TERMINATED"]
+    stopped = [r for r in rows if r["status"] == "STOPPED"]
+    front = pareto.pareto_front(complete, objectives)
+    best = pareto.best_per_method(complete, spec.metric, spec.objectives[spec.metric])
     out_dir.mkdir(parents=True, exist_ok=True)
-    pareto.write_csv(rows, out_dir / "summary.csv")
-    cols = ("method", "trial_id", "mean_acc", "trainable_params", "trainable_share", "hparams")
+    columns = tuple(dict.fromkeys(("trial_id", "method", "status", spec.metric, *pareto.COLUMNS[3:])))
+    pareto.write_csv(rows, out_dir / "summary.csv", columns)
+    cols = tuple(dict.fromkeys(("method", "trial_id", spec.metric, "val/mean_acc", "test/mean_acc",
+                                "trainable_params", "trainable_share", "hparams")))
     n_err = sum(r["status"] == "ERROR" for r in rows)
     text = "\n".join([
-        f"\n== search {spec.name}: {len(rows)} trials ({n_err} failed) in {wall_s:.0f} s ==",
-        "\nAll trials:", pareto.markdown_table(rows),
-        "\nBest trial per method:", pareto.markdown_table(best, cols),
-        f"\nPareto front ({', '.join(f'{k} {v}' for k, v in objectives.items())}):",
-        pareto.markdown_table(front, cols)])
+        f"\n== search {spec.name}: {len(rows)} trials ({n_err} failed, {len(stopped)} early-stopped) in "
+        f"{wall_s:.0f} s ==",
+        "\nAll trials:", pareto.markdown_table(rows, columns),
+        f"\nBest trial per method (chosen on val {spec.metric}; test reported, never chosen on):",
+        pareto.markdown_table(best, cols),
+        f"\nPareto front of the completed trials ({', '.join(f'{k} {v}' for k, v in objectives.items())}):",
+        pareto.markdown_table(front, cols),
+        *(["\nEarly-stopped by ASHA (not eligible):", pareto.markdown_table(stopped, cols)] if stopped else [])])
     (out_dir / "summary.md").write_text(text + "\n")
     (out_dir / "pareto.json").write_text(json.dumps(
         [{k: r[k] for k in ("trial_id", "method", spec.metric, "trainable_params", "hparams")} for r in front],
         indent=1, default=str))
     files = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "pareto.json"]
-    if ok:
-        files.append(plots.pareto_plot(ok, {r["trial_id"] for r in front}, out_dir / "pareto.png", spec.metric))
+    if complete:
+        files.append(plots.pareto_plot(complete, {r["trial_id"] for r in front}, out_dir / "pareto.png",
+                                       spec.metric))
     c = tracking.client(uri)
     for f in files:
         c.log_artifact(parent_id, str(f), "summary")

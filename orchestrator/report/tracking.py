@@ -10,6 +10,7 @@ skipped, so a finished trial keeps exactly one run and a restarted one continues
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -199,12 +200,17 @@ class MLflowSearchCallback(Callback):
         c = client(self.uri)
         latest = c.get_run(run_id).data.metrics
         with tempfile.TemporaryDirectory() as tmp:
-            history = {k.split("/", 1)[1]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
-                       for k in latest if k.startswith("acc/")}
+            history = {k[len("val/acc/"):]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                       for k in latest if k.startswith("val/acc/")}
             if history:
-                history["mean_acc"] = [(m.step, m.value) for m in c.get_metric_history(run_id, "mean_acc")]
+                history["mean_acc"] = [(m.step, m.value) for m in c.get_metric_history(run_id, "val/mean_acc")]
                 plots.accuracy_plot(history, self.reference, Path(tmp) / "accuracy_vs_step.png",
-                                    f"{trial.trial_id}: per-task accuracy")
+                                    f"{trial.trial_id}: per-task validation accuracy")
+            last = trial.last_result or {}
+            per_item = {k[len("test_correct/"):]: v for k, v in last.items() if k.startswith("test_correct/")}
+            if per_item:  # the held-out items of the final adapter, 1/0 in pool order: any cell can be re-checked
+                (Path(tmp) / "test_items.json").write_text(json.dumps(per_item))
+                c.log_artifact(run_id, str(Path(tmp) / "test_items.json"), "eval")
             util: dict[str, dict[str, list[float]]] = {}
             for key in sorted(latest, key=lambda k: (k.rsplit("/e", 1)[0], int(k.rsplit("/e", 1)[-1]))
                               if k.startswith("util/") else ("", 0)):

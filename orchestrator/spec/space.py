@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.data.pools import DEFAULT_TEST_LIMIT, DEFAULT_VAL_LIMIT
 from orchestrator.spec.hparams import DOMAIN_KINDS, Domain, method_corner_configs, parse_domain, valid_hparam_names
 
 
@@ -71,7 +72,16 @@ class DataSpec:
     """Local benchmark folder; relative paths resolve against the YAML's folder, then the working directory.
     ``${VAR:-default}`` is expanded. None: let the data layer use the Hugging Face Hub."""
     train_limit: int | None = _f(None, ge=1)
-    """Cap on training examples per task (None: all)."""
+    """Cap on training examples per task (None: the whole train pool)."""
+    split_seed: int = _f(0, ge=0)
+    """Seed of the train/val/test pools (independent of ``train.seed``: every replicate is scored on the same
+    val and test items). The pools' rules are in ``orchestrator.data.pools``."""
+    val_limit: int | None = _f(DEFAULT_VAL_LIMIT, ge=1)
+    """Validation items per task: scored at every evaluation, the only items any choice (Optuna, ASHA, best
+    trial, Pareto front) sees. None: as many as the pool rules allow."""
+    test_limit: int | None = _f(DEFAULT_TEST_LIMIT, ge=1)
+    """Held-out test items per task: scored once per trial on its final adapter, reported, never chosen on.
+    None: the whole official test file (or the largest carve the pool rules allow)."""
     num_train_examples: int | None = _f(None, ge=1)
     """Size of the mixed training stream (None: the sum of the capped task sets)."""
     mixing: str = _f("proportional", choices=("proportional", "uniform", "temperature"))
@@ -108,14 +118,16 @@ class TrainSpec:
     """Autocast precision of the forward pass (fp16 needs a GPU)."""
     seed: int = _f(0, ge=0)
     """Seed of data sampling, adapter init and dropout."""
+    group_by_length: bool = _f(True)
+    """Length-grouped micro-batches: shuffle, cut into mega-batches of 50 batches, sort each by length, batch,
+    shuffle the batches (``orchestrator.data.batching``); padding falls from ~31 % to ~1 % of the positions.
+    False: batches of a plain shuffle (the order of earlier versions)."""
 
 
 @dataclass(frozen=True)
 class EvalSpec:
     every_n_steps: int = _f(50, ge=1)
     """Evaluate (and report to Tune/MLflow, checkpoint the adapter) every N optimizer steps and at the end."""
-    eval_limit: int | None = _f(200, ge=1)
-    """Evaluation items per task (None: the whole split)."""
     scoring: str = _f("loglik", choices=("loglik", "generate"))
     """Option log-likelihood (robust default for small models) or LLM-Adapters' greedy generation."""
     options: str = _f("label", choices=("label", "text"))
@@ -147,7 +159,9 @@ class SearchOptions:
     """Sampler seed."""
     objectives: dict | None = _f(None)
     """Ordered ``{metric: max|min}``; more than one entry makes the search multi-objective (Pareto front).
-    Default: ``{mean_acc: max}``; for nsga2 ``{mean_acc: max, trainable_params: min}``."""
+    Default: ``{val/mean_acc: max}``; for nsga2 ``{val/mean_acc: max, trainable_params: min}``. Only metrics that
+    every trial reports at every evaluation are accepted (``OBJECTIVE_METRICS``, ``val/acc/<task>``); ``test/*``
+    never feeds a choice."""
     n_startup_trials: int = _f(4, ge=0)
     """Random trials before TPE models the space."""
     asha: AshaSpec = _f(None)
@@ -236,10 +250,15 @@ class SearchSpec:
 GROUPS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec, "search": SearchOptions,
           "resources": ResourcesSpec, "tracking": TrackingSpec, "debug": DebugSpec}
 TOP_KEYS = ("name", "storage_path", *GROUPS, "methods", "smoke_test")
-SMOKE_DEFAULTS = {"train": {"max_steps": 8, "epochs": None}, "eval": {"every_n_steps": 4, "eval_limit": 16},
-                  "data": {"train_limit": 64, "max_length": 128}, "search": {"num_trials": 4}}
+SMOKE_DEFAULTS = {"train": {"max_steps": 8, "epochs": None}, "eval": {"every_n_steps": 4},
+                  "data": {"train_limit": 64, "val_limit": 16, "test_limit": 16, "max_length": 128}, "search": {"num_trials": 4}}
 """--smoke-test without a ``smoke_test`` block: cap steps, eval items, train items and trials (values are minima
 with the file's own, except num_trials which becomes max(4, number of methods) capped by the file's)."""
+
+
+#: Keys of earlier versions, with what replaced them (one clear error instead of "unknown key").
+RENAMED = {"eval.eval_limit": "use data.val_limit (items scored during training, the only ones choices see) and "
+                              "data.test_limit (held-out items, scored once on the final adapter and reported)"}
 
 
 # --------------------------------------------------------------------------------------------- type checks
@@ -310,7 +329,11 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
         raw = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems += _unknown(sorted(set(map(str, raw)) - set(fields)), list(fields), f"{path}.")
+    unknown = sorted(set(map(str, raw)) - set(fields))
+    for key in [k for k in unknown if f"{path}.{k}" in RENAMED]:
+        problems.append(f"{path}.{key} was replaced: {RENAMED[f'{path}.{key}']}")
+        unknown.remove(key)
+    problems += _unknown(unknown, list(fields), f"{path}.")
     kwargs = {}
     for name, fld in fields.items():
         if name not in raw:
@@ -421,6 +444,7 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     kinds = [m.kind for m in methods]
     declared = {k: set(v or {}) for k, v in raw["methods"].items()} if isinstance(raw.get("methods"), dict) else {}
     search = _check_search(search, declared, problems)
+    problems += _check_objectives(search.objectives, data)
     dbg = groups["debug"]
     if dbg.fail_method is not None and dbg.fail_method not in kinds:
         problems.append(f"debug.fail_method: {dbg.fail_method!r} is not a searched method ({', '.join(kinds)})")
@@ -429,6 +453,32 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     return SearchSpec(name=name, storage_path=storage, model=groups["model"], data=data, train=train,
                       eval=groups["eval"], methods=tuple(methods), search=search, resources=res,
                       tracking=groups["tracking"], debug=dbg, smoke_test=smoke, source=source)
+
+
+#: Metrics every trial reports at every evaluation, so any of them can steer a choice (plus val/acc/<task>).
+OBJECTIVE_METRICS = ("val/mean_acc", "trainable_params", "trainable_share", "total_params", "tokens_per_s",
+                     "step_time_s", "peak_memory_mb", "train_loss")
+
+
+def _check_objectives(objectives: dict | None, data: DataSpec) -> list[str]:
+    """Each objective must be reported by every trial at every evaluation, and never be a test metric."""
+    from orchestrator.data.tasks import SUITES
+
+    tasks = SUITES.get(data.suite or "", ()) if data.suite else tuple(data.tasks or ())
+    valid = [*OBJECTIVE_METRICS, *(f"val/acc/{t}" for t in tasks)]
+    out = []
+    for name in objectives or {}:
+        if name in valid:
+            continue
+        if str(name).startswith(("test/", "test_correct/")):
+            out.append(f"search.objectives.{name}: test metrics are held out and never feed a choice. Fix: use the "
+                       f"validation metric {str(name).replace('test/', 'val/', 1)!r}")
+        elif name == "mean_acc" or str(name).startswith("acc/"):
+            out.append(f"search.objectives.{name}: renamed to 'val/{name}' (choices are made on the val pool)")
+        else:
+            out += [p.replace("unknown key", "not reported by trials").replace("Valid keys", "Reported")
+                    for p in _unknown([name], valid, "search.objectives.")]
+    return out
 
 
 def _check_tasks(data: DataSpec) -> list[str]:
@@ -484,13 +534,13 @@ def _build_methods(raw: Any, problems: list[str]) -> list[MethodSpec]:
 def _check_search(search: SearchOptions, declared: dict[str, set], problems: list[str]) -> SearchOptions:
     objectives = search.objectives
     if objectives is None:
-        objectives = {"mean_acc": "max"}
+        objectives = {"val/mean_acc": "max"}
         if search.sampler == "nsga2":
             objectives["trainable_params"] = "min"
     bad = {k: v for k, v in objectives.items() if v not in ("max", "min")}
     if bad or not objectives:
         problems.append(f"search.objectives: {dict(objectives)!r} must map metric names to max|min, e.g. "
-                        "{mean_acc: max, trainable_params: min}")
+                        "{val/mean_acc: max, trainable_params: min}")
     if search.sampler == "nsga2" and len(objectives) < 2:
         problems.append("search.sampler: nsga2 is multi-objective. Fix: give two search.objectives or use tpe")
     points = []

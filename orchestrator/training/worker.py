@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import resource
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
-from orchestrator.evaluation.metrics import eval_metrics, reduce_sum
+from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
 from orchestrator.spec.space import SearchSpec
 
 logger = logging.getLogger(__name__)
@@ -119,15 +118,23 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], dict[str, list], dict[str, Any]]:
-    """(encoded training examples, eval examples by task, data notes): the same on every rank."""
-    from orchestrator.data.mixing import mix_examples
+def load_pools(spec: SearchSpec):
+    """The spec's suite: train/val/test pools per task, fixed by ``data.split_seed`` (not by ``train.seed``)."""
     from orchestrator.data.tasks import load_suite
+
+    d = spec.data
+    return load_suite(d.suite or list(d.tasks), d.data_dir, train_limit=d.train_limit, val_limit=d.val_limit,
+                      test_limit=d.test_limit, split_seed=d.split_seed)
+
+
+def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
+    """(encoded training examples, ``{"val": {task: items}, "test": {task: items}}``, data notes), the same on
+    every rank. ``train.seed`` only shuffles the mixed stream; the pools come from ``data.split_seed``."""
+    from orchestrator.data.mixing import mix_examples
     from orchestrator.data.tokenize import encode_example
 
     d = spec.data
-    suite = load_suite(d.suite or list(d.tasks), d.data_dir, train_limit=d.train_limit,
-                       eval_limit=spec.eval.eval_limit, seed=spec.train.seed)
+    suite = load_pools(spec)
     mixed = mix_examples(suite.train, d.mixing, temperature=d.mixing_temperature,
                          num_examples=d.num_train_examples, seed=spec.train.seed)
     encoded, dropped = [], 0
@@ -140,21 +147,20 @@ def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], d
     if not encoded:
         raise ValueError(f"no training example fits data.max_length={d.max_length} ({dropped} dropped); raise it")
     notes = {"train_examples": len(encoded), "dropped_too_long": dropped, **dict(getattr(suite, "notes", {}))}
-    return encoded, dict(suite.eval), notes
+    return encoded, {"val": dict(suite.val), "test": dict(suite.test)}, notes
 
 
-def batches(encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int):
-    """Endless micro-batches of this rank's shard; a new shuffle (seed + epoch) per pass. Yields (epoch, batch)."""
-    from orchestrator.data.tokenize import collate
+def batches(encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int, *,
+            group_by_length: bool = False, start: int = 0):
+    """Endless micro-batches of this rank's shard; a new shuffle (seed + epoch) per pass. Yields (epoch, batch).
 
-    epoch = 0
-    while True:
-        order = list(range(len(encoded)))
-        random.Random(seed + epoch).shuffle(order)
-        shard = order[rank::world]
-        for i in range(0, len(shard) - batch_size + 1 if len(shard) >= batch_size else 1, batch_size):
-            yield epoch, collate([encoded[j] for j in shard[i:i + batch_size]], pad_id)
-        epoch += 1
+    Length-grouped or the plain shuffle (``orchestrator.data.batching``); the first ``start`` micro-batches are
+    skipped as index lists, without collating them.
+    """
+    from orchestrator.data.batching import batch_stream
+
+    return batch_stream(encoded, batch_size, rank, world, seed, pad_id, group_by_length=group_by_length,
+                        start=start)
 
 
 def total_steps(spec: SearchSpec, num_examples: int, world: int) -> int:
@@ -213,11 +219,11 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     t_setup = time.perf_counter()
     device = session.device()
     trial = build_trial_model(spec, trial_config, device)
-    encoded, eval_by_task, notes = build_training_data(spec, trial.tokenizer)
+    encoded, pools, notes = build_training_data(spec, trial.tokenizer)
     steps = total_steps(spec, len(encoded), session.world_size)
     optim = build_optimisation(trial, spec, steps)
     progress = restore_progress(session, trial.model, optim, device, trial_id)
-    ddp = session.prepare(trial.model)
+    ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
     window, out, epoch = new_window(), [], 0
@@ -226,7 +232,7 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
         done = step + 1
         if done % spec.eval.every_n_steps and done != steps:
             continue
-        metrics = evaluate_window(trial, optim, spec, session, device, eval_by_task, window, progress,
+        metrics = evaluate_window(trial, optim, spec, session, device, pools, window, progress,
                                   reference=reference, notes=notes, done=done, steps=steps, epoch=epoch,
                                   setup_s=setup_s)
         progress.step = done
@@ -286,10 +292,22 @@ def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, 
 def resume_stream(encoded: list[dict], spec: SearchSpec, session: Any, tokenizer: Any, start_step: int):
     """This rank's micro-batch stream, advanced past the ``start_step * grad_accum`` micro-batches already used."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = batches(encoded, spec.train.batch_size, session.rank, session.world_size, spec.train.seed, pad_id)
-    for _ in range(start_step * spec.train.grad_accum):  # replay the stream position of a resumed run
-        next(stream)
-    return stream
+    # a resumed run continues the same deterministic stream: the used micro-batches are skipped, not collated
+    return batches(encoded, spec.train.batch_size, session.rank, session.world_size, spec.train.seed, pad_id,
+                   group_by_length=spec.train.group_by_length, start=start_step * spec.train.grad_accum)
+
+
+def training_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """The module the session prepares (DDP wraps): the LM loss with the head at response positions only."""
+    from orchestrator.training.loss import ResponseLoss
+
+    return ResponseLoss(model)
+
+
+def window_pad_share(window: dict[str, Any], device: torch.device) -> float:
+    """Share of the window's micro-batch positions, over all ranks, that were padding: 1 - tokens / (B * T)."""
+    tokens, positions = reduce_sum([float(window["tokens"]), float(window.get("positions", 0))], device)
+    return 1.0 - tokens / positions if positions else 0.0
 
 
 def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, stream, spec: SearchSpec, world: int,
@@ -312,7 +330,8 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
         batch = {k: v.to(device) for k, v in batch.items()}
         sync = world == 1 or micro == train.grad_accum - 1
         with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
-            lm_loss = ddp(**batch).loss
+            out = ddp(**batch)
+            lm_loss = out if torch.is_tensor(out) else out.loss  # ResponseLoss returns L, a bare HF model an output
             aux = collect_aux_loss(trial.model)
             loss = lm_loss + aux
             if fail and step + 1 == spec.debug.fail_at_step:
@@ -327,6 +346,7 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
         window["aux"] += aux.item()
         window["micro"] += 1
         window["tokens"] += int(batch["attention_mask"].sum())
+        window["positions"] = window.get("positions", 0) + batch["attention_mask"].numel()
     if train.max_grad_norm:
         optim.scaler.unscale_(optim.optimizer)
         torch.nn.utils.clip_grad_norm_(optim.params, train.max_grad_norm)
@@ -340,14 +360,25 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
 
 
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
-                    eval_by_task: dict[str, list], window: dict[str, Any], progress: Progress, *,
+                    pools: dict[str, dict[str, list]], window: dict[str, Any], progress: Progress, *,
                     reference: dict[str, float] | None, notes: dict[str, Any], done: int, steps: int, epoch: int,
                     setup_s: float) -> dict[str, Any]:
-    """Evaluate (sharded over ranks) and build the window's metrics; appends the accuracies to ``progress``."""
+    """Evaluate on val (sharded over ranks) and build the window's metrics; at the last step also score test.
+
+    Val metrics (``val/*``, seesaw, utilisation) are what every choice reads; ``test/acc/<task>``,
+    ``test/mean_acc`` and the per-item ``test_correct/<task>`` appear once, in the final report, and are never
+    read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
+    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view).
+    """
     rank, world = session.rank, session.world_size
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
     progress.tokens += int(sum(rank_tokens))
-    acc, util = evaluate_sharded(trial.model, trial.tokenizer, eval_by_task, spec, rank, world, device)
+    acc, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+    test = {}
+    if done == steps:
+        test_acc, _, test_correct = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
+                                                     device)
+        test = test_metrics(test_acc, test_correct)
     loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
     if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
         checksum = float(sum(p.detach().double().sum() for p in optim.params))
@@ -359,13 +390,13 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     metrics = {
         "step": done, "total_steps": steps, "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
         "train_loss": loss_sum[0] / max(1.0, loss_sum[2]), "balance_loss": loss_sum[1] / max(1.0, loss_sum[2]),
-        "tokens_per_s": sum(rank_tokens) / max(window["time"], 1e-9),
+        "tokens_per_s": sum(rank_tokens) / max(window["time"], 1e-9), "pad_share": window_pad_share(window, device),
         "step_time_s": window["time"] / max(1, window["steps"]), "peak_memory_mb": peak_memory_mb(device),
         "tokens_total": progress.tokens, "world_size": world, "setup_s": setup_s,
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
-        **divergence, **eval_metrics(acc, util, reference, progress.history),
+        **divergence, **eval_metrics(acc, util, reference, progress.history), **test,
     }
     progress.history.append(acc)
     return metrics
@@ -392,10 +423,12 @@ def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, 
 
 
 def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[str, list], spec: SearchSpec,
-                     rank: int, world: int, device: torch.device) -> tuple[dict[str, float], dict[str, dict]]:
+                     rank: int, world: int, device: torch.device
+                     ) -> tuple[dict[str, float], dict[str, dict], dict[str, list[int]]]:
     """Per-task accuracy and routing fractions, each rank scoring items[rank::world], summed over ranks.
 
-    Returns ({task: accuracy}, {task: {layer path: fraction (N,) of token-slots per expert}}).
+    Returns ({task: accuracy}, {task: {layer path: fraction (N,) of token-slots per expert}},
+    {task: 1/0 per item in the order of ``eval_by_task[task]``}).
     """
     from malora.inject import reset_routing_stats, routing_stats
     from orchestrator.evaluation.accuracy import evaluate_tasks
@@ -403,26 +436,29 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
     model.eval()
     sizes = {name: frac.numel() for name, frac in routing_stats(model).items()}  # routed layer -> N
     names = sorted(sizes)
-    acc, util = {}, {}
+    acc, util, per_item = {}, {}, {}
     with torch.no_grad():
         for task, items in eval_by_task.items():
             shard = items[rank::world]
             reset_routing_stats(model)
-            correct, n, fractions = 0.0, 0, {}
+            correct, n, fractions, hits = 0.0, 0, {}, [0.0] * len(items)
             if shard:
                 score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
                                        batch_size=spec.eval.batch_size, template=spec.data.template,
                                        options=spec.eval.options)[task]
                 correct, n = score.accuracy * score.n, score.n
                 fractions = routing_stats(model)
-            # one vector per rank: [correct, n, n * fraction of every routed layer], summed over the ranks
+                hits[rank::world] = [float(h) for h in score.correct]
+            # one vector per rank: [correct, n, n * fraction of every routed layer, this rank's item hits],
+            # summed over the ranks (every item position is filled by exactly one rank)
             vec = [correct, float(n)] + [float(x) * n for name in names
-                                         for x in fractions.get(name, torch.zeros(sizes[name])).tolist()]
+                                         for x in fractions.get(name, torch.zeros(sizes[name])).tolist()] + hits
             vec = reduce_sum(vec, device) if world > 1 else vec
             total, pos, util[task] = vec[1], 2, {}
             for name in names:
                 util[task][name] = torch.tensor(vec[pos:pos + sizes[name]]) / max(total, 1.0)
                 pos += sizes[name]
+            per_item[task] = [int(round(h)) for h in vec[pos:]]
             acc[task] = vec[0] / total if total else float("nan")
     reset_routing_stats(model)
-    return acc, util
+    return acc, util, per_item

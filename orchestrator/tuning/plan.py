@@ -34,7 +34,8 @@ def describe(spec: SearchSpec, cluster: dict[str, float] | None = None) -> str:
              f"  storage      {spec.storage_path}/{spec.name}",
              f"  model        {spec.model.name} ({spec.model.dtype})",
              f"  data         {d.suite or ','.join(d.tasks)} from {d.data_dir}; train_limit={d.train_limit} "
-             f"eval_limit={spec.eval.eval_limit} max_length={d.max_length} mixing={d.mixing} template={d.template}",
+             f"val_limit={d.val_limit} test_limit={d.test_limit} split_seed={d.split_seed} max_length={d.max_length} "
+             f"mixing={d.mixing} template={d.template}",
              f"  train        {'max_steps=' + str(t.max_steps) if t.max_steps else 'epochs=' + str(t.epochs)} "
              f"batch={t.batch_size}x{t.grad_accum} lr={t.lr:g} {t.schedule} warmup={t.warmup_ratio} "
              f"wd={t.weight_decay} {t.precision} seed={t.seed}",

@@ -14,14 +14,16 @@ from orchestrator.spec.space import SearchSpec
 logger = logging.getLogger(__name__)
 
 
-def cached_reference(spec: SearchSpec) -> dict[str, float]:
-    """Base zero-shot accuracy per task: read from <storage>/<name>/reference.json or computed once (a Ray task)."""
+def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
+    """Base zero-shot accuracy ``{"val": {task: acc}, "test": {task: acc}}``: read from
+    ``<storage>/<name>/reference.json`` or computed once (a Ray task)."""
     import ray
 
-    key = {"model": spec.model.name, "dtype": spec.model.dtype, "suite": spec.data.suite,
-           "tasks": list(spec.data.tasks or ()), "eval_limit": spec.eval.eval_limit, "scoring": spec.eval.scoring,
-           "template": spec.data.template, "options": spec.eval.options, "seed": spec.train.seed,
-           "data_dir": spec.data.data_dir}
+    d = spec.data
+    key = {"model": spec.model.name, "dtype": spec.model.dtype, "suite": d.suite, "tasks": list(d.tasks or ()),
+           "split_seed": d.split_seed, "val_limit": d.val_limit, "test_limit": d.test_limit,
+           "train_limit": d.train_limit, "scoring": spec.eval.scoring, "template": d.template,
+           "options": spec.eval.options, "data_dir": d.data_dir}
     path = Path(spec.storage_path) / spec.name / "reference.json"
     if "://" not in spec.storage_path and path.is_file():
         cached = json.loads(path.read_text())
@@ -41,13 +43,15 @@ def cached_reference(spec: SearchSpec) -> dict[str, float]:
     return accuracy
 
 
-def base_accuracy(spec: SearchSpec) -> dict[str, float]:
-    """Zero-shot accuracy of the base model on the search's evaluation items (the seesaw reference).
+def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy of the base model on the search's val and test pools (``{"val": ..., "test": ...}``).
 
-    An adapter at initialisation leaves the model unchanged (B = 0), so this is also every trial's step-0 score.
+    The val numbers are the seesaw reference of the trials' evaluations; the test numbers are reported beside the
+    trained ones. An adapter at initialisation leaves the model unchanged (B = 0), so val is also every trial's
+    step-0 score.
     """
-    from orchestrator.data.tasks import load_suite
     from orchestrator.evaluation.accuracy import evaluate_tasks
+    from orchestrator.training.worker import load_pools
     from orchestrator.models.loading import load_model
 
     if spec.resources.gpus_per_worker == 0:
@@ -55,9 +59,11 @@ def base_accuracy(spec: SearchSpec) -> dict[str, float]:
     device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
-    d = spec.data
-    suite = load_suite(d.suite or list(d.tasks), d.data_dir, train_limit=d.train_limit,
-                       eval_limit=spec.eval.eval_limit, seed=spec.train.seed)
-    scores = evaluate_tasks(model, tokenizer, suite.eval, scoring=spec.eval.scoring,
-                            batch_size=spec.eval.batch_size, template=d.template, options=spec.eval.options)
-    return {task: s.accuracy for task, s in scores.items()}
+    suite = load_pools(spec)
+    out = {}
+    for pool in ("val", "test"):
+        scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
+                                batch_size=spec.eval.batch_size, template=spec.data.template,
+                                options=spec.eval.options)
+        out[pool] = {task: s.accuracy for task, s in scores.items()}
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestrator.cluster.runtime import init_ray, prepare_env
 from orchestrator.spec.space import SearchSpec
+from orchestrator.training.worker import load_pools
 from orchestrator.tuning.plan import concurrency
 from orchestrator.tuning.reference import cached_reference
 from orchestrator.tuning.tuner import build_tuner
@@ -40,9 +41,10 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     try:
         reference = cached_reference(spec)
         if not reused:
-            summary.log_search_params(uri, parent_id, spec, reference)
-        callback = tracking.MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference)
-        tuner, restored = build_tuner(spec, reference, callback, concurrency(spec, cluster), resume)
+            summary.log_search_params(uri, parent_id, spec, reference, load_pools(spec).splits())
+        # trials see the val reference only: their seesaw metrics are on val, like every other choice input
+        callback = tracking.MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"])
+        tuner, restored = build_tuner(spec, reference["val"], callback, concurrency(spec, cluster), resume)
         logger.info("%s search %s: %d trials, %d at a time; MLflow parent run %s", "resuming" if restored
                     else "starting", exp_path, spec.search.num_trials, concurrency(spec, cluster), parent_id)
         results = tuner.fit()

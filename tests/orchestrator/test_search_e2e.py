@@ -67,15 +67,19 @@ def _runs(tmp_path: Path, experiment: str) -> tuple[object, list]:
 def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     proc = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Best trial per method:" in proc.stdout and "Pareto front" in proc.stdout
+    assert "Best trial per method (chosen on val val/mean_acc" in proc.stdout and "Pareto front" in proc.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --host 127.0.0.1" in proc.stdout
 
     parent, children = _runs(tmp_path, "malora-smoke")
     c = _client(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.params["num_trials"] == "2"
-    assert {"ref/boolq", "ref/arc_e", "ref/mean_acc"} <= set(parent.data.metrics)
+    assert {"ref/val/acc/boolq", "ref/val/acc/arc_e", "ref/val/mean_acc", "ref/test/mean_acc"} <= set(parent.data.metrics)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "summary")} >= {
         "summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/pareto.json"}
+    # the pools are recorded: sizes and fingerprints as params and in splits.json
+    splits = json.loads(Path(c.download_artifacts(parent.info.run_id, "splits.json", str(tmp_path))).read_text())
+    assert splits["boolq"]["val"] == 8 and splits["boolq"]["test"] == 8
+    assert parent.data.params["split/boolq/test_sha256"] == splits["boolq"]["test_sha256"]
     assert len(children) == 2
     assert sorted(r.data.params["method"] for r in children) == ["lora", "malora"]
     for run in children:
@@ -83,11 +87,17 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
         assert run.info.status == "FINISHED"
         assert int(p["trainable_params"]) > 0 and int(p["total_params"]) > int(p["trainable_params"])
         assert 0 < float(p["trainable_share"]) < 1 and float(p["lr"]) > 0
-        assert {"acc/boolq", "acc/arc_e", "mean_acc", "train_loss", "tokens_per_s", "step_time_s",
+        assert {"val/acc/boolq", "val/acc/arc_e", "val/mean_acc", "train_loss", "tokens_per_s", "step_time_s",
                 "peak_memory_mb", "seesaw/mean_delta", "delta/boolq"} <= set(m)
-        assert m["mean_acc"] == pytest.approx((m["acc/boolq"] + m["acc/arc_e"]) / 2)
-        steps = [h.step for h in c.get_metric_history(run.info.run_id, "mean_acc")]
+        assert m["val/mean_acc"] == pytest.approx((m["val/acc/boolq"] + m["val/acc/arc_e"]) / 2)
+        steps = [h.step for h in c.get_metric_history(run.info.run_id, "val/mean_acc")]
         assert steps == sorted(set(steps)) and steps[0] == 2
+        # test: once, at the final step, on the 8 held-out items per task; per item in eval/test_items.json
+        assert [h.step for h in c.get_metric_history(run.info.run_id, "test/mean_acc")] == [4]
+        local = c.download_artifacts(run.info.run_id, "eval/test_items.json", str(tmp_path / run.info.run_id))
+        items = json.loads(Path(local).read_text())
+        assert sorted(items) == ["arc_e", "boolq"] and all(len(v) == 8 and set(v) <= {0, 1} for v in items.values())
+        assert m["test/acc/boolq"] == pytest.approx(sum(items["boolq"]) / 8)
         arts = {a.path for d in ("plots", "adapter") for a in c.list_artifacts(run.info.run_id, d)}
         assert {"plots/accuracy_vs_step.png", "adapter/adapter_config.json",
                 "adapter/adapter_model.safetensors"} <= arts
@@ -136,7 +146,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 
 def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
     space = _space(tmp_path, resources__max_concurrent_trials=1, search__asha={"enabled": False},
-                   search__sampler="nsga2", search__objectives={"mean_acc": "max", "trainable_params": "min"},
+                   search__sampler="nsga2", search__objectives={"val/mean_acc": "max", "trainable_params": "min"},
                    tracking__experiment="e2e-resume")
     env = _env(shared_data_dir)
     log = (tmp_path / "first.log").open("w")
@@ -176,7 +186,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared
     assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
     c = _client(tmp_path)
     for run in children:
-        steps = [h.step for h in c.get_metric_history(run.info.run_id, "mean_acc")]
+        steps = [h.step for h in c.get_metric_history(run.info.run_id, "val/mean_acc")]
         assert steps == [2, 4], (run.data.tags["malora.trial_id"], steps)
     # the finished trial was not run again: same Tune results, no new Train checkpoints
     assert len(result_file.read_text().splitlines()) == n_results

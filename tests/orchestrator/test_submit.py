@@ -441,7 +441,7 @@ def test_submit_smoke_search(token_env, shared_data_dir, tmp_path, capsys, monke
     assert sorted(r.data.params["method"] for r in children) == ["lora", "malora"]
     for r in children:
         assert int(r.data.params["trainable_params"]) > 0
-        per_task = sorted(k for k in r.data.metrics if k.startswith("acc/"))
-        assert len(per_task) == 2 and "acc/boolq" in per_task and "mean_acc" in r.data.metrics  # boolq + ARC-Easy
-        assert 0.0 <= r.data.metrics["mean_acc"] <= 1.0
+        per_task = sorted(k for k in r.data.metrics if k.startswith("val/acc/"))
+        assert len(per_task) == 2 and "val/acc/boolq" in per_task and "val/mean_acc" in r.data.metrics  # boolq + ARC-Easy
+        assert 0.0 <= r.data.metrics["val/mean_acc"] <= 1.0
     assert (tmp_path / "storage").is_dir()

@@ -100,29 +100,15 @@ def test_suites_name_the_expected_tasks():
         get_task("arc_x")
 
 
-def test_carved_train_is_disjoint_deterministic_and_independent_of_caps(shared_data_dir):
-    full = load_suite(["piqa", "arc_c"], shared_data_dir, seed=3)
-    capped = load_suite(["piqa", "arc_c"], shared_data_dir, seed=3, train_limit={"piqa": 50}, eval_limit=100)
-    assert len(full.train["piqa"]) == 919 and len(full.eval["piqa"]) == 919
-    assert not {ex.prompt for ex in full.train["piqa"]} & {ex.prompt for ex in full.eval["piqa"]}
-    assert "carved" in full.notes["piqa"] and "carved" not in full.notes["arc_c"]
-    assert len(capped.train["piqa"]) == 50 and len(capped.train["arc_c"]) == 1119 and len(capped.eval["arc_c"]) == 100
-    assert {ex.prompt for ex in capped.eval["piqa"]} <= {ex.prompt for ex in full.eval["piqa"]}
-    again = load_suite(["piqa", "arc_c"], shared_data_dir, seed=3, train_limit={"piqa": 50}, eval_limit=100)
-    assert again.eval == capped.eval and again.train == capped.train
-    other = load_suite(["piqa"], shared_data_dir, seed=4, eval_limit=100)
-    assert other.eval["piqa"] != capped.eval["piqa"]
-
-
 def test_bad_inputs_name_the_problem(shared_data_dir, tmp_path):
     with pytest.raises(DataError, match="data directory not found"):
         load_suite("intra_domain", tmp_path / "nope")
     with pytest.raises(DataError, match=r"data file not found: .*piqa.*test\.json"):
         load_suite("piqa", tmp_path)
-    with pytest.raises(DataError, match="eval_limit=0"):
-        load_suite("piqa", shared_data_dir, eval_limit=0)
-    with pytest.raises(DataError, match="not in suite"):
-        load_suite("piqa", shared_data_dir, eval_limit={"boolq": 3})
+    with pytest.raises(DataError, match="val_limit=0"):
+        load_suite("piqa", shared_data_dir, val_limit=0)
+    with pytest.raises(DataError, match="test_limit names tasks not in suite"):
+        load_suite("piqa", shared_data_dir, test_limit={"boolq": 3})
     bad = tmp_path / "commonsense" / "piqa"
     bad.mkdir(parents=True)
     (bad / "test.json").write_text('[{"instruction": "no format line", "answer": "solution1"}]')

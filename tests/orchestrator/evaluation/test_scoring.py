@@ -57,7 +57,7 @@ def test_label_scoring_follows_the_logits_on_a_real_item(shared_data_dir, tok):
     with torch.no_grad():
         model.table[prev, wrong_last] = 6.0
     score = evaluate_tasks(model, tok, {"arc_e": [ex]}, options="label")["arc_e"]
-    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25)
+    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25, (0,))
 
 
 def test_sum_and_length_normalised_log_likelihood_by_hand(tok):

@@ -54,13 +54,13 @@ def test_intra_domain_has_the_paper_methods_and_ranges():
     assert spec.search.points_to_evaluate[0] == {"method": "malora", "d": 32, "beta": 1.25, "top_k": 2, "lr": 4.0e-4}
     assert spec.data.suite == "intra_domain" and spec.model.name == "smollm2-135m-instruct"
     smoke = load_space(SPACES / "intra_domain.yaml", smoke_test=True)
-    assert (smoke.train.max_steps, smoke.search.num_trials, smoke.eval.eval_limit) == (6, 4, 12)
+    assert (smoke.train.max_steps, smoke.search.num_trials, smoke.data.val_limit, smoke.data.test_limit) == (6, 4, 12, 12)
 
 
 def test_inter_domain_is_multi_objective():
     spec = load_space(SPACES / "inter_domain.yaml")
     assert spec.search.sampler == "nsga2"
-    assert spec.objectives == {"mean_acc": "max", "trainable_params": "min"}
+    assert spec.objectives == {"val/mean_acc": "max", "trainable_params": "min"}
     assert spec.train.epochs == 1.0 and spec.train.max_steps is None
 
 
@@ -88,7 +88,13 @@ BAD = [
     ("train.precision", "fp16", r"train\.precision: 'fp16' needs a GPU"),
     ("train.shedule", "cosine", r"train\.shedule: unknown key \(did you mean 'schedule'\?\)"),
     ("search.sampler", "tpee", r"search\.sampler: 'tpee' is not allowed \(did you mean 'tpe'\?\)"),
-    ("search.objectives", {"mean_acc": "up"}, r"search\.objectives: .* must map metric names to max\|min"),
+    ("search.objectives", {"val/mean_acc": "up"}, r"search\.objectives: .* must map metric names to max\|min"),
+    ("search.objectives", {"test/mean_acc": "max"}, r"search\.objectives\.test/mean_acc: test metrics are held out"
+                                                   r".*Fix: use the validation metric 'val/mean_acc'"),
+    ("search.objectives", {"mean_acc": "max"}, r"search\.objectives\.mean_acc: renamed to 'val/mean_acc'"),
+    ("search.objectives", {"val/acc/piqa": "max"}, r"search\.objectives\.val/acc/piqa: not reported by trials"),
+    ("eval.eval_limit", 8, r"eval\.eval_limit was replaced: use data\.val_limit .* and data\.test_limit"),
+    ("data.val_limit", 0, r"data\.val_limit: 0 is impossible"),
     ("search.asha.grace_period", 0, r"search\.asha\.grace_period: 0 is impossible"),
     ("search.points_to_evaluate", [{"method": "hydra"}], r"points_to_evaluate\[0\]: .*needs 'method'"),
     ("search.points_to_evaluate", [{"method": "lora", "rank": 4}], r"points_to_evaluate\[0\]\.rank: unknown key"),
@@ -159,10 +165,11 @@ def test_numeric_string_fix():
 
 def test_smoke_defaults_cap_a_file_without_a_smoke_block():
     raw = _set(smoke_raw(), "train.max_steps", 500)
-    raw["eval"]["eval_limit"] = 300
+    raw["data"]["val_limit"] = 300
     raw["search"]["num_trials"] = 30
     spec = spec_from_dict(raw, base_dir=SPACES, smoke_test=True)
-    assert (spec.train.max_steps, spec.eval.eval_limit, spec.search.num_trials) == (8, 16, 4)
+    assert (spec.train.max_steps, spec.data.val_limit, spec.search.num_trials) == (8, 16, 4)
+    assert spec.data.test_limit == 8  # already below the cap: kept
     assert spec.data.train_limit == 32  # already below the cap: kept
 
 

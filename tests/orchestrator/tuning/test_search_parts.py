@@ -37,16 +37,16 @@ def test_concurrency_fits_trial_slots_into_the_cluster(smoke):
 
 
 def test_pareto_front_and_best_per_method():
-    rows = [{"trial_id": "a", "method": "lora", "mean_acc": 0.60, "trainable_params": 100},
-            {"trial_id": "b", "method": "malora", "mean_acc": 0.70, "trainable_params": 300},
-            {"trial_id": "c", "method": "molora", "mean_acc": 0.65, "trainable_params": 400},  # dominated by b
-            {"trial_id": "d", "method": "lora", "mean_acc": 0.55, "trainable_params": 50},
-            {"trial_id": "e", "method": "mosld", "mean_acc": math.nan, "trainable_params": 10}]
-    front = pareto.pareto_front(rows, {"mean_acc": "max", "trainable_params": "min"})
+    rows = [{"trial_id": "a", "method": "lora", "val/mean_acc": 0.60, "trainable_params": 100},
+            {"trial_id": "b", "method": "malora", "val/mean_acc": 0.70, "trainable_params": 300},
+            {"trial_id": "c", "method": "molora", "val/mean_acc": 0.65, "trainable_params": 400},  # dominated by b
+            {"trial_id": "d", "method": "lora", "val/mean_acc": 0.55, "trainable_params": 50},
+            {"trial_id": "e", "method": "mosld", "val/mean_acc": math.nan, "trainable_params": 10}]
+    front = pareto.pareto_front(rows, {"val/mean_acc": "max", "trainable_params": "min"})
     assert [r["trial_id"] for r in front] == ["b", "a", "d"]
     best = pareto.best_per_method(rows)
     assert {r["method"]: r["trial_id"] for r in best} == {"lora": "a", "malora": "b", "molora": "c"}
-    assert pareto.markdown_table(front, ("trial_id", "mean_acc")).splitlines()[2] == "| b | 0.7000 |"
+    assert pareto.markdown_table(front, ("trial_id", "val/mean_acc")).splitlines()[2] == "| b | 0.7000 |"
 
 
 def test_failure_reason_finds_the_innermost_error():
@@ -91,7 +91,7 @@ def test_eval_metrics_names_and_seesaw():
     acc = {"boolq": 0.6, "arc_e": 0.4}
     util = {"boolq": {"m.0.q_proj": torch.tensor([0.75, 0.25])}, "arc_e": {}}
     m = eval_metrics(acc, util, reference={"boolq": 0.5, "arc_e": 0.5}, history=[{"boolq": 0.55, "arc_e": 0.45}])
-    assert m["mean_acc"] == pytest.approx(0.5) and m["acc/boolq"] == 0.6
+    assert m["val/mean_acc"] == pytest.approx(0.5) and m["val/acc/boolq"] == 0.6
     assert m["delta/boolq"] == pytest.approx(0.1) and m["delta/arc_e"] == pytest.approx(-0.1)
     assert m["seesaw/n_regressed"] == 1 and m["seesaw/delta_std"] == pytest.approx(0.1)
     assert m["seesaw_prev/mean_delta"] == pytest.approx(0.0)
