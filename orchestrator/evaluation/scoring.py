@@ -8,20 +8,27 @@ A multiple-choice item is answered by ``argmax_k LL(c_k | x_k)`` (``acc``) and b
 ``argmax_k LL(c_k | x_k) / bytes(c_k)`` (``acc_norm``, lm-eval's length normalisation by UTF-8 byte length).
 
 Batching: each request becomes one row; rows are sorted by length (longest first, ties by request order),
-left-padded to ``(B, T)`` with ``position_ids = cumsum(mask) - 1`` so padding does not shift positions, and
-only the last ``max_i n_i`` positions' logits are computed (``logits_to_keep``). When all options of an item
-share the context and differ only in their last token (label words such as ``answer1``/``answer2``,
-``true``/``false``) one row serves every option: the last position's distribution scores all of them. Results
-do not depend on the batch size beyond floating-point summation order.
+left-padded to ``(B, T)`` with ``position_ids = cumsum(mask) - 1`` so padding does not shift positions. The LM
+head runs only at the scored positions: for an HF causal LM split as ``logits = head(backbone(x))``
+(``lm_parts``, ``final_hidden``) the final hidden states ``h`` (B, T, H) are gathered at the last ``n_b``
+positions of each row b (``n_b`` = its longest target), ``P = sum_b n_b`` rows of (P, H), and only
+``head(h_P)`` (P, V) and its log-softmax are computed; other models get the last ``max_b n_b`` positions
+(``logits_to_keep``). When all options of an item share the context and differ only in their last token
+(label words such as ``answer1``/``answer2``, ``true``/``false``) one row serves every option: the last
+position's distribution scores all of them. Results do not depend on the batch size beyond floating-point summation order.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import weakref
+
 import torch
+from torch import nn
 
 from orchestrator.data.loaders import extract_last_number
 
@@ -77,28 +84,141 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(backbone, head)`` with ``model(x).logits == head(backbone(x).last_hidden_state)``, or None.
+
+    For an HF causal LM the backbone is the module its own forward calls (``model.get_decoder()`` or
+    ``model.base_model``: ``model.model`` for LLaMA, ``model.transformer`` for GPT-2, ``model.model.decoder``
+    for OPT; it holds the final norm where there is one) and the head is
+    ``model.get_output_embeddings()`` (tied or not). The model must take ``logits_to_keep`` (see
+    ``final_hidden``). Models that transform the logits after the head (Gemma's soft-capping, Cohere's
+    ``logit_scale``), or whose split does not reproduce their own logits on a short probe sequence (checked
+    once per model, in eval mode, without gradients), get None: callers then use the model's own logits.
+    """
+    if model in _VERIFIED:
+        return _VERIFIED[model]
+    parts = None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    transformed = any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    if head is not None and not transformed and _accepts(model, "logits_to_keep"):
+        for backbone in _backbones(model):
+            if _split_reproduces(model, backbone, head):
+                parts = (backbone, head)
+                break
+    _VERIFIED[model] = parts
+    return parts
+
+
+def _backbones(model: nn.Module) -> list[nn.Module]:
+    """Candidates for the module whose output feeds the head: the decoder (OPT's forward calls
+    ``model.model.decoder``), then ``base_model`` (LLaMA's ``model.model``, GPT-2's ``model.transformer``)."""
+    found = []
+    try:
+        found.append(model.get_decoder())
+    except (AttributeError, NotImplementedError, ValueError):
+        pass
+    found.append(getattr(model, "base_model", None))
+    out = []
+    for m in found:
+        if isinstance(m, nn.Module) and m is not model and all(m is not o for o in out):
+            out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def _capture_output(backbone: nn.Module):
+    """Collects the final hidden states (B, T, H) that ``backbone`` returns while the context is open."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _args, out):
+        seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = backbone.register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _split_reproduces(model: nn.Module, backbone: nn.Module, head: nn.Module) -> bool:
+    was_training = model.training
+    model.eval()  # dropout off: the logits and the captured hidden states come from one deterministic forward
+    try:
+        param = next(model.parameters())
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+        ids = (torch.arange(7, device=param.device) * 31 + 3).remainder(vocab).unsqueeze(0)  # (1, 7)
+        with _capture_output(backbone) as seen:
+            full = model(input_ids=ids).logits.float()
+        if len(seen) != 1:
+            return False
+        split = head(seen[0]).float()
+        return full.shape == split.shape and torch.allclose(full, split, rtol=1e-3, atol=1e-3 * full.abs().max())
+    except (TypeError, AttributeError, ValueError, RuntimeError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+def final_hidden(model: nn.Module, backbone: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H) of ``model(**inputs)``, with the head applied to no position.
+
+    The call goes through the model's own forward (so its forward hooks run: malora's routing context reads the
+    attention mask there and keeps padding out of routing) with ``logits_to_keep`` an empty index tensor, so the
+    head computes (B, 0, V) logits; the backbone's output is captured by a temporary forward hook.
+    """
+    if _accepts(model, "use_cache"):
+        inputs["use_cache"] = False  # no KV cache object is built for a single forward
+    nothing = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    with _capture_output(backbone) as seen:
+        model(**inputs, logits_to_keep=nothing)
+    return seen[-1]
+
+
 @torch.no_grad()
 def continuation_logprobs(model, rows: Sequence[Row], *, batch_size: int, pad_id: int) -> dict[int, float]:
     """``LL(continuation | context)`` per request index, for every target of every row."""
     device = next(model.parameters()).device
+    parts = lm_parts(model)
     keep_ok, pos_ok = _accepts(model, "logits_to_keep"), _accepts(model, "position_ids")
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     out: dict[int, float] = {}
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start:start + batch_size]]
         ids, mask = _left_pad([r.input_ids for r in batch], pad_id)
-        keep = max(len(t) for r in batch for _, t in r.targets)  # positions whose logits we need
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if pos_ok:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        if keep_ok:
-            kwargs["logits_to_keep"] = keep
-        logits = model(**kwargs).logits[:, -keep:, :]  # (B, keep, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        need = [max(len(t) for _, t in r.targets) for r in batch]  # scored positions per row: its last need[b]
+        width = ids.shape[1]
+        offsets = [0]
+        for n in need:  # row b's scored positions are rows offsets[b]:offsets[b + 1] of the (P, V) log-probs
+            offsets.append(offsets[-1] + n)
+        if parts is not None:
+            backbone, head = parts
+            inputs = {"input_ids": ids, "attention_mask": mask, **({"position_ids": positions} if pos_ok else {})}
+            hidden = final_hidden(model, backbone, **inputs)                                  # (B, T, H)
+            rows_idx = torch.tensor([b for b, n in enumerate(need) for _ in range(n)], device=device)
+            cols_idx = torch.tensor([width - n + k for n in need for k in range(n)], device=device)
+            logp = torch.log_softmax(head(hidden[rows_idx, cols_idx]).float(), dim=-1).cpu()  # (P, V)
+        else:
+            keep = max(need)
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            if pos_ok:
+                kwargs["position_ids"] = positions
+            if keep_ok:
+                kwargs["logits_to_keep"] = keep
+            logits = model(**kwargs).logits[:, -keep:, :]  # (B, keep, V)
+            full = torch.log_softmax(logits.float(), dim=-1).cpu()
+            logp = torch.cat([full[b, keep - n:] for b, n in enumerate(need)])  # (P, V), the same layout
         for b, row in enumerate(batch):
+            end = offsets[b + 1]  # a target of n tokens is predicted by the row's last n scored positions
             for req, target in row.targets:
                 n = len(target)
-                picked = logp[b, keep - n:, :].gather(-1, torch.tensor(target).unsqueeze(-1))  # (n, 1)
+                picked = logp[end - n:end].gather(-1, torch.tensor(target).unsqueeze(-1))  # (n, 1)
                 out[req] = float(picked.sum())
     return out
 
