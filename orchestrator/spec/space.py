@@ -152,7 +152,8 @@ class AshaSpec:
 @dataclass(frozen=True)
 class SearchOptions:
     sampler: str = _f("tpe", choices=("tpe", "nsga2", "random"))
-    """Optuna sampler: TPE (seeded, multivariate), NSGA-II (multi-objective), or random."""
+    """Optuna sampler: TPE (seeded, multivariate over the conditional space, single- or multi-objective, constant
+    liar when trials run concurrently), NSGA-II (multi-objective, fixed spaces only: one method), or random."""
     num_trials: int = _f(16, ge=1)
     """Number of trials."""
     seed: int = _f(0, ge=0)
@@ -207,6 +208,31 @@ class DebugSpec:
 
 
 @dataclass(frozen=True)
+class StudySpec:
+    """``python -m orchestrator.study``: choose on val, retrain over seeds, compare on test (``tuning.study``)."""
+
+    seeds: int = _f(3, ge=1)
+    """Training seeds per chosen configuration: train.seed, train.seed + 1, ... (pools stay fixed)."""
+    search: bool = _f(True)
+    """Run the search first and take each method's best completed trial on val; false: use ``configs``."""
+    configs: dict | None = _f(None)
+    """``{method: {hyperparameter: value}}``: the configurations to replicate when ``search`` is false (e.g. the
+    papers' settings); a method's constants need not be repeated. With ``search`` true, ignored."""
+    single_task: bool = _f(True)
+    """Train one LoRA per task on that task alone, same per-task examples and seeds (the papers' "(ST)" rows)."""
+    single_task_method: str = _f("lora")
+    """Method of the single-task references; its configuration is the one chosen (or given) for that method."""
+    zero_shot: bool = _f(True)
+    """Score the base model on the test pools (reported beside every table)."""
+    n_boot: int = _f(10_000, ge=100)
+    """Bootstrap draws of the paired comparisons."""
+    comparisons: tuple[str, ...] | None = _f(None)
+    """Paired comparisons as "a-b" (default: malora-molora, malora-lora, molora-lora among the methods present)."""
+    noise_multiple: float = _f(2.0, gt=0)
+    """A task counts as regressed only when its Δ vs the single-task reference is below ``-noise_multiple`` SE."""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     kind: str
     """Adapter kind (lora, molora, malora, mosld, hydra)."""
@@ -231,6 +257,7 @@ class SearchSpec:
     debug: DebugSpec
     smoke_test: dict
     """Overrides applied by --smoke-test (already validated)."""
+    study: StudySpec = field(default_factory=StudySpec)
     source: str = ""
     """The YAML file it came from."""
 
@@ -248,7 +275,7 @@ class SearchSpec:
 
 
 GROUPS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec, "search": SearchOptions,
-          "resources": ResourcesSpec, "tracking": TrackingSpec, "debug": DebugSpec}
+          "resources": ResourcesSpec, "tracking": TrackingSpec, "debug": DebugSpec, "study": StudySpec}
 TOP_KEYS = ("name", "storage_path", *GROUPS, "methods", "smoke_test")
 SMOKE_DEFAULTS = {"train": {"max_steps": 8, "epochs": None}, "eval": {"every_n_steps": 4},
                   "data": {"train_limit": 64, "val_limit": 16, "test_limit": 16, "max_length": 128}, "search": {"num_trials": 4}}
@@ -436,15 +463,24 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     mct = res.max_concurrent_trials
     if not (mct == "auto" or (isinstance(mct, int) and not isinstance(mct, bool) and mct >= 1)):
         problems.append(f"resources.max_concurrent_trials: {mct!r} must be a positive integer or 'auto'")
+    if res.workers_per_trial > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
+        problems.append(f"resources.gpus_per_worker: {res.gpus_per_worker} with workers_per_trial="
+                        f"{res.workers_per_trial}: Ray may place two DDP ranks of one trial on the same GPU, which "
+                        "NCCL refuses. Fix: whole GPUs per worker (e.g. 1), or workers_per_trial: 1 to share GPUs "
+                        "between trials")
     if res.gpus_per_worker == 0 and res.cpus_per_worker <= res.trial_driver_cpus:
         problems.append("resources.cpus_per_worker: must exceed resources.trial_driver_cpus "
                         f"({res.trial_driver_cpus}), which each worker leaves to the trial's driver")
 
     methods = _build_methods(raw.get("methods"), problems)
     kinds = [m.kind for m in methods]
-    declared = {k: set(v or {}) for k, v in raw["methods"].items()} if isinstance(raw.get("methods"), dict) else {}
+    declared = ({k: set(v) if isinstance(v, dict) else set() for k, v in raw["methods"].items()}
+                if isinstance(raw.get("methods"), dict) else {})
     search = _check_search(search, declared, problems)
+    problems += _check_points(search.points_to_evaluate, methods)
     problems += _check_objectives(search.objectives, data)
+    if "study" in raw and methods:  # a search-only space is not held to the study defaults (e.g. a lora reference)
+        problems += _check_study(groups["study"], methods)
     dbg = groups["debug"]
     if dbg.fail_method is not None and dbg.fail_method not in kinds:
         problems.append(f"debug.fail_method: {dbg.fail_method!r} is not a searched method ({', '.join(kinds)})")
@@ -452,7 +488,37 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
         raise SpaceError(problems, source)
     return SearchSpec(name=name, storage_path=storage, model=groups["model"], data=data, train=train,
                       eval=groups["eval"], methods=tuple(methods), search=search, resources=res,
-                      tracking=groups["tracking"], debug=dbg, smoke_test=smoke, source=source)
+                      tracking=groups["tracking"], debug=dbg, smoke_test=smoke, source=source,
+                      study=groups["study"])
+
+
+def _check_study(study: StudySpec, methods: list[MethodSpec]) -> list[str]:
+    """Fixed configurations name declared methods and every searched hyperparameter; comparisons are "a-b"."""
+    kinds = {m.kind: m for m in methods}
+    out = []
+    if study.single_task and study.single_task_method not in kinds:
+        out.append(f"study.single_task_method: {study.single_task_method!r} is not a method of this space "
+                   f"({', '.join(kinds)}). Fix: add it under methods, or set study.single_task: false")
+    for i, pair in enumerate(study.comparisons or ()):
+        a, sep, b = str(pair).partition("-")
+        if not sep or a not in kinds or b not in kinds:
+            out.append(f"study.comparisons[{i}]: {pair!r} must be 'a-b' with a and b among {', '.join(kinds)}")
+    configs = study.configs or {}
+    for kind, values in configs.items():
+        if kind not in kinds:
+            out.append(f"study.configs.{kind}: not a method of this space ({', '.join(kinds)})")
+        elif not isinstance(values, dict):
+            out.append(f"study.configs.{kind}: must be a mapping of hyperparameter -> value")
+    if not study.search:
+        for kind, method in kinds.items():
+            given = configs.get(kind) if isinstance(configs.get(kind), dict) else {}
+            names = [n for n, _ in method.hparams]
+            out += _unknown(sorted(set(given) - set(names)), names, f"study.configs.{kind}.")
+            missing = [n for n, dom in method.hparams if dom.kind != "const" and n not in given]
+            if missing:
+                out.append(f"study.configs.{kind}: missing {', '.join(missing)}: with study.search false every "
+                           "searched hyperparameter needs a value. Fix: give them, or set study.search: true")
+    return out
 
 
 #: Metrics every trial reports at every evaluation, so any of them can steer a choice (plus val/acc/<task>).
@@ -543,6 +609,11 @@ def _check_search(search: SearchOptions, declared: dict[str, set], problems: lis
                         "{val/mean_acc: max, trainable_params: min}")
     if search.sampler == "nsga2" and len(objectives) < 2:
         problems.append("search.sampler: nsga2 is multi-objective. Fix: give two search.objectives or use tpe")
+    if search.sampler == "nsga2" and len(declared) > 1:
+        problems.append(f"search.sampler: nsga2 evolves only the parameters every trial has (Optuna's intersection "
+                        f"search space); with several methods ({', '.join(declared)}) that is 'method' alone and "
+                        "every other hyperparameter would be drawn at random. Fix: use tpe (multi-objective TPE "
+                        "models the conditional space), or search one method")
     points = []
     for i, point in enumerate(search.points_to_evaluate or ()):
         where = f"search.points_to_evaluate[{i}]"
@@ -554,6 +625,42 @@ def _check_search(search: SearchOptions, declared: dict[str, set], problems: lis
         problems += _unknown(sorted(set(point) - {"method"} - set(valid)), valid, f"{where}.")
         points.append(dict(point))
     return dataclasses.replace(search, objectives=dict(objectives), points_to_evaluate=tuple(points) or None)
+
+
+def _check_points(points: tuple | None, methods: list[MethodSpec]) -> list[str]:
+    """Each value of a first trial lies in its hyperparameter's domain; constants are not searched, so a value
+    for one would be silently dropped."""
+    kinds = {m.kind: dict(m.hparams) for m in methods}
+    out = []
+    for i, point in enumerate(points or ()):
+        doms = kinds.get(point["method"], {})
+        for name, value in point.items():
+            dom, where = doms.get(name), f"search.points_to_evaluate[{i}].{name}"
+            if name == "method" or dom is None:
+                continue
+            if dom.kind == "const":
+                out.append(f"{where}: {value!r} is for a constant (methods.{point['method']}.{name} is fixed at "
+                           f"{dom.low!r}), which no trial searches. Fix: drop it from the point, or give "
+                           f"methods.{point['method']}.{name} a domain")
+                continue
+            problem = _outside(value, dom)
+            if problem:
+                out.append(f"{where}: {value!r} {problem}. Fix: a value inside methods.{point['method']}.{name}")
+    return out
+
+
+def _outside(value: Any, dom: Domain) -> str | None:
+    """Why ``value`` is not in ``dom`` (None when it is)."""
+    if dom.kind == "choice":
+        v = tuple(value) if isinstance(value, list) else value
+        return None if v in dom.values else f"is not one of the choices {list(dom.values)!r}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if dom.kind in ("int", "logint") and not (number and float(value).is_integer()):
+        return f"must be an integer in [{dom.low}, {dom.high}]"
+    if not number:
+        fix = numeric_string_fix(value)
+        return f"must be a number (write {fix})" if fix else f"must be a number in [{dom.low}, {dom.high}]"
+    return None if dom.low <= value <= dom.high else f"is outside {dom.kind} [{dom.low}, {dom.high}]"
 
 
 def apply_smoke_overrides(raw: dict, smoke: dict) -> dict:

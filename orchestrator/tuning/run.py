@@ -1,7 +1,8 @@
 """A whole search, once its spec is valid: Ray up, MLflow parent run, the base reference, ``Tuner.fit``, summary.
 
 Exit codes (returned to ``python -m orchestrator.search``): 0 done, 1 no trial succeeded, 2 the storage already
-holds a search and ``--resume`` was not given, 130 interrupted (continue with ``--resume``).
+holds a search and ``--resume`` was not given, or its model or data cannot be loaded (checked before Ray starts),
+130 interrupted (continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,26 @@ from orchestrator.tuning.tuner import build_tuner
 logger = logging.getLogger("orchestrator.search")
 
 
+def preflight(spec: SearchSpec) -> str | None:
+    """Why the search cannot start (its model or data files cannot be loaded), as one line; None when it can.
+
+    Runs in the driver before Ray starts, so bad input costs seconds and no trial, not a traceback per trial.
+    """
+    from orchestrator.data.schema import DataError
+    from orchestrator.models.loading import ModelError, check_model
+
+    try:
+        check_model(spec.model.name, spec.model.cache_dir)
+    except ModelError as exc:
+        return f"model.name: {exc}"
+    try:
+        load_pools(spec)
+    except (DataError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"data: {type(exc).__name__}: {first} (data_dir {spec.data.data_dir})"
+    return None
+
+
 def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool) -> int:
     """Run (or with ``resume`` continue) the search of ``spec``; returns the command's exit code."""
     prepare_env(address)
@@ -34,6 +55,10 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     from orchestrator.report import summary, tracking
 
     t0 = time.perf_counter()
+    problem = preflight(spec)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cluster = init_ray(address)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from orchestrator.spec.space import SearchSpec
@@ -12,9 +13,32 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def build_sampler(spec: SearchSpec, max_concurrent: int):
+    """The Optuna sampler of a search (single- or multi-objective alike).
+
+    TPE (the default) with ``multivariate=True, group=True`` models the conditional space jointly: ``group``
+    splits it into the sub-spaces that occur together (one per method), so each method's hyperparameters are
+    modelled from the trials of that method, and with several objectives it is Optuna's MOTPE. With more than
+    one trial in flight ``constant_liar`` counts the running trials as bad results, so concurrent proposals
+    spread out instead of landing on the same point. NSGA-II evolves only the intersection search space (the
+    parameters every trial has), so the spec admits it only for a fixed space (one method; see
+    ``orchestrator.spec.space``).
+    """
+    import optuna
+
+    s = spec.search
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.num_trials // 2)))
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    with warnings.catch_warnings():  # group is "experimental" in Optuna 5.0 (interface, not results)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                          group=True, constant_liar=max_concurrent > 1)
+
+
 def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, max_concurrent: int, resume: bool):
     """A fresh Tuner, or the restored one when resuming an existing experiment."""
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -33,15 +57,8 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
         return tuner, True
     objectives = spec.objectives
     s = spec.search
-    if s.sampler == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.num_trials // 2)))
-    elif s.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
-                                             group=True)
     multi = len(objectives) > 1
-    searcher = OptunaSearch(space=ConditionalSpace(spec.methods), sampler=sampler,
+    searcher = OptunaSearch(space=ConditionalSpace(spec.methods), sampler=build_sampler(spec, max_concurrent),
                             metric=list(objectives) if multi else spec.metric,
                             mode=list(objectives.values()) if multi else objectives[spec.metric],
                             points_to_evaluate=optuna_points(spec.methods, s.points_to_evaluate) or None)

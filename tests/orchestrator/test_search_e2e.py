@@ -2,7 +2,7 @@
 
 Slow (each Train-inside-Tune trial costs ~20-30 s of Ray start-up here), so few trials and tiny models:
 the smoke search with its MLflow runs; a failing trial next to a 2-worker DDP trial; a killed and resumed
-multi-objective (NSGA-II) search.
+multi-objective (TPE) search.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 
 def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
     space = _space(tmp_path, resources__max_concurrent_trials=1, search__asha={"enabled": False},
-                   search__sampler="nsga2", search__objectives={"val/mean_acc": "max", "trainable_params": "min"},
+                   search__sampler="tpe", search__objectives={"val/mean_acc": "max", "trainable_params": "min"},
                    tracking__experiment="e2e-resume")
     env = _env(shared_data_dir)
     log = (tmp_path / "first.log").open("w")

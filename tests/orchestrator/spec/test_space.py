@@ -59,7 +59,7 @@ def test_intra_domain_has_the_paper_methods_and_ranges():
 
 def test_inter_domain_is_multi_objective():
     spec = load_space(SPACES / "inter_domain.yaml")
-    assert spec.search.sampler == "nsga2"
+    assert spec.search.sampler == "tpe"  # multi-objective TPE: NSGA-II cannot model several methods
     assert spec.objectives == {"val/mean_acc": "max", "trainable_params": "min"}
     assert spec.train.epochs == 1.0 and spec.train.max_steps is None
 
@@ -95,6 +95,10 @@ BAD = [
     ("search.objectives", {"val/acc/piqa": "max"}, r"search\.objectives\.val/acc/piqa: not reported by trials"),
     ("eval.eval_limit", 8, r"eval\.eval_limit was replaced: use data\.val_limit .* and data\.test_limit"),
     ("data.val_limit", 0, r"data\.val_limit: 0 is impossible"),
+    ("study.seeds", 0, r"study\.seeds: 0 is impossible"),
+    ("study.single_task_method", "hydra", r"study\.single_task_method: 'hydra' is not a method of this space"),
+    ("study.comparisons", ["malora-molora"], r"study\.comparisons\[0\]: 'malora-molora' must be 'a-b'"),
+
     ("search.asha.grace_period", 0, r"search\.asha\.grace_period: 0 is impossible"),
     ("search.points_to_evaluate", [{"method": "hydra"}], r"points_to_evaluate\[0\]: .*needs 'method'"),
     ("search.points_to_evaluate", [{"method": "lora", "rank": 4}], r"points_to_evaluate\[0\]\.rank: unknown key"),
@@ -111,10 +115,24 @@ BAD = [
     ("methods.lora.r", {"normal": [1, 2]}, r"methods\.lora\.r: .* must be a constant or exactly one of"),
     ("methods.malora.top_k", 9, r"methods\.malora: MALoRAConfig\.top_k=9 is invalid: exceeds the number of experts"),
     ("methods.malora.lam", 0.5, r"methods\.malora: malora: give lam or d/r_bar, not both"),
-    ("methods.malora.d", {"choice": [8, 10]}, r"methods\.malora: malora: d=10 .* no integer r_bar"),
+    ("methods.malora.d", {"choice": [10, 16]}, r"methods\.malora: malora: d=10 .* no integer r_bar"),
     ("methods", {}, r"methods: must map at least one adapter kind"),
     ("debug.fail_method", "mosld", r"debug\.fail_method: 'mosld' is not a searched method"),
     ("name", "my search", r"name: 'my search' must be a folder-safe name"),
+    ("search", {"sampler": "nsga2"}, r"search\.sampler: nsga2 evolves only the parameters every trial has .*"
+                                     r"several methods \(lora, malora\).*Fix: use tpe"),
+    ("search.points_to_evaluate", [{"method": "lora", "r": 16}],
+     r"points_to_evaluate\[0\]\.r: 16 is not one of the choices \[4, 8\]"),
+    ("search.points_to_evaluate", [{"method": "malora", "beta": 2.0}],
+     r"points_to_evaluate\[0\]\.beta: 2\.0 is outside uniform \[1\.0, 1\.5\]"),
+    ("search.points_to_evaluate", [{"method": "malora", "d": 12.5}],
+     r"points_to_evaluate\[0\]\.d: 12\.5 is not one of the choices \[8, 16\]"),
+    ("search.points_to_evaluate", [{"method": "lora", "lr": "1e-3"}],
+     r"points_to_evaluate\[0\]\.lr: '1e-3' must be a number \(write 1\.0e-3\)"),
+    ("search.points_to_evaluate", [{"method": "lora", "alpha_over_r": 4.0}],
+     r"points_to_evaluate\[0\]\.alpha_over_r: 4\.0 is for a constant \(methods\.lora\.alpha_over_r is fixed"),
+    ("resources", {"workers_per_trial": 2, "gpus_per_worker": 0.5},
+     r"resources\.gpus_per_worker: 0\.5 with workers_per_trial=2: .*NCCL refuses"),
 ]
 
 
@@ -123,6 +141,35 @@ def test_each_bad_value_has_one_error(key, value, match):
     with pytest.raises(SpaceError, match=match) as info:
         spec_from_dict(_set(smoke_raw(), key, value), base_dir=SPACES)
     assert len(info.value.problems) == 1, info.value.problems
+
+
+def test_a_method_given_as_a_scalar_is_one_problem_and_exit_2(tmp_path, capsys):
+    raw = smoke_raw()
+    raw["methods"] = {"lora": 8}
+    raw["search"].pop("points_to_evaluate")
+    with pytest.raises(SpaceError, match=r"methods\.lora: must be a mapping of hyperparameter") as info:
+        spec_from_dict(raw, base_dir=SPACES)
+    assert len(info.value.problems) == 1, info.value.problems
+    path = tmp_path / "scalar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert search.main(["--space", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "methods.lora: must be a mapping" in err
+
+
+def test_fractional_gpus_are_fine_with_one_worker_per_trial():
+    raw = _set(smoke_raw(), "resources", {"workers_per_trial": 1, "gpus_per_worker": 0.5})
+    assert spec_from_dict(raw, base_dir=SPACES).resources.gpus_per_worker == 0.5
+    raw = _set(smoke_raw(), "resources", {"workers_per_trial": 2, "gpus_per_worker": 1.0})
+    assert spec_from_dict(raw, base_dir=SPACES).resources.workers_per_trial == 2
+
+
+def test_nsga2_is_accepted_over_a_fixed_space():
+    raw = smoke_raw()
+    raw["methods"].pop("malora")
+    raw["search"] = {"sampler": "nsga2", "num_trials": 2}
+    spec = spec_from_dict(raw, base_dir=SPACES)
+    assert spec.objectives == {"val/mean_acc": "max", "trainable_params": "min"}
 
 
 def test_all_problems_are_collected_at_once():
@@ -279,3 +326,18 @@ def test_cli_data_dir_override(tmp_path, capsys):
                         "--storage-path", str(tmp_path / "rr"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"from {tmp_path}" in out and f"storage      {tmp_path / 'rr'}/other" in out
+
+
+def test_fixed_study_configs_need_every_searched_hyperparameter():
+    raw = _set(_set(smoke_raw(), "study.search", False), "study.configs", {"lora": {"r": 4, "rank": 2}})
+    with pytest.raises(SpaceError) as err:
+        spec_from_dict(raw, base_dir=SPACES)
+    assert sorted(err.value.problems) == sorted([
+        "study.configs.lora.rank: unknown key. Valid keys: r, alpha_over_r, lr",
+        "study.configs.lora: missing lr: with study.search false every searched hyperparameter needs a value. "
+        "Fix: give them, or set study.search: true",
+        "study.configs.malora: missing d, beta, lr: with study.search false every searched hyperparameter needs a "
+        "value. Fix: give them, or set study.search: true"])
+    ok = _set(_set(smoke_raw(), "study.search", False), "study.configs", {
+        "lora": {"r": 4, "lr": 1.0e-3}, "malora": {"d": 16, "beta": 1.25, "lr": 1.0e-3}})
+    assert spec_from_dict(ok, base_dir=SPACES).study.configs["malora"]["d"] == 16
