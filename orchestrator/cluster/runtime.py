@@ -40,6 +40,8 @@ def init_ray(address: str | None) -> dict[str, float]:
     """
     import ray
 
+    if ray.is_initialized():  # a study runs its search first in the same process
+        return dict(ray.cluster_resources())
     env_vars = {k: os.environ[k] for k in TRAIN_ENV_DEFAULTS}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

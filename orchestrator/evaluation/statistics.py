@@ -4,7 +4,8 @@ Notation: a method's test results for one task are a 0/1 matrix ``X`` of shape (
 items, the same items for every seed and method (``orchestrator.data.pools``). Its accuracy is the grand mean.
 
 - Over seeds (S >= 2): the per-seed accuracies ``a_s`` give mean ``ā`` and the t-interval
-  ``ā ± t_{1-α/2, S-1} · sd(a) / sqrt(S)`` (scipy's Student t).
+  ``ā ± t_{1-α/2, S-1} · sd(a) / sqrt(S)`` (scipy's Student t), clipped to [0, 1]. With 2 seeds
+  ``t = 12.7``: an interval that wide says to add seeds, not that the method is bad.
 - One seed: the Wilson score interval of ``k`` correct out of ``I`` items (scipy ``binomtest``), since the only
   noise left to state is the item sample. 200 items at 60 % give about ±6.8 points (95 %).
 - Paired bootstrap of ``A − B`` (both (S, I) per task, paired by seed index and item): each of ``n_boot`` draws
@@ -50,7 +51,8 @@ def seed_interval(per_seed: Sequence[float], confidence: float = CONFIDENCE) -> 
         raise ValueError("a t-interval needs at least 2 seeds; use item_interval for one")
     mean, sem = float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size))
     half = float(stats.t.ppf(0.5 + confidence / 2, a.size - 1)) * sem
-    return Interval(mean, mean - half, mean + half, int(a.size), "t")
+    # an accuracy lies in [0, 1]: with few seeds the t-interval can reach past it, and is clipped there
+    return Interval(mean, max(0.0, mean - half), min(1.0, mean + half), int(a.size), "t")
 
 
 def item_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> Interval:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -80,3 +81,67 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ study
+def _err(iv: dict) -> tuple[float, float]:
+    """(lower, upper) error-bar lengths in points from an interval dict with ``mean`` and ``ci95``."""
+    return 100 * (iv["mean"] - iv["ci95"][0]), 100 * (iv["ci95"][1] - iv["mean"])
+
+
+def study_accuracy_plot(results: dict, path: str | Path) -> Path:
+    """Grouped bars: test accuracy per task and method with 95 % CI bars; single-task and zero-shot marked."""
+    tasks, methods = list(results["split"]), list(results["methods"])
+    groups = methods + (["single-task"] if results["single_task"] else [])
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(tasks), 4.2))
+    for j, name in enumerate(groups):
+        cells = results["single_task"] if name == "single-task" else results["methods"][name]["per_task"]
+        xs = [i + (j - (len(groups) - 1) / 2) * width for i in range(len(tasks))]
+        ys = [100 * cells[t]["mean"] for t in tasks]
+        errs = np.array([_err(cells[t]) for t in tasks]).T
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=name, color=METHOD_COLORS.get(name, "0.6"))
+    for i, t in enumerate(tasks):
+        if t in results["zero_shot"]:
+            ax.hlines(100 * results["zero_shot"][t], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("test accuracy (%) · 95 % CI · dashed: zero-shot")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(groups))
+    return _save(fig, path)
+
+
+def study_delta_heatmap(results: dict, path: str | Path) -> Path:
+    """Methods x tasks: Δ test accuracy vs the single-task reference (points); '*' where the CI excludes 0."""
+    tasks, methods = list(results["split"]), list(results["methods"])
+    grid = np.array([[100 * results["methods"][m]["per_task"][t]["delta_vs_single_task"]["diff"] for t in tasks]
+                     for m in methods])
+    lim = max(1.0, float(np.abs(grid).max()))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(tasks), 1.2 + 0.6 * len(methods)))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i, m in enumerate(methods):
+        for j, t in enumerate(tasks):
+            lo, hi = results["methods"][m]["per_task"][t]["delta_vs_single_task"]["ci95"]
+            ax.text(j, i, f"{grid[i, j]:+.1f}{'*' if lo > 0 or hi < 0 else ''}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(methods)), methods)
+    fig.colorbar(im, ax=ax, label="Δ vs single-task (points)")
+    return _save(fig, path)
+
+
+def study_accuracy_vs_params(results: dict, path: str | Path) -> Path:
+    """Mean test accuracy (95 % CI) against trainable parameters, one point per method."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, e in results["methods"].items():
+        lo, hi = _err(e["mean"])
+        ax.errorbar(e["trainable_params"], 100 * e["mean"]["mean"], yerr=[[lo], [hi]], fmt="o", capsize=4,
+                    color=METHOD_COLORS.get(m, "0.3"), label=m)
+    if results["zero_shot"]:
+        z = results["zero_shot"]
+        ax.axhline(100 * sum(z.values()) / len(z), color="black", ls="--", lw=1, label="zero-shot")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("mean test accuracy (%) · 95 % CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

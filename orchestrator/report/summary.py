@@ -29,7 +29,7 @@ def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[s
     for task, record in (splits or {}).items():
         params.update({f"split/{task}/{k}": v for k, v in record.items()})
     metrics = {}
-    for pool, accuracy in reference.items():
+    for pool, accuracy in ((k, v) for k, v in reference.items() if k in ("val", "test")):
         metrics.update({f"ref/{pool}/acc/{k}": v for k, v in accuracy.items()})
         finite = [v for v in accuracy.values() if not math.isnan(v)]
         if finite:

@@ -10,6 +10,7 @@ skipped, so a finished trial keeps exactly one run and a restarted one continues
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,12 +18,14 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from orchestrator.report import plots
+from orchestrator.report.outbox import Outbox, bound_http_requests, is_outage
 
 logger = logging.getLogger(__name__)
 SEARCH_KEY, TRIAL_KEY, PARENT = "malora.search_key", "malora.trial_id", "mlflow.parentRunId"
@@ -72,15 +75,16 @@ def find_runs(uri: str, exp_id: str, **tags: str) -> list:
     return client(uri).search_runs([exp_id], filter_string=filt, max_results=1000)
 
 
-def parent_run(uri: str, exp_id: str, search_key: str, run_name: str, reuse: bool) -> tuple[str, bool]:
-    """(run id, reused?) of the search's parent run: found by tag when resuming, else created."""
+def parent_run(uri: str, exp_id: str, search_key: str, run_name: str, reuse: bool,
+               role: str = "search") -> tuple[str, bool]:
+    """(run id, reused?) of the search's (or study's) parent run: found by tag when resuming, else created."""
     if reuse:
         runs = [r for r in find_runs(uri, exp_id, malora__search_key=search_key) if PARENT not in r.data.tags]
         if runs:
             run_id = runs[0].info.run_id
             client(uri).update_run(run_id, status="RUNNING")
             return run_id, True
-    run = client(uri).create_run(exp_id, run_name=run_name, tags={SEARCH_KEY: search_key, "malora.role": "search"})
+    run = client(uri).create_run(exp_id, run_name=run_name, tags={SEARCH_KEY: search_key, "malora.role": role})
     return run.info.run_id, False
 
 
@@ -104,6 +108,20 @@ def log_dict(uri: str, run_id: str, *, params: dict | None = None, metrics: dict
         c.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
+@contextlib.contextmanager
+def closed_on_failure(uri: str, run_id: str) -> Iterator[None]:
+    """Mark ``run_id`` KILLED on Ctrl-C and FAILED (with the reason as a tag) on any exception, then re-raise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client(uri).set_terminated(run_id, "KILLED")
+        raise
+    except Exception as exc:
+        log_dict(uri, run_id, tags={"malora.failure_reason": failure_reason(str(exc))})
+        client(uri).set_terminated(run_id, "FAILED")
+        raise
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -125,15 +143,16 @@ class MLflowSearchCallback(Callback):
         self.uri, self.exp_id, self.parent_id, self.search_key = uri, exp_id, parent_id, search_key
         self.spec, self.reference = spec, reference
         self._runs: dict[str, tuple[str, int]] = {}  # trial id -> (run id, last logged step)
+        self._outbox = Outbox()  # every write goes through it: an MLflow outage never blocks or aborts trials
 
     def __getstate__(self) -> dict:  # Tune pickles the run config; keep no live state
-        return {**self.__dict__, "_runs": {}}
+        return {**self.__dict__, "_runs": {}, "_outbox": Outbox()}
 
     # --------------------------------------------------------------------------------------------- runs
     def run_for(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id][0]
-        from orchestrator.spec.hparams import adapter_config, trial_hparams
+        from orchestrator.spec.hparams import adapter_config
 
         existing = [r for r in find_runs(self.uri, self.exp_id, malora__trial_id=trial.trial_id)
                     if r.data.tags.get(PARENT) == self.parent_id]
@@ -143,9 +162,10 @@ class MLflowSearchCallback(Callback):
             self._runs[trial.trial_id] = (run_id, int(max((m.value for m in hist), default=0)))
             client(self.uri).update_run(run_id, status="RUNNING")
             return run_id
-        method, hp = trial_hparams(self.spec.methods, trial.config)
-        run = client(self.uri).create_run(self.exp_id, run_name=f"{method}-{trial.trial_id}", tags={
-            PARENT: self.parent_id, TRIAL_KEY: trial.trial_id, SEARCH_KEY: self.search_key, "malora.method": method})
+        method, hp, run_name, tags, extra = self.trial_view(trial)
+        run = client(self.uri).create_run(self.exp_id, run_name=run_name, tags={
+            PARENT: self.parent_id, TRIAL_KEY: trial.trial_id, SEARCH_KEY: self.search_key, "malora.method": method,
+            **tags})
         params: dict[str, Any] = {"method": method, **{f"hp.{k}": v for k, v in hp.items()}}
         try:
             params.update({f"adapter.{k}": v for k, v in adapter_config(method, hp).to_dict().items()})
@@ -156,15 +176,28 @@ class MLflowSearchCallback(Callback):
                        "warmup_ratio": hp.get("warmup_ratio", t.warmup_ratio), "model": self.spec.model.name,
                        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
                        "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
-                       "workers": self.spec.resources.workers_per_trial})
+                       "workers": self.spec.resources.workers_per_trial, **extra})
         log_dict(self.uri, run.info.run_id, params=params)
         self._runs[trial.trial_id] = (run.info.run_id, 0)
         return run.info.run_id
 
+    def trial_view(self, trial: Any) -> tuple[str, dict, str, dict, dict]:
+        """(method, hyperparameters, run name, extra tags, extra params) of a trial: a search trial's config is
+        the Optuna proposal itself."""
+        from orchestrator.spec.hparams import trial_hparams
+
+        method, hp = trial_hparams(self.spec.methods, trial.config)
+        return method, hp, f"{method}-{trial.trial_id}", {}, {}
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_for(trial)
+        self._outbox.put(f"the run of trial {trial.trial_id}", lambda: self.run_for(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        result = dict(result)
+        self._outbox.put(f"step {result.get('step')} of trial {trial.trial_id}",
+                         lambda: self._log_result(trial, result))
+
+    def _log_result(self, trial: Any, result: dict) -> None:
         run_id = self.run_for(trial)
         step = int(result.get("step", 0))
         last = self._runs[trial.trial_id][1]
@@ -178,19 +211,41 @@ class MLflowSearchCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         stopped = bool(last.get("step")) and last.get("step", 0) < last.get("total_steps", 0)
-        self._finish(trial, "FINISHED", {"malora.early_stopped": stopped})
+        self._outbox.put(f"the end of trial {trial.trial_id}",
+                         lambda: self._finish(trial, "FINISHED", {"malora.early_stopped": stopped}))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         text = ""
         if trial.error_file and Path(trial.error_file).is_file():
             text = Path(trial.error_file).read_text(errors="replace")
-        self._finish(trial, "FAILED", {"malora.failure_reason": failure_reason(text) if text else "unknown"})
+        tags = {"malora.failure_reason": failure_reason(text) if text else "unknown"}
+        self._outbox.put(f"the failure of trial {trial.trial_id}", lambda: self._finish(trial, "FAILED", tags))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Wait (up to $MALORA_MLFLOW_FLUSH_S, default 900 s) for writes buffered during an outage to land."""
+        if not self.flush(float(os.environ.get("MALORA_MLFLOW_FLUSH_S", "900"))):
+            logger.error("MLflow still unreachable: %d writes not logged (runs stay RUNNING)",
+                         len(self._outbox.pending))
+
+    def flush(self, deadline_s: float | None = None) -> bool:
+        """Flush the buffered writes (waiting up to ``deadline_s`` for the store); True when none is left."""
+        return self._outbox.flush(deadline_s)
+
+    def close_open_runs(self, status: str, deadline_s: float = 60.0) -> None:
+        """When the search aborts: flush, then end every nested run still open with ``status``."""
+        for trial_id, (run_id, _) in list(self._runs.items()):
+            self._outbox.put(f"closing the run of trial {trial_id}",
+                             lambda run_id=run_id: client(self.uri).set_terminated(run_id, status))
+        self._runs.clear()
+        self.flush(deadline_s)
 
     def _finish(self, trial: Any, status: str, tags: dict) -> None:
         run_id = self.run_for(trial)
         try:
             self._artifacts(trial, run_id)
-        except Exception:  # a plot must never take the search down
+        except Exception as exc:  # a plot must never take the search down; an outage retries the whole end
+            if is_outage(exc):
+                raise
             logger.exception("artifacts of trial %s not logged", trial.trial_id)
         log_dict(self.uri, run_id, tags=tags)
         client(self.uri).set_terminated(run_id, status)
@@ -228,3 +283,41 @@ class MLflowSearchCallback(Callback):
 
 def finite(value: Any) -> bool:
     return _is_number(value) and math.isfinite(value)
+
+
+
+def zero_shot_run(uri: str, exp_id: str, parent_id: str, key: str, spec: Any, reference: dict) -> str:
+    """The study's nested run of the base model (no adapter): its val and test accuracy; created once."""
+    existing = [r for r in find_runs(uri, exp_id, malora__role="zero_shot", malora__search_key=key)
+                if r.data.tags.get(PARENT) == parent_id]
+    if existing:
+        return existing[0].info.run_id
+    run = client(uri).create_run(exp_id, run_name="zero-shot", tags={
+        PARENT: parent_id, SEARCH_KEY: key, "malora.role": "zero_shot", "malora.method": "none"})
+    metrics = {}
+    for pool in ("val", "test"):
+        acc = reference.get(pool) or {}
+        metrics.update({f"{pool}/acc/{t}": a for t, a in acc.items()})
+        values = [a for a in acc.values() if finite(a)]
+        if values:
+            metrics[f"{pool}/mean_acc"] = sum(values) / len(values)
+    log_dict(uri, run.info.run_id, params={"method": "none", "model": spec.model.name, "role": "zero_shot"},
+             metrics=metrics)
+    client(uri).set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+class MLflowStudyCallback(MLflowSearchCallback):
+    """The same nested runs for a study's trials, whose config is ``{"run": {role, method, seed, task, config}}``
+    (``orchestrator.tuning.study``): one run per (method, seed) and per single-task reference."""
+
+    def trial_view(self, trial: Any) -> tuple[str, dict, str, dict, dict]:
+        from orchestrator.spec.hparams import trial_hparams
+
+        run = trial.config["run"]
+        method, hp = trial_hparams(self.spec.methods, run["config"])
+        what = run["task"] if run["role"] == "single_task" else method
+        tags = {"malora.role": run["role"], "malora.seed": str(run["seed"]), "malora.task": run.get("task") or ""}
+        extra = {"seed": run["seed"], "role": run["role"], "tasks": run.get("task") or "all",
+                 "max_steps": run.get("max_steps")}
+        return method, hp, f"{run['role']}-{what}-s{run['seed']}", tags, extra

@@ -223,6 +223,8 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     steps = total_steps(spec, len(encoded), session.world_size)
     optim = build_optimisation(trial, spec, steps)
     progress = restore_progress(session, trial.model, optim, device, trial_id)
+    if progress.step >= steps:  # killed after its last checkpoint: the training is done, say so again
+        return report_final_again(session, trial_id)
     ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
@@ -287,6 +289,27 @@ def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, 
         optim.scheduler.load_state_dict(state["scheduler"])
         logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], ckpt)
         return Progress(state["step"], state["tokens"], state.get("history", []))
+
+
+def report_final_again(session: Any, trial_id: str = "") -> list[dict[str, Any]]:
+    """Re-report the final metrics (and checkpoint) of a trial whose training had finished before a kill.
+
+    Tune had not recorded the trial's end (the driver died between the last checkpoint and the trial's
+    completion), so the restarted worker must report once more, or the trial would end without its final,
+    test-scored result. Every rank reports (Train requires it); rank 0 attaches a copy of the checkpoint.
+    """
+    import shutil
+
+    with session.checkpoint_dir() as ckpt:
+        metrics = json.loads((Path(ckpt) / "metrics.json").read_text())
+        logger.info("trial %s had finished (step %d); reporting its final metrics again", trial_id, metrics["step"])
+        with tempfile.TemporaryDirectory(prefix="malora-ckpt-") as tmp:
+            ckpt_dir = None
+            if session.rank == 0:
+                shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+                ckpt_dir = tmp
+            session.report(metrics, ckpt_dir)
+    return [metrics] if session.rank == 0 else []
 
 
 def resume_stream(encoded: list[dict], spec: SearchSpec, session: Any, tokenizer: Any, start_step: int):
@@ -388,7 +411,8 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         divergence = {}
     counts = trial.counts
     metrics = {
-        "step": done, "total_steps": steps, "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
+        "step": done, "total_steps": steps, "evaluations": evaluations_done(done, spec.eval.every_n_steps),
+        "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
         "train_loss": loss_sum[0] / max(1.0, loss_sum[2]), "balance_loss": loss_sum[1] / max(1.0, loss_sum[2]),
         "tokens_per_s": sum(rank_tokens) / max(window["time"], 1e-9), "pad_share": window_pad_share(window, device),
         "step_time_s": window["time"] / max(1, window["steps"]), "peak_memory_mb": peak_memory_mb(device),
@@ -400,6 +424,14 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     }
     progress.history.append(acc)
     return metrics
+
+
+def evaluations_done(step: int, every_n_steps: int) -> int:
+    """Evaluations a trial has reported once it is at ``step``: one every ``every_n_steps`` steps and one at the
+    end (a last, partial window counts as one), i.e. ceil(step / every_n_steps). ASHA's time attribute: it
+    comes from the training step, so a restarted or resumed trial keeps its rung (Tune's training_iteration
+    restarts at 1)."""
+    return -(-step // every_n_steps)
 
 
 def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, progress: Progress,

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
-    """Base zero-shot accuracy ``{"val": {task: acc}, "test": {task: acc}}``: read from
+    """Base zero-shot accuracy ``{"val": {task: acc}, "test": {task: acc}, "test_correct": {task: [1/0...]}}``: from
     ``<storage>/<name>/reference.json`` or computed once (a Ray task)."""
     import ray
 
@@ -66,4 +66,6 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
                                 batch_size=spec.eval.batch_size, template=spec.data.template,
                                 options=spec.eval.options)
         out[pool] = {task: s.accuracy for task, s in scores.items()}
+        if pool == "test":  # per item, for the study's intervals and paired comparisons
+            out["test_correct"] = {task: list(s.correct) for task, s in scores.items()}
     return out

@@ -18,16 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.orchestrator.e2e import mlflow_client, subprocess_env
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def _env(shared_data_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, MALORA_DATA_DIR=str(shared_data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    return subprocess_env(shared_data_dir)
 
 
 def _space(tmp_path: Path, **changes) -> Path:
@@ -49,9 +47,7 @@ def _search(tmp_path: Path, space: Path, env: dict, *extra: str, timeout: int = 
 
 
 def _client(tmp_path: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow_client(tmp_path)
 
 
 def _runs(tmp_path: Path, experiment: str) -> tuple[object, list]:
@@ -193,3 +189,65 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared
     assert sorted(p.name for p in train_dir.glob("checkpoint_*")) == ckpts_before
     rows = json.loads((tmp_path / "ray_results" / "smoke" / "pareto.json").read_text())
     assert rows and all(r["trial_id"] in trial_ids for r in rows)
+
+
+def test_asha_keeps_its_rungs_across_a_sigkill_and_resume(tmp_path, shared_data_dir):
+    """ASHA on (time unit: evaluations), one trial at a time, objective trainable_params (min), so the ASHA
+    decision is known in advance: the LoRA r=8 trial has more parameters than the r=4 one and must stop at its
+    first evaluation (rung 1, reduction factor 2). The driver is SIGKILLed once the r=4 trial is finished and
+    before the r=8 one has reported; after --resume only a scheduler whose rungs were rebuilt from r=4's history
+    can stop r=8 (Ray restores ASHA with empty rungs, which would let it run to the end)."""
+    space = _space(tmp_path, resources__max_concurrent_trials=1, search__objectives={"trainable_params": "min"},
+                   search__asha={"enabled": True, "grace_period": 1, "reduction_factor": 2},
+                   search__points_to_evaluate=[{"method": "lora", "r": 4}, {"method": "lora", "r": 8}],
+                   tracking__experiment="e2e-asha-resume")
+    env = _env(shared_data_dir)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.search", "--space", str(space)], cwd=tmp_path,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    db = tmp_path / "mlflow.db"
+
+    def trial_runs() -> list:
+        if not db.is_file():
+            return []
+        try:
+            exp = _client(tmp_path).get_experiment_by_name("e2e-asha-resume")
+            runs = _client(tmp_path).search_runs([exp.experiment_id]) if exp else []
+        except Exception:  # store still being created
+            return []
+        return [r for r in runs if "malora.trial_id" in r.data.tags]
+
+    try:
+        _wait_for(lambda: any(r.info.status == "FINISHED" for r in trial_runs()), 240, "the r=4 trial to finish",
+                  proc)
+        time.sleep(4)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records the finished trial
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    before = {r.data.params["hp.r"]: r for r in trial_runs()}
+    assert before["4"].info.status == "FINISHED"
+    # the r=8 trial had not reached its first rung: the decision below is taken by the resumed scheduler
+    assert "8" not in before or "val/mean_acc" not in before["8"].data.metrics, "r=8 reported before the kill"
+
+    proc2 = _search(tmp_path, space, env, "--resume")
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    assert "resuming search" in proc2.stderr
+    parent, children = _runs(tmp_path, "e2e-asha-resume")
+    by_r = {r.data.params["hp.r"]: r for r in children}
+    assert sorted(by_r) == ["4", "8"] and parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in children)
+    c = _client(tmp_path)
+    small, big = by_r["4"], by_r["8"]
+    assert int(big.data.params["trainable_params"]) > int(small.data.params["trainable_params"])
+
+    def history(run, key: str) -> list[tuple[int, float]]:
+        return [(h.step, h.value) for h in c.get_metric_history(run.info.run_id, key)]
+    assert [s for s, _ in history(small, "val/mean_acc")] == [2, 4]
+    assert history(small, "evaluations") == [(2, 1.0), (4, 2.0)]  # ceil(step / every_n_steps)
+    assert history(big, "evaluations") == [(2, 1.0)]  # stopped at rung 1 by the rebuilt ASHA
+    assert big.data.tags["malora.early_stopped"] == "True" and small.data.tags["malora.early_stopped"] == "False"
+    summary = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text()
+    big_id = big.data.tags["malora.trial_id"]
+    assert f"{big_id},lora,STOPPED," in summary, summary

@@ -21,6 +21,8 @@ def test_seed_interval_is_the_t_interval():
     assert iv.mean == pytest.approx(0.62)
     assert iv.high - iv.mean == pytest.approx(T_975_DF2 * sd / math.sqrt(3))
     assert iv.method == "t" and iv.n == 3
+    wide = seed_interval([0.1, 0.9])  # t(0.975, 1) = 12.7: the raw interval spans far past [0, 1]
+    assert (wide.low, wide.high) == (0.0, 1.0)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         seed_interval([0.5])
 

@@ -1,0 +1,221 @@
+"""The study's results: test accuracy per method and task with 95 % CIs, Δ vs single-task, paired comparisons.
+
+Input: the finished study runs (each with its final ``test_correct/<task>`` 1/0 vectors), the base model's zero-shot
+test items, the chosen configurations. Output, the same files in the MLflow parent run and in ``out_dir``:
+``results.json`` (every number, per-seed accuracies included, so any cell can be rerun and checked),
+``results.md`` (the headline table, written by this code, never by hand), ``results.csv`` and three plots.
+Statistics: :mod:`orchestrator.evaluation.statistics` (t over seeds, Wilson over items with one seed, paired
+bootstrap over seeds and items).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.evaluation import statistics as st
+from orchestrator.report import plots, tracking
+from orchestrator.spec.hparams import trial_hparams
+from orchestrator.spec.space import SearchSpec
+
+DEFAULT_PAIRS = (("malora", "molora"), ("malora", "lora"), ("molora", "lora"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _matrix(runs: list[dict], task: str) -> tuple[np.ndarray, list[int]]:
+    """(S, I) 0/1 test matrix of ``runs`` on ``task``, rows sorted by seed; and the seeds."""
+    rows = sorted(runs, key=lambda r: r["run"]["seed"])
+    return (np.array([r["metrics"][f"test_correct/{task}"] for r in rows], dtype=float),
+            [r["run"]["seed"] for r in rows])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell(iv: dict) -> str:
+    low, high = iv["ci95"]
+    return f"{_pct(iv['mean'])} ± {100 * (high - low) / 2:.1f}"
+
+
+def _delta_cell(c: dict | None) -> str:
+    if not c:
+        return "-"
+    return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
+
+
+def provenance(command: str, wall_s: float) -> dict[str, Any]:
+    """Command, commit, machine, package versions, wall time: what a rerun needs."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "ray", "mlflow", "optuna", "scipy", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[pkg] = version(pkg)
+        except Exception:  # not installed
+            versions[pkg] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"command": command, "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                                       "--untracked-files=no")),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "gpu": gpu, "torch_threads": torch.get_num_threads()},
+            "versions": versions}
+
+
+def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
+                  splits: dict[str, dict], *, wall_s: float, command: str) -> dict[str, Any]:
+    """Every number of the study (the ``results.json`` layout of the module docstring)."""
+    s = spec.study
+    replicates = [r for r in done if r["run"]["role"] == "replicate"]
+    singles = [r for r in done if r["run"]["role"] == "single_task"]
+    tasks = list(splits)
+    methods = [m.kind for m in spec.methods]
+    X = {m: {t: _matrix([r for r in replicates if r["run"]["method"] == m], t)[0] for t in tasks} for m in methods}
+    ST = {t: _matrix([r for r in singles if r["run"]["task"] == t], t)[0] for t in tasks} if singles else {}
+    zero = {t: np.asarray(reference["test_correct"][t], dtype=float) for t in tasks} if reference else {}
+    out: dict[str, Any] = {
+        "model": spec.model.name, "seeds": sorted({r["run"]["seed"] for r in replicates}),
+        "split": {t: {k: splits[t][k] for k in ("train", "val", "test", "test_sha256")} for t in tasks},
+        "split_seed": spec.data.split_seed,
+        "zero_shot": {t: float(zero[t].mean()) for t in zero},
+        "zero_shot_ci95": {t: st.item_interval(int(zero[t].sum()), zero[t].size).as_dict()["ci95"] for t in zero},
+        "single_task": {t: st.accuracy_interval(ST[t]).as_dict() for t in ST},
+        "single_task_method": s.single_task_method if ST else None,
+        "methods": {}, "comparisons": [], "seesaw": {},
+        "statistics": {"confidence": st.CONFIDENCE, "interval": "t over seeds (Wilson over items with one seed)",
+                       "comparison": f"paired bootstrap over seeds and items, {s.n_boot} draws",
+                       "seesaw_threshold": f"delta < -{s.noise_multiple} x bootstrap SE"},
+    }
+    if ST:
+        out["single_task"]["mean"] = st.mean_over_tasks_interval(ST).as_dict()
+    for m in methods:
+        runs = [r for r in replicates if r["run"]["method"] == m]
+        first = runs[0]["metrics"]
+        _, hp = trial_hparams(spec.methods, configs[m])
+        per_task, deltas = {}, {}
+        for t in tasks:
+            mat, seeds = _matrix(runs, t)
+            iv = st.accuracy_interval(mat).as_dict()
+            ref = ST.get(t) if ST else (np.broadcast_to(zero[t], mat.shape) if zero else None)
+            delta = st.paired_bootstrap({t: mat}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
+            if delta is not None:
+                deltas[t] = delta
+            per_task[t] = {"mean": iv["mean"], "ci95": iv["ci95"], "n_seeds": len(seeds), "n_items": mat.shape[1],
+                           "per_seed": {str(seed): float(row.mean()) for seed, row in zip(seeds, mat)},
+                           "delta_vs_single_task" if ST else "delta_vs_zero_shot":
+                               delta.as_dict() if delta else None}
+        entry = {"config": hp, "trainable_params": int(first.get("trainable_params", 0)),
+                 "trainable_share": float(first.get("trainable_share", float("nan"))),
+                 "tokens_per_s": float(np.mean([r["metrics"].get("tokens_per_s", np.nan) for r in runs])),
+                 "wall_s": float(sum(r["metrics"].get("time_total_s", 0.0) for r in runs)),
+                 "val_mean_acc": float(np.mean([r["metrics"].get("val/mean_acc", np.nan) for r in runs])),
+                 "mean": st.mean_over_tasks_interval(X[m]).as_dict(), "per_task": per_task}
+        if ST:
+            entry["delta_vs_single_task"] = st.paired_bootstrap(X[m], ST, n_boot=s.n_boot).as_dict()
+        out["methods"][m] = entry
+        if deltas:
+            out["seesaw"][m] = {**st.seesaw_regressions(deltas, s.noise_multiple),
+                                "reference": "single_task" if ST else "zero_shot"}
+    pairs = [tuple(p.split("-", 1)) for p in s.comparisons] if s.comparisons else [
+        p for p in DEFAULT_PAIRS if p[0] in methods and p[1] in methods]
+    for a, b in pairs:
+        out["comparisons"].append({"a": a, "b": b, **st.paired_bootstrap(X[a], X[b], n_boot=s.n_boot).as_dict()})
+    out["meta"] = provenance(command, wall_s)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The headline table and the comparisons, as written to results.md and printed."""
+    tasks = list(results["split"])
+    ref_name = "single-task" if results["single_task"] else "zero-shot"
+    head = ["method", "trainable params", *tasks, "mean", f"Δ mean vs {ref_name}"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m, e in results["methods"].items():
+        delta = e.get("delta_vs_single_task")
+        lines.append("| " + " | ".join([m, f"{e['trainable_params']:,} ({100 * e['trainable_share']:.2f} %)",
+                                        *(_cell(e["per_task"][t]) for t in tasks), _cell(e["mean"]),
+                                        _delta_cell(delta)]) + " |")
+    if results["single_task"]:
+        stt = results["single_task"]
+        lines.append("| " + " | ".join([f"{results['single_task_method']} (ST)", "per task",
+                                        *(_cell(stt[t]) for t in tasks), _cell(stt["mean"]), "0"]) + " |")
+    if results["zero_shot"]:
+        z = results["zero_shot"]
+        lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),
+                                        _pct(sum(z.values()) / len(z)), "-"]) + " |")
+    meta, split = results["meta"], results["split"]
+    text = [f"Test accuracy (%), mean ± half-width of the 95 % CI ({results['statistics']['interval']}); "
+            f"{len(results['seeds'])} seeds {results['seeds']}, model {results['model']}; test items per task: "
+            + ", ".join(f"{t} {split[t]['test']}" for t in tasks) + f" (split seed {results['split_seed']}).",
+            "", *lines, ""]
+    if results["comparisons"]:
+        text += ["Paired comparisons of the mean test accuracy (" + results["statistics"]["comparison"] + "):", "",
+                 "| a − b | diff (points) | 95 % CI | p |", "|---|---|---|---|"]
+        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | [{100 * c['ci95'][0]:+.2f}, "
+                 f"{100 * c['ci95'][1]:+.2f}] | {c['p']:.3f} |" for c in results["comparisons"]]
+        text.append("")
+    for m, ss in results["seesaw"].items():
+        text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
+                    f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "
+                    f"noise would give {ss['expected_by_noise']:.2f} ({results['statistics']['seesaw_threshold']}).")
+    text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{' (dirty tree)' if meta['dirty'] else ''}"
+             f"; wall time {meta['wall_s'] / 60:.1f} min; machine: {meta['machine']['processor']}, "
+             f"{meta['machine']['cpus']} CPUs, GPU {meta['machine']['gpu'] or 'none'}; {meta['date']}."]
+    return "\n".join(text) + "\n"
+
+
+def write_csv(results: dict[str, Any], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "task", "mean", "ci95_low", "ci95_high", "n_seeds", "delta", "delta_ci95_low",
+                    "delta_ci95_high", "delta_p"])
+        for m, e in results["methods"].items():
+            for t, c in e["per_task"].items():
+                d = c.get("delta_vs_single_task") or c.get("delta_vs_zero_shot") or {}
+                w.writerow([m, t, c["mean"], *c["ci95"], c["n_seeds"], d.get("diff"), *(d.get("ci95") or [None, None]),
+                            d.get("p")])
+            w.writerow([m, "mean", e["mean"]["mean"], *e["mean"]["ci95"], e["mean"]["n"], None, None, None, None])
+    return path
+
+
+def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
+                 splits: dict[str, dict], *, wall_s: float, command: str, out_dir: str | None, uri: str,
+                 parent_id: str) -> dict[str, Any]:
+    """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``) and log to the parent run."""
+    results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command)
+    folder = Path(out_dir) if out_dir else Path(spec.storage_path) / f"{spec.name}-study" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown(results)
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (folder / "results.md").write_text("# Results\n\n" + text)
+    files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
+             plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
+             plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
+    if results["single_task"]:
+        files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
+    c = tracking.client(uri)
+    for f in files:
+        c.log_artifact(parent_id, str(f), "results")
+    metrics = {f"result/{m}/mean": e["mean"]["mean"] for m, e in results["methods"].items()}
+    metrics.update({f"result/{m}/{t}": c_["mean"] for m, e in results["methods"].items()
+                    for t, c_ in e["per_task"].items()})
+    tracking.log_dict(uri, parent_id, metrics=metrics, params={"study.seeds": spec.study.seeds,
+                                                               "study.commit": results["meta"]["commit"]})
+    return {"table": text, "dir": str(folder), "results": results}

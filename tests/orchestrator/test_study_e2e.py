@@ -1,0 +1,135 @@
+"""``python -m orchestrator.study`` end to end on a real local Ray, Optuna and a real MLflow SQLite store.
+
+The smoke study runs the whole shape (search -> per-method choice on val -> seed replicates -> single-task
+references -> zero-shot -> report); a second study is killed with SIGKILL mid-way and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.orchestrator.e2e import mlflow_client, subprocess_env
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+FIXED = {"lora": {"r": 4, "lr": 3.0e-3}, "malora": {"d": 16, "beta": 1.25, "lr": 3.0e-3}}
+
+
+def _env(shared_data_dir: Path) -> dict[str, str]:
+    return subprocess_env(shared_data_dir)
+
+
+def _space(tmp_path: Path, experiment: str, **study) -> Path:
+    raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    raw["search"]["asha"] = {"enabled": False}  # every search trial completes: each method has a choice
+    raw["tracking"]["experiment"] = experiment
+    raw["study"] = {**raw.get("study", {}), "n_boot": 500, **study}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _client(tmp_path: Path):
+    return mlflow_client(tmp_path)
+
+
+def _study_runs(tmp_path: Path, experiment: str) -> tuple[object, list]:
+    c = _client(tmp_path)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=200)
+    parents = [r for r in runs if r.data.tags.get("malora.role") == "study"]
+    assert len(parents) == 1
+    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, shared_data_dir):
+    space = _space(tmp_path, "e2e-study", seeds=2)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.study", "--space", str(space), "--out", str(out)],
+                          cwd=tmp_path, env=_env(shared_data_dir), capture_output=True, text=True, timeout=900)
+    (tmp_path / "study.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"] == "tiny-llama" and res["seeds"] == [0, 1]
+    assert set(res["split"]) == {"boolq", "arc_e"} and res["split"]["boolq"]["test"] == 8
+    assert set(res["zero_shot"]) == {"boolq", "arc_e"} and set(res["single_task"]) >= {"boolq", "arc_e", "mean"}
+    assert set(res["methods"]) == {"lora", "malora"}
+    assert [(c["a"], c["b"]) for c in res["comparisons"]] == [("malora", "lora")]
+    assert set(res["seesaw"]["malora"]) >= {"n_regressed_significant", "expected_by_noise"}
+
+    parent, children = _study_runs(tmp_path, "e2e-study")
+    c = _client(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "results")} >= {
+        "results/results.json", "results/results.md", "results/results.csv", "results/accuracy_per_task.png",
+        "results/delta_vs_single_task.png", "results/accuracy_vs_params.png"}
+    roles = sorted(r.data.tags.get("malora.role") for r in children)
+    assert roles == ["replicate"] * 4 + ["single_task"] * 4 + ["zero_shot"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # every per-seed cell equals the test accuracy its own MLflow run logged; the mean is their average
+    for m, entry in res["methods"].items():
+        for task, cell in entry["per_task"].items():
+            logged = {r.data.tags["malora.seed"]: r.data.metrics[f"test/acc/{task}"] for r in children
+                      if r.data.tags.get("malora.role") == "replicate" and r.data.params["method"] == m}
+            assert cell["per_seed"] == pytest.approx(logged)
+            assert cell["mean"] == pytest.approx(sum(logged.values()) / 2) and cell["n_seeds"] == 2
+            lo, hi = cell["ci95"]
+            assert lo <= cell["mean"] <= hi and "diff" in cell["delta_vs_single_task"]
+        assert entry["trainable_params"] > 0 and entry["mean"]["ci95"][0] <= entry["mean"]["mean"]
+    zero = next(r for r in children if r.data.tags.get("malora.role") == "zero_shot")
+    assert zero.data.metrics["test/acc/boolq"] == pytest.approx(res["zero_shot"]["boolq"])
+    assert "| malora − lora |" in proc.stdout and "Test accuracy (%)" in (out / "results.md").read_text()
+
+
+def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
+    space = _space(tmp_path, "e2e-study-resume", seeds=1, search=False, configs=FIXED)
+    env = _env(shared_data_dir)
+    log = (tmp_path / "first.log").open("w")
+    cmd = [sys.executable, "-m", "orchestrator.study", "--space", str(space)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finished() -> list:
+        try:
+            _, runs = _study_runs(tmp_path, "e2e-study-resume")
+        except Exception:  # store or parent run not there yet
+            return []
+        return [r for r in runs if r.info.status == "FINISHED" and "malora.trial_id" in r.data.tags]
+
+    try:
+        deadline = time.monotonic() + 400
+        while len(finished()) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, f"study exited ({proc.returncode}) early"
+            time.sleep(1.0)
+        assert len(finished()) >= 2, "timed out waiting for two study runs"
+        done_before = {r.data.tags["malora.trial_id"]: r.info.start_time for r in finished()}
+        time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    again = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "second.log").write_text(again.stdout + again.stderr)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    parent, children = _study_runs(tmp_path, "e2e-study-resume")
+    trials = [r for r in children if "malora.trial_id" in r.data.tags]
+    ids = [r.data.tags["malora.trial_id"] for r in trials]
+    assert len(trials) == 4 and len(set(ids)) == 4  # 2 methods x 1 seed + 2 single-task runs, none duplicated
+    assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
+    for r in trials:  # finished before the kill: the same run, not redone
+        if r.data.tags["malora.trial_id"] in done_before:
+            assert r.info.start_time == done_before[r.data.tags["malora.trial_id"]]
+    c = _client(tmp_path)
+    for r in trials:
+        steps = [h.step for h in c.get_metric_history(r.info.run_id, "test/mean_acc")]
+        assert len(steps) == 1, steps
+    res = json.loads((tmp_path / "ray_results" / "smoke-study" / "results" / "results.json").read_text())
+    assert res["seeds"] == [0] and res["methods"]["lora"]["mean"]["method"] == "wilson"  # one seed: over items
