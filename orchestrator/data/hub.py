@@ -34,6 +34,9 @@ HUB_SOURCES: dict[str, tuple[str, str | None, str | None, str]] = {
     "gsm8k": ("openai/gsm8k", "main", "train", "test"),
     "pubmedqa": ("qiaojin/PubMedQA", "pqa_labeled", None, "train"),
 }
+#: Datasets whose labelled test split is the one evaluated, and which also ship a labelled validation split: it
+#: is their val pool (the other tasks' evaluated split *is* their validation split; val is carved from train).
+HUB_VALIDATION = {"arc_e": "validation", "arc_c": "validation", "obqa": "validation"}
 _OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -134,3 +137,13 @@ def load_hub_task(task: str) -> tuple[list[Example] | None, list[Example]]:
         return [_convert(task, row, f"{dataset_id}[{config}]/{split}[{i}]") for i, row in enumerate(rows)]
 
     return (convert(train_split) if train_split else None), convert(eval_split)
+
+
+def load_hub_validation(task: str) -> list[Example] | None:
+    """The dataset's own validation split for ``task`` (``HUB_VALIDATION``), or None when it has none."""
+    split = HUB_VALIDATION.get(task)
+    if split is None:
+        return None
+    dataset_id, config, _, _ = HUB_SOURCES[task]
+    rows = _rows(task, dataset_id, config, split)
+    return [_convert(task, row, f"{dataset_id}[{config}]/{split}[{i}]") for i, row in enumerate(rows)]

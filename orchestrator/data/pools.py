@@ -8,7 +8,8 @@ Where the pools come from, per task:
 
 - an official train split exists (ARC, OBQA, BoolQ, GSM8K, PubMedQA; and every task from the Hub that has one):
   test = a seeded sample of ``test_limit`` items of the official evaluation file; val = a seeded sample of
-  ``val_limit`` items carved from the train split; train = the rest of the train split.
+  ``val_limit`` items carved from the train split; train = the rest of the train split. From the Hub, ARC and
+  OBQA also have a labelled validation split: val is sampled from it and train is the whole train split.
 - only an evaluation file here (PIQA, SIQA, HellaSwag, WinoGrande, MMLU, the math test sets): all three are carved
   from one seeded permutation of that file: test first (at most ``MAX_TEST_SHARE`` of it), then val (at most
   ``MAX_VAL_SHARE``), the rest (plus a small dev split, MMLU's 5 items) is train.
@@ -83,11 +84,13 @@ def _without(items: list[Example], seen: set[str]) -> tuple[list[Example], int]:
 
 def make_pools(task: str, train_file: list[Example] | None, eval_file: list[Example], *, carve: bool,
                split_seed: int, val_limit: int | None = DEFAULT_VAL_LIMIT,
-               test_limit: int | None = DEFAULT_TEST_LIMIT, train_limit: int | None = None) -> TaskPools:
+               test_limit: int | None = DEFAULT_TEST_LIMIT, train_limit: int | None = None,
+               val_file: list[Example] | None = None) -> TaskPools:
     """The train/val/test pools of ``task`` (see the module docstring); ``None`` limits mean "as many as allowed".
 
     ``carve`` says that all three pools come from ``eval_file`` (``train_file``, if any, is a small dev split that
-    joins the train side). ``train_limit`` caps the train pool after deduplication (a seeded sample).
+    joins the train side). ``val_file``: the dataset's own validation split (Hub ARC, OBQA), sampled for val
+    instead of carving val from train. ``train_limit`` caps the train pool after deduplication (a seeded sample).
     """
     rng = lambda what: random.Random(f"{split_seed}:{task}:{what}")  # noqa: E731 -- one stream per decision
     if carve or train_file is None:
@@ -103,6 +106,12 @@ def make_pools(task: str, train_file: list[Example] | None, eval_file: list[Exam
         how = (f"all pools carved from the evaluation file ({len(eval_file)} items, split seed {split_seed}): test "
                f"{n_test}, val {n_val}, train the other {len(order) - n_test - n_val}"
                + (f" + {len(train_file)} from its dev split" if train_file else ""))
+    elif val_file is not None:
+        test, _ = _sample(list(eval_file), test_limit, rng("test"))
+        val_side, _ = _sample(list(val_file), val_limit, rng("val"))
+        train_side = list(train_file)
+        how = (f"test = {len(test)} of the official test split ({len(eval_file)}), val = {len(val_side)} of the "
+               f"official validation split ({len(val_file)}), train = the train split (split seed {split_seed})")
     else:
         test, _ = _sample(list(eval_file), test_limit, rng("test"))
         val_side, train_side = _sample(list(train_file), val_limit, rng("val"))

@@ -231,7 +231,8 @@ def load_suite(
         # local files: carve where the task has no real train split; the Hub gives one wherever the dataset has it
         # (MMLU's Hub dev split has 5 items: carve there too)
         carve = train is None or (task.carve_train and (data_dir is not None or task.fmt == "mmlu"))
-        pools = make_pools(task.name, train, evaluation, carve=carve, split_seed=split_seed,
+        val_file = hub.load_hub_validation(task.name) if data_dir is None else None
+        pools = make_pools(task.name, train, evaluation, carve=carve, split_seed=split_seed, val_file=val_file,
                            val_limit=_cap(val_limit, task.name, "val_limit"),
                            test_limit=_cap(test_limit, task.name, "test_limit"),
                            train_limit=_cap(train_limit, task.name, "train_limit"))

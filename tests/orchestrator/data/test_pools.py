@@ -101,3 +101,24 @@ def test_bad_limits_name_the_key(shared_data_dir, limit):
 
     with pytest.raises(DataError, match=f"test_limit={limit!r} for task 'piqa'"):
         load_suite("piqa", shared_data_dir, test_limit=limit)
+
+
+def test_hub_tasks_use_their_own_train_and_validation_splits(monkeypatch):
+    from orchestrator.data import hub
+
+    def rows(task, dataset_id, config, split):  # a few synthetic Hub rows per split, tagged with the split
+        if task == "piqa":
+            return [{"goal": f"{split} goal {i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(30)]
+        return [{"question_stem": f"{split} question {i}", "answerKey": "A",
+                 "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]}} for i in range(30)]
+
+    monkeypatch.setattr(hub, "_rows", rows)
+    suite = load_suite(["piqa", "obqa"], None, val_limit=5, test_limit=6)
+    # OBQA: test from its test split, val from its validation split, train = the whole train split
+    assert all("test question" in ex.prompt for ex in suite.test["obqa"]) and len(suite.test["obqa"]) == 6
+    assert all("validation question" in ex.prompt for ex in suite.val["obqa"]) and len(suite.val["obqa"]) == 5
+    assert len(suite.train["obqa"]) == 30 and all("train question" in ex.prompt for ex in suite.train["obqa"])
+    # PIQA: the Hub has its train split (the local files do not): test = validation, val carved from train
+    assert all("validation goal" in ex.prompt for ex in suite.test["piqa"])
+    assert all("train goal" in ex.prompt for ex in suite.val["piqa"] + suite.train["piqa"])
+    assert len(suite.val["piqa"]) == 5 and len(suite.train["piqa"]) == 25
