@@ -54,8 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = "search first" if st.search and not args.from_search else (
             f"search {args.from_search}" if args.from_search else "study.configs")
         single = st.single_task_method if st.single_task else "off"
+        from orchestrator.data.tasks import SUITES
+
+        n_tasks = len(SUITES[spec.data.suite]) if spec.data.suite else len(spec.data.tasks or ())
+        n_runs = st.seeds * (len(spec.methods) + (n_tasks if st.single_task else 0))
+        searched = spec.search.num_trials if st.search and not args.from_search else 0
         print(f"  study        {st.seeds} seeds; configurations from {source}; single-task {single}; "
               f"zero-shot {'on' if st.zero_shot else 'off'}; {st.n_boot} bootstrap draws")
+        print(f"  runs         {searched} search trials + {n_runs} study runs ({st.seeds} x {len(spec.methods)} "
+              f"methods" + (f" + {st.seeds} x {n_tasks} single-task runs, each with its task's share of the budget)"
+                            if st.single_task else ")"))
         return 0
     from orchestrator.tuning.study import run_study  # imports Ray: not needed for --dry-run and bad input
 
