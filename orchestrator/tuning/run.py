@@ -42,6 +42,24 @@ def preflight(spec: SearchSpec) -> str | None:
     return None
 
 
+def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str | None = None,
+                   deadline_s: float = 60.0) -> None:
+    """The search aborts: end its open nested runs and its parent run with ``status`` (and the reason as a tag),
+    waiting up to ``deadline_s`` for an unreachable store; never raises over the original error."""
+    from orchestrator.report import tracking
+    from orchestrator.report.outbox import Outbox
+
+    if callback is not None:
+        callback.close_open_runs(status, deadline_s)
+    outbox = Outbox(retry_s=5.0)
+    if reason:
+        outbox.put("the parent run's failure reason",
+                   lambda: tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": reason}))
+    outbox.put(f"marking the parent run {status}", lambda: tracking.client(uri).set_terminated(parent_id, status))
+    if not outbox.flush(deadline_s):
+        logger.error("MLflow unreachable: parent run %s could not be marked %s", parent_id, status)
+
+
 def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool) -> int:
     """Run (or with ``resume`` continue) the search of ``spec``; returns the command's exit code."""
     prepare_env(address)
@@ -60,9 +78,11 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         print(f"error: {problem}", file=sys.stderr)
         return 2
     cluster = init_ray(address)
+    tracking.bound_http_requests()  # a dead tracking server costs seconds per call, not ~4 min of retries
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
     parent_id, reused = tracking.parent_run(uri, exp_id, exp_path, spec.name, reuse=resume)
+    callback = None
     try:
         reference = cached_reference(spec)
         if not reused:
@@ -74,11 +94,10 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
                     else "starting", exp_path, spec.search.num_trials, concurrency(spec, cluster), parent_id)
         results = tuner.fit()
     except KeyboardInterrupt:
-        tracking.client(uri).set_terminated(parent_id, "KILLED")
+        close_on_abort(uri, parent_id, callback, "KILLED")
         raise
     except Exception as exc:
-        tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": tracking.failure_reason(str(exc))})
-        tracking.client(uri).set_terminated(parent_id, "FAILED")
+        close_on_abort(uri, parent_id, callback, "FAILED", tracking.failure_reason(str(exc)))
         raise
     rows = summary.trial_rows(results, spec)
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)

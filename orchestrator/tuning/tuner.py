@@ -37,10 +37,23 @@ def build_sampler(spec: SearchSpec, max_concurrent: int):
                                           group=True, constant_liar=max_concurrent > 1)
 
 
+def build_scheduler(spec: SearchSpec):
+    """ASHA on the first objective, its time unit the evaluations a trial has done (``orchestrator.tuning.asha``);
+    FIFO when ASHA is off."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.tuning.asha import TIME_ATTR, ResumableASHA
+
+    a = spec.search.asha
+    if not a.enabled:
+        return FIFOScheduler()
+    return ResumableASHA(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.objectives[spec.metric],
+                         max_t=asha_max_t(spec), grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+
+
 def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, max_concurrent: int, resume: bool):
     """A fresh Tuner, or the restored one when resuming an existing experiment."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.spec.hparams import ConditionalSpace, optuna_points
@@ -54,6 +67,8 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
         local = getattr(tuner, "_local_tuner", None)  # use this run's MLflow callback (new --tracking-uri etc.)
         if local is not None:
             local.get_run_config().callbacks = [callback]
+            # Ray restores no scheduler state: a fresh ResumableASHA rebuilds its rungs from the trials' history
+            local._tune_config.scheduler = build_scheduler(spec)
         return tuner, True
     objectives = spec.objectives
     s = spec.search
@@ -62,12 +77,9 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
                             metric=list(objectives) if multi else spec.metric,
                             mode=list(objectives.values()) if multi else objectives[spec.metric],
                             points_to_evaluate=optuna_points(spec.methods, s.points_to_evaluate) or None)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=spec.metric, mode=objectives[spec.metric],
-                               max_t=asha_max_t(spec), grace_period=s.asha.grace_period,
-                               reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(spec), num_samples=s.num_trials,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),

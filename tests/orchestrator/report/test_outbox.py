@@ -1,0 +1,96 @@
+"""The MLflow outbox without a server: writes stay in order through an outage, go offline without touching the
+store while it is down, land once it is back; a write the store refuses is dropped, not retried forever."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from orchestrator.report import outbox
+from orchestrator.report.outbox import Outbox, is_outage
+
+
+class Store:
+    """Stands in for the tracking server: ``down`` makes every write raise what MLflow raises after retries."""
+
+    def __init__(self):
+        self.down, self.calls, self.logged = False, 0, []
+
+    def write(self, item):
+        def run():
+            self.calls += 1
+            if self.down:
+                raise MlflowException("API request to http://127.0.0.1:5055/api/2.0/mlflow/runs/log-batch failed "
+                                      "with exception HTTPConnectionPool: Max retries exceeded")
+            self.logged.append(item)
+        return run
+
+
+def test_writes_wait_out_an_outage_in_order():
+    store, box = Store(), Outbox(retry_s=3600.0)
+    box.put("a", store.write("a"))
+    store.down = True
+    box.put("b", store.write("b"))
+    calls = store.calls
+    for item in "cde":  # offline: queued without a call to the store, so no trial waits on it
+        box.put(item, store.write(item))
+    assert store.calls == calls and [w for w, _ in box.pending] == ["b", "c", "d", "e"]
+    store.down = False
+    assert box.flush() is False  # still inside the offline window: nothing is tried
+    box.offline_until = 0.0  # the window has passed
+    assert box.flush() is True
+    assert store.logged == ["a", "b", "c", "d", "e"] and not box.pending
+
+
+def test_flush_with_a_deadline_waits_for_the_store():
+    store, box = Store(), Outbox(retry_s=0.01)
+    store.down = True
+    box.put("a", store.write("a"))
+    box.put("b", store.write("b"))
+    assert box.flush(deadline_s=0.05) is False and store.logged == []
+    tries = store.calls
+
+    def back_on_third_try():
+        if store.calls - tries == 2:
+            store.down = False
+        store.write("c")()
+    box.pending.appendleft(("c", back_on_third_try))
+    assert box.flush(deadline_s=60.0) is True
+    assert store.logged == ["c", "a", "b"] and store.calls - tries == 5  # 3 tries of c, then a and b once
+
+
+def test_a_refused_write_is_dropped_and_the_rest_goes_on():
+    store, box = Store(), Outbox(retry_s=3600.0)
+
+    def refused():
+        raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+    box.put("refused", refused)
+    box.put("a", store.write("a"))
+    assert store.logged == ["a"] and box.dropped == 1 and not box.pending
+
+
+def test_outage_classification():
+    assert is_outage(MlflowException("API request failed with exception"))  # INTERNAL_ERROR
+    assert is_outage(ConnectionRefusedError())
+    assert not is_outage(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_outage(KeyError("a bug of ours"))
+
+
+def test_bounded_http_retries_unless_the_user_set_them(monkeypatch):
+    for key in outbox.HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    outbox.bound_http_requests()
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 1 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 30
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch):
+    for key in outbox.HTTP_DEFAULTS:  # bound_http_requests writes os.environ: undone after each test
+        monkeypatch.setenv(key, os.environ.get(key, outbox.HTTP_DEFAULTS[key]))
