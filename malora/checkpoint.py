@@ -18,6 +18,7 @@ lists missing keys, unexpected keys and shape mismatches. No pickle is involved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,10 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from malora.config import AdapterConfig, ConfigError, config_from_dict
-from malora.inject import adapter_layers, inject_adapters
-from malora.layers import build_adapter_layer
-from malora.layers.base import base_dims
-from malora.params import layer_index
+from malora.inject import adapter_context, adapter_layers, inject_adapters, remove_adapters
+from malora.layers import LoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLik
                               "malora.inject_adapters(model, cfg) (or load_adapter) before saving.")
     diffs = _config_differences(model, cfg)
     if diffs:
-        raise CheckpointError(f"save_adapter: cfg does not describe the model's adapters ({'; '.join(diffs[:3])}). "
+        raise CheckpointError(f"save_adapter: cfg does not describe the model's adapters ({'; '.join(diffs)}). "
                               "Fix: pass the config the adapters were injected with.")
     state = adapter_state_dict(model)
     out = Path(out_dir)
@@ -193,104 +192,102 @@ def _format_problems(path: Path, missing: list, unexpected: list, mismatched: li
     return "\n".join(lines)
 
 
-def _undo_injection(model: nn.Module, names: list[str], flags: dict[str, bool]) -> None:
-    """Put each adapter layer's wrapped base back and restore every parameter's original requires_grad."""
-    for name in names:
-        layer = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
-    for pname, param in model.named_parameters():
-        if pname in flags:
-            param.requires_grad_(flags[pname])
-
-
-def _meta_like(base: nn.Module) -> nn.Module:
-    """An empty (``meta``) module with the shape and type of the frozen linear ``base``."""
-    n, m = base_dims(base)
-    with torch.device("meta"):
-        if isinstance(base, nn.Linear):
-            return nn.Linear(n, m, bias=base.bias is not None)
-        return type(base)(m, n)  # transformers Conv1D(nf=out, nx=in)
-
-
 def _config_differences(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Adapter layers of ``model`` that are not what ``cfg`` would build (type, ranks, experts, routing, dropout...).
+    """Every field in which ``cfg`` differs from the config ``model``'s adapters were injected with.
 
-    Compares each layer's ``repr`` with that of a layer built from ``cfg`` around an empty copy of its base.
+    Compares the dataclasses field by field (kind, ranks, experts, top_k, renormalize, balance_coef,
+    balance_reduction, k0_is_expert, beta, alpha, dropout, dropconnect, dispatch, target_modules, ...), so the
+    type of the wrapped base (e.g. a quantised ``nn.Linear`` subclass) plays no part.
     """
-    diffs = []
-    for name, layer in adapter_layers(model):
-        experts = getattr(cfg, "num_experts", None)
-        if isinstance(experts, tuple):  # per-layer list: this layer's entry
-            idx = layer_index(name)
-            if idx is None or not 0 <= idx < len(experts):
-                diffs.append(f"{name}: no entry of the per-layer num_experts {experts} applies to it")
-                continue
-            experts = experts[idx]
-        reference = build_adapter_layer(_meta_like(layer.base), cfg, experts)
-        if repr(reference) != repr(layer) or reference.scaling != layer.scaling:
-            diffs.append(f"{name}: has {repr(layer)!r}, checkpoint config builds {repr(reference)!r}")
-    return diffs
+    ctx = adapter_context(model)
+    if ctx is None:
+        return ["the model's adapters were not injected by malora.inject_adapters (no recorded config)"]
+    injected = ctx.config
+    if type(injected) is not type(cfg):
+        return [f"kind: model has {injected.kind!r}, given {cfg.kind!r}"]
+    return [f"{f.name}: model has {getattr(injected, f.name)!r}, given {getattr(cfg, f.name)!r}"
+            for f in dataclasses.fields(cfg) if getattr(injected, f.name) != getattr(cfg, f.name)]
 
 
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, *, strict: bool = True) -> AdapterConfig:
     """Inject the adapter saved in ``in_dir`` into the base ``model`` and load its tensors; returns its config.
 
-    Strict (default): any missing key, unexpected key or shape mismatch raises CheckpointError listing them,
-    and the model is left as it was. ``strict=False`` loads the keys that match and logs the rest (shape
-    mismatches always raise). A model that already has adapters is accepted only if they are the layers the
-    checkpoint's config builds (same layers, kinds, ranks, experts, routing, dropout, scaling, tensor shapes);
-    their weights are then overwritten. Otherwise CheckpointError.
+    Strict (default): any missing key, unexpected key or shape mismatch raises CheckpointError listing them.
+    ``strict=False`` loads the keys that match and logs the rest (shape mismatches always raise). Atomic: on
+    any error (bad files, a config that fails to inject, mismatched tensors) the model is left as it was, so
+    the call can be retried. A model that already has adapters is accepted only if their recorded config
+    equals the checkpoint's in every field and they cover the same layers; their weights are then overwritten.
+    Otherwise CheckpointError.
     """
     in_dir = Path(in_dir)
     cfg, payload = read_adapter_config(in_dir)
     loaded = _read_tensors(in_dir)
     weights_path = in_dir / WEIGHTS_NAME
     existing = [name for name, _ in adapter_layers(model)]
+    injected: list[str] = []
     if existing:
         expected = adapter_state_dict(model)
         diffs = _config_differences(model, cfg)
         if sorted(existing) != sorted(payload["layers"]):
             diffs.insert(0, f"adapted layers differ: model {len(existing)}, checkpoint {len(payload['layers'])}")
         if diffs or any(_problems(expected, loaded)):
-            detail = "; ".join(diffs[:3]) or "tensor names or shapes differ"
+            detail = "; ".join(diffs) or "tensor names or shapes differ"
             raise CheckpointError(
                 f"the model already has adapters with a different config than the checkpoint in {in_dir} "
                 f"({detail}). Fix: load into a fresh base model without adapters.")
     else:
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        injected = inject_adapters(model, cfg)
+        injected = inject_adapters(model, cfg)                         # atomic itself
         expected = adapter_state_dict(model)
         missing, unexpected, mismatched = _problems(expected, loaded)
         if mismatched or (strict and (missing or unexpected)):
-            _undo_injection(model, injected, flags)
+            remove_adapters(model)
             raise CheckpointError(_format_problems(weights_path, missing, unexpected, mismatched))
         if missing or unexpected:
             log.warning("non-strict load: %s", _format_problems(weights_path, missing, unexpected, []))
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            if name in expected:
-                expected[name].copy_(tensor)
+    try:
+        with torch.no_grad():
+            for name, tensor in loaded.items():
+                if name in expected:
+                    expected[name].copy_(tensor)
+    except BaseException:
+        if injected:  # a fresh injection is undone; existing adapters may hold a partial copy
+            remove_adapters(model)
+        raise
     log.info("loaded %d adapter tensors from %s", len(loaded), in_dir)
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------------ PEFT
-def export_peft(model: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLike,
+def export_peft(model: nn.Module, cfg: AdapterConfig | None = None, out_dir: str | os.PathLike | None = None,
                 *, base_model: str | None = None) -> Path:
     """Write a kind-"lora" adapter in PEFT's format, loadable with ``peft.PeftModel.from_pretrained``.
 
     Keys ``base_model.model.<module path>.lora_A.weight`` (r, n) and ``.lora_B.weight`` (m, r); config with
     ``peft_type="LORA"``, ``r``, ``lora_alpha`` (PEFT's scale is lora_alpha / r, as ours), ``lora_dropout``,
     ``target_modules`` (the adapted modules' last name components) and ``fan_in_fan_out`` for GPT-2 Conv1D.
-    peft itself is not needed to export.
+    ``cfg`` defaults to the config the model was injected with; a given ``cfg`` must equal it in every field
+    (r, alpha, dropout, target_modules, ...). Every refusal (a non-LoRA config or model, a config that differs
+    from the injected one, no adapters) is one ConfigError listing all the problems. peft itself is not
+    needed to export.
     """
-    if cfg.kind != "lora":
-        raise ConfigError(f"export_peft: kind={cfg.kind!r} has no PEFT equivalent. Fix: export a LoRAConfig "
-                          "adapter, or use malora.save_adapter for this kind.")
+    if out_dir is None:
+        raise TypeError("export_peft: out_dir is required")
     layers = adapter_layers(model)
+    ctx = adapter_context(model)
+    cfg = cfg if cfg is not None else (ctx.config if ctx is not None else None)
+    problems = []
     if not layers:
-        raise CheckpointError("export_peft: the model has no adapter layers. Fix: inject or load a LoRA first.")
+        problems.append("the model has no adapter layers (inject or load a LoRA first)")
+    if cfg is not None and cfg.kind != "lora":
+        problems.append(f"kind={cfg.kind!r} has no PEFT equivalent (use malora.save_adapter for this kind)")
+    others = sorted({type(layer).__name__ for _, layer in layers if not isinstance(layer, LoRALinear)})
+    if others:
+        problems.append(f"the model's adapters are {others}, not LoRALinear")
+    if layers and cfg is not None:
+        problems += _config_differences(model, cfg)
+    if problems or cfg is None:
+        raise ConfigError("export_peft: cannot export a PEFT LoRA: " + "; ".join(problems or ["no config"])
+                          + ". Fix: export a model injected with a LoRAConfig, passing that config or none.")
     tensors: dict[str, torch.Tensor] = {}
     conv1d = set()
     for name, layer in layers:

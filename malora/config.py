@@ -11,7 +11,8 @@ YAML compare and hash like the ones written in Python).
 
 Paper-level choices that the papers leave open are fields with documented defaults (see METHODS.md §1.9):
 ``renormalize`` (top-k weights renormalised to sum to 1?), ``balance_coef`` (0.01 in the MALoRA tables vs
-0.001 in its text) and ``k0_is_expert`` (is MALoRA's K_0 expert 0's own matrix or an extra one?).
+0.001 in its text), ``balance_reduction`` (mean or sum over routed modules; the papers never say) and
+``k0_is_expert`` (is MALoRA's K_0 expert 0's own matrix or an extra one?).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 DISPATCH_MODES = ("auto", "sparse", "dense", "loop")
+BALANCE_REDUCTIONS = ("mean", "sum")
 ROUTED_KINDS = ("molora", "malora", "mosld", "hydra")
 MALORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -108,6 +110,9 @@ class _ConfigMixin:
                   "lower top_k or add experts")
         _check_bool(self, "renormalize")
         _check_nonnegative(self, "balance_coef")
+        if self.balance_reduction not in BALANCE_REDUCTIONS:
+            _fail(self, "balance_reduction", self.balance_reduction, f"must be one of {BALANCE_REDUCTIONS}",
+                  'use "mean" (MixLoRA / MoE-PEFT scale, see malora.inject.collect_aux_loss)')
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists); ``config_from_dict(cfg.to_dict()) == cfg``."""
@@ -171,7 +176,12 @@ class MoLoRAConfig(_ConfigMixin):
     """Renormalise the top-k probabilities to sum to 1. Not stated by MALoRA; False follows Zadouri et al.'s
     top-k code (mask, no renormalisation), which MALoRA says its routing copies."""
     balance_coef: float = 0.01
-    """Weight of the Switch balance loss N * sum_i f_i P_i. 0.01 = MALoRA Tables 8/9 (its text says 0.001)."""
+    """Weight of the balance loss N * sum_i f_i P_i (Mixtral form, f sums to top_k; see Router). 0.01 = MALoRA
+    Tables 8/9 (its text says 0.001), read with MixLoRA's meaning: with ``balance_reduction="mean"``."""
+    balance_reduction: str = "mean"
+    """How collect_aux_loss combines the routed modules' losses: "mean" (default; the scale of MixLoRA /
+    MoE-PEFT / transformers' Mixtral, whose one loss pools every layer, so the papers' 0.01 means the same
+    here) or "sum" (0.01 then weighs each module, i.e. 0.01 x the number of routed modules in total)."""
     alpha: float = 16.0
     """Output scale is alpha / r (= 2)."""
     dropout: float = 0.05
@@ -216,7 +226,9 @@ class MALoRAConfig(_ConfigMixin):
     """Renormalise the top-k probabilities. The paper is silent and says its routing follows MoLoRA, whose
     top-k does not renormalise; so False."""
     balance_coef: float = 0.01
-    """Switch balance-loss weight: 0.01 from Tables 8/9 (Section 4.1's text says 0.001)."""
+    """Balance-loss weight: 0.01 from Tables 8/9 (Section 4.1's text says 0.001); see MoLoRAConfig.balance_coef."""
+    balance_reduction: str = "mean"
+    """See MoLoRAConfig.balance_reduction."""
     alpha: float = 24.0
     """Output scale is alpha / r_bar (= 24 / 12 = 2, as the paper's tables)."""
     dropout: float = 0.05
@@ -265,7 +277,9 @@ class MoSLDConfig(_ConfigMixin):
     dropconnect: float = 0.1
     """DropConnect probability p on A's weights (paper p = 0.1); training only."""
     balance_coef: float = 0.01
-    """Switch balance-loss weight; MoSLD gives no coefficient, 0.01 matches MALoRA's tables."""
+    """Balance-loss weight; MoSLD gives no coefficient, 0.01 matches MALoRA's tables (MoLoRAConfig.balance_coef)."""
+    balance_reduction: str = "mean"
+    """See MoLoRAConfig.balance_reduction."""
     alpha: float = 16.0
     """Output scale is alpha / r (paper r = 8, alpha = 16)."""
     dropout: float = 0.0

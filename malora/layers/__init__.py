@@ -38,13 +38,14 @@ def build_adapter_layer(base: nn.Module, cfg: AdapterConfig, num_experts: int | 
         return LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout)
     if isinstance(cfg, MoLoRAConfig):
         return MoLoRALinear(base, cfg.r, num_experts, cfg.top_k, cfg.alpha, cfg.dropout, cfg.renormalize,
-                            cfg.balance_coef, cfg.dispatch)
+                            cfg.balance_coef, cfg.balance_reduction, cfg.dispatch)
     if isinstance(cfg, MALoRAConfig):
         return MALoRALinear(base, cfg.d, cfg.r_bar, num_experts, cfg.top_k, cfg.alpha, cfg.beta, cfg.dropout,
-                            cfg.renormalize, cfg.balance_coef, cfg.k0_is_expert, cfg.dispatch)
+                            cfg.renormalize, cfg.balance_coef, cfg.balance_reduction, cfg.k0_is_expert,
+                            cfg.dispatch)
     if isinstance(cfg, MoSLDConfig):
         return MoSLDLinear(base, cfg.r, num_experts, cfg.top_k, cfg.alpha, cfg.dropconnect, cfg.dropout,
-                           cfg.renormalize, cfg.balance_coef, cfg.dispatch)
+                           cfg.renormalize, cfg.balance_coef, cfg.balance_reduction, cfg.dispatch)
     if isinstance(cfg, HydraLoRAConfig):
         return HydraLoRALinear(base, cfg.r, num_experts, cfg.alpha, cfg.dropout)
     raise ConfigError(f"unknown adapter config type {type(cfg).__name__}. Fix: use a config from malora.config.")

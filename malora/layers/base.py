@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malora.layers.router import RouterOutput
+from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
+
 try:  # GPT-2 style linear: weight (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency; keep the library importable without it
@@ -47,9 +50,13 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
 class AdapterLayer(nn.Module):
     """Drop-in replacement for a frozen linear: ``forward(x) = base(x) + scaling * delta(x)``.
 
-    Subclasses define ``delta(x)`` for x (T, n) -> (T, m), computed in x.dtype. Every trainable tensor's name
-    starts with ``lora_``. Routed layers set ``last_aux_loss`` on each forward (else it stays None).
+    Subclasses define ``delta(x, rows)`` for x (T, n) -> (T, m), computed in x.dtype; ``rows`` (T,) bool marks
+    the real (non-padding) tokens, or is None when all are real (see :mod:`malora.routing`); routed layers
+    give padded rows a zero delta and exclude them from routing counts and the balance loss. Every trainable
+    tensor's name starts with ``lora_``. Routed layers (``ROUTED``) set ``last_aux_loss`` on each forward.
     """
+
+    ROUTED = False
 
     def __init__(self, base: nn.Module, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -60,6 +67,18 @@ class AdapterLayer(nn.Module):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_aux_loss: torch.Tensor | None = None
+        self.routing_context: RoutingContext | None = None   # set by inject_adapters; not a module
+        self.aux_generation = -1                              # context generation of last_aux_loss
+        self.aux_box = AuxGradBox()
+        self._state = NO_CONTEXT
+        self._aux_now: torch.Tensor | None = None
+        self.aux_deferred = False
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop the last forward's balance loss (a graph node, which cannot be deep-copied)."""
+        state = dict(self.__dict__)
+        state.update(last_aux_loss=None, _aux_now=None, aux_box=AuxGradBox(), aux_deferred=False)
+        return state
 
     def _new(self, *shape: int) -> torch.Tensor:
         """Uninitialised adapter tensor on the base's device, in :func:`adapter_dtype`."""
@@ -69,15 +88,38 @@ class AdapterLayer(nn.Module):
         """The trainable adapter tensors, by name relative to this layer."""
         return {n: p for n, p in self.named_parameters() if n.split(".")[0].startswith("lora_")}
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def route(self, x: torch.Tensor, rows: torch.Tensor | None) -> RouterOutput:
+        """Run ``lora_router`` on x (T, n): counts tokens unless this call is a checkpoint recomputation."""
+        route = self.lora_router(x, rows, count=not self._state.recompute)
+        self._aux_now = route.aux_loss
+        return route
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
+        self._aux_now = None
         y = self.base(x)                                            # (..., m)
-        delta = self.delta(x.reshape(-1, self.in_features))         # (T, m)
+        delta = self.delta(x.reshape(-1, self.in_features), state.rows)  # (T, m)
         # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
         # saves two output-sized temporaries (scaling * delta, and the sum) per adapted layer and step.
-        return y.add_(delta.view(y.shape).to(y.dtype), alpha=self.scaling)
+        y = y.add_(delta.view(y.shape).to(y.dtype), alpha=self.scaling)
+        if not self.ROUTED:
+            return y
+        aux, self._aux_now = self._aux_now, None
+        if state.recompute:                                         # checkpoint: keep the first forward's loss
+            return attach_aux(y, aux, self.aux_box) if self.aux_deferred else y
+        if self.aux_deferred and self.aux_box.grad is not None:
+            raise RuntimeError(
+                "malora: the balance-loss gradient of the last backward never reached the routers: with reentrant "
+                "gradient checkpointing it flows through the recomputation that the LM loss triggers. Fix: call "
+                "(lm_loss + collect_aux_loss(model)).backward() in one call, or use use_reentrant=False.")
+        self.last_aux_loss, self.aux_deferred = aux, state.defer_aux and aux is not None
+        self.aux_box = AuxGradBox()
+        ctx = self.routing_context
+        self.aux_generation = ctx.generation if ctx is not None else -1
+        return y
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
@@ -105,21 +147,29 @@ def _expert(u: torch.Tensor, e: int, up: torch.Tensor, down: torch.Tensor | None
     return F.linear(h, up[e])                                       # (T_e, m)
 
 
-def sparse_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
-                   up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
-    """Grouped top-k dispatch. u (T, q), gates/idx (T, k), up (N, m, r), down (N, r, q) or None -> (T, m)."""
+def sparse_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped top-k dispatch. u (T, q), gates/idx (T, k), up (N, m, r), down (N, r, q) or None -> (T, m).
+
+    Padded token-slots (``rows`` False) go to a sentinel expert N that is never run; one host sync (the
+    per-expert slot counts that size the groups).
+    """
     T, k = idx.shape
     N = up.shape[0]
+    if rows is not None:
+        idx = idx.masked_fill(~rows[:, None], N)                    # (T, k) padded slots -> sentinel N
     flat = idx.reshape(-1)                                          # (T*k,) expert of each token-slot
     order = torch.argsort(flat, stable=True)                        # (T*k,) slots grouped by expert
-    token = order // k                                              # (T*k,) token of each sorted slot
-    counts = torch.bincount(flat, minlength=N).tolist()             # N ints (host sync)
-    u_sorted = u.index_select(0, token)                             # (T*k, q)
+    counts = flat.new_zeros(N + 1).scatter_add_(0, flat, torch.ones_like(flat)).tolist()  # N+1 ints (host sync)
+    real = sum(counts[:N])
+    order = order[:real]                                            # (S,) real slots, sentinel dropped
+    token = order // k                                              # (S,) token of each sorted slot
+    u_sorted = u.index_select(0, token)                             # (S, q)
     outs = [_expert(chunk, e, up, down)                             # (T_e, m) each
-            for e, chunk in enumerate(u_sorted.split(counts)) if counts[e]]
+            for e, chunk in enumerate(u_sorted.split(counts[:N])) if counts[e]]
     if not outs:  # no tokens
         return u.new_zeros(T, up.shape[1])
-    out = torch.cat(outs) * gates.reshape(-1)[order, None]          # (T*k, m)
+    out = torch.cat(outs) * gates.reshape(-1)[order, None]          # (S, m)
     return u.new_zeros(T, up.shape[1]).index_add(0, token, out)     # (T, m)
 
 
@@ -128,7 +178,7 @@ def dense_mixture(u: torch.Tensor, gate_matrix: torch.Tensor,
     """All experts on all tokens, weighted by gate_matrix (T, N) (zeros for unselected experts) -> (T, m).
 
     Cost per token N r (q + m) MACs as two wide GEMMs: ``h = u D_cat^T`` (T, N r), then the gates are folded
-    into h so that B is applied once as (T, N r) @ (N r, m).
+    into h so that B is applied once as (T, N r) @ (N r, m). No host sync.
     """
     N, m, r = up.shape
     T = u.shape[0]
@@ -141,9 +191,11 @@ def dense_mixture(u: torch.Tensor, gate_matrix: torch.Tensor,
     return F.linear(h, up_cat)                                      # (T, m)
 
 
-def loop_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
-                 up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+def loop_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The per-expert loop as usually written: for each expert, mask its tokens, run its matrices, add back."""
+    if rows is not None:
+        idx = idx.masked_fill(~rows[:, None], up.shape[0])          # padded slots match no expert
     out = u.new_zeros(u.shape[0], up.shape[1])                      # (T, m)
     for e in range(up.shape[0]):
         token, slot = torch.where(idx == e)                         # (T_e,), (T_e,)
@@ -154,18 +206,24 @@ def loop_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def gate_matrix(gates: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Scatter top-k gates (T, k) at idx (T, k) into a (T, N) matrix with zeros elsewhere."""
+def gate_matrix(gates: torch.Tensor, idx: torch.Tensor, num_experts: int,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Scatter top-k gates (T, k) at idx (T, k) into a (T, N) matrix with zeros elsewhere (and on padded rows)."""
+    if rows is not None:
+        gates = gates * rows[:, None].to(gates.dtype)               # (T, k) padded rows weigh 0
     return gates.new_zeros(gates.shape[0], num_experts).scatter(1, idx, gates)
 
 
-def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor,
-            up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
-    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop") on top-k routing output."""
+def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop") on top-k routing output.
+
+    ``rows`` (T,) bool: padded rows (False) get a zero delta (the sparse and loop paths skip them).
+    """
     if mode == "sparse":
-        return sparse_mixture(u, gates, idx, up, down)
+        return sparse_mixture(u, gates, idx, up, down, rows)
     if mode == "dense":
-        return dense_mixture(u, gate_matrix(gates, idx, up.shape[0]), up, down)
+        return dense_mixture(u, gate_matrix(gates, idx, up.shape[0], rows), up, down)
     if mode == "loop":
-        return loop_mixture(u, gates, idx, up, down)
+        return loop_mixture(u, gates, idx, up, down, rows)
     raise ValueError(f"unknown dispatch mode {mode!r}")

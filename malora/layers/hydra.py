@@ -21,6 +21,8 @@ from malora.layers.router import Router
 class HydraLoRALinear(AdapterLayer):
     """Shared-A, N-head dense mixture around a frozen linear (in n, out m)."""
 
+    ROUTED = True
+
     def __init__(self, base: nn.Module, r: int, num_experts: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r, self.num_experts = r, num_experts
@@ -37,8 +39,8 @@ class HydraLoRALinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.lora_router(x)                                     # gates = probs (T, N)
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        route = self.route(x, rows)                                     # gates = probs (T, N), 0 on padding
         z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))          # (T, r)
         return dense_mixture(z, route.gates, up=self.lora_B.to(x.dtype))  # (T, m)
 

@@ -31,7 +31,7 @@ class LoRALinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (T, r)
         return F.linear(h, self.lora_B.to(x.dtype))                   # (T, m)
 

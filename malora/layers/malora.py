@@ -45,9 +45,12 @@ def malora_init(n: int, d: int, r_bar: int, num_experts: int, beta: float,
 class MALoRALinear(AdapterLayer):
     """MALoRA around a frozen linear (in n, out m); S_A x is computed once, before any per-expert work."""
 
+    ROUTED = True
+
     def __init__(self, base: nn.Module, d: int, r_bar: int, num_experts: int, top_k: int, alpha: float,
                  beta: float = 1.0, dropout: float = 0.0, renormalize: bool = False,
-                 balance_coef: float = 0.0, k0_is_expert: bool = True, dispatch: str = "auto") -> None:
+                 balance_coef: float = 0.0, balance_reduction: str = "mean", k0_is_expert: bool = True,
+                 dispatch: str = "auto") -> None:
         super().__init__(base, scaling=alpha / r_bar, dropout=dropout)
         n, m = self.in_features, self.out_features
         if d > n:
@@ -56,7 +59,8 @@ class MALoRALinear(AdapterLayer):
         self.d, self.r_bar, self.beta, self.k0_is_expert = d, r_bar, beta, k0_is_expert
         self.num_experts, self.top_k, self.dispatch = num_experts, top_k, dispatch
         self.lora_router = Router(n, num_experts, top_k, renormalize, balance_coef,
-                                  device=base.weight.device, dtype=adapter_dtype(base))
+                                  balance_reduction=balance_reduction, device=base.weight.device,
+                                  dtype=adapter_dtype(base))
         self.lora_S_A = nn.Parameter(self._new(d, n))                  # (d, n)
         self.lora_P = nn.Parameter(self._new(num_experts, r_bar, d))    # (N, r_bar, d)
         self.lora_B = nn.Parameter(self._new(num_experts, m, r_bar))    # (N, m, r_bar)
@@ -78,12 +82,12 @@ class MALoRALinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r_bar * (self.d + m), n * m)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.lora_router(x)                                     # gates, idx (T, k)
-        self.last_aux_loss = route.aux_loss
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        route = self.route(x, rows)                                     # gates, idx (T, k)
         z = self.dropout(x) @ self.lora_S_A.to(x.dtype).T               # (T, d): once per token
         P, B = self.lora_P.to(x.dtype), self.lora_B.to(x.dtype)
-        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates, route.idx, up=B, down=P)  # (T, m)
+        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates, route.idx, up=B, down=P,
+                       rows=rows)                                       # (T, m)
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, r_bar={self.r_bar}, beta={self.beta}, num_experts={self.num_experts}, "

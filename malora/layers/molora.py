@@ -20,14 +20,17 @@ from malora.layers.router import Router
 class MoLoRALinear(AdapterLayer):
     """N stacked LoRA experts routed top-k per token around a frozen linear (in n, out m)."""
 
+    ROUTED = True
+
     def __init__(self, base: nn.Module, r: int, num_experts: int, top_k: int, alpha: float,
                  dropout: float = 0.0, renormalize: bool = False, balance_coef: float = 0.0,
-                 dispatch: str = "auto") -> None:
+                 balance_reduction: str = "mean", dispatch: str = "auto") -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r, self.num_experts, self.top_k, self.dispatch = r, num_experts, top_k, dispatch
         n, m = self.in_features, self.out_features
         self.lora_router = Router(n, num_experts, top_k, renormalize, balance_coef,
-                                  device=base.weight.device, dtype=adapter_dtype(base))
+                                  balance_reduction=balance_reduction, device=base.weight.device,
+                                  dtype=adapter_dtype(base))
         self.lora_A = nn.Parameter(self._new(num_experts, r, n))      # (N, r, n)
         self.lora_B = nn.Parameter(self._new(num_experts, m, r))      # (N, m, r)
         self.reset_parameters()
@@ -45,12 +48,11 @@ class MoLoRALinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r * (n + m), n * m)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.lora_router(x)                                    # gates, idx (T, k)
-        self.last_aux_loss = route.aux_loss
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        route = self.route(x, rows)                                    # gates, idx (T, k)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return mixture(self.resolve_dispatch(x.shape[0]), self.dropout(x), route.gates, route.idx,
-                       up=B, down=A)                                   # (T, m)
+                       up=B, down=A, rows=rows)                        # (T, m)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, num_experts={self.num_experts}, top_k={self.top_k}, dispatch={self.dispatch}"

@@ -23,15 +23,18 @@ from malora.layers.router import Router
 class MoSLDLinear(AdapterLayer):
     """Shared-A mixture with top-k routing and DropConnect on A, around a frozen linear (in n, out m)."""
 
+    ROUTED = True
+
     def __init__(self, base: nn.Module, r: int, num_experts: int, top_k: int, alpha: float,
                  dropconnect: float = 0.0, dropout: float = 0.0, renormalize: bool = True,
-                 balance_coef: float = 0.0, dispatch: str = "auto") -> None:
+                 balance_coef: float = 0.0, balance_reduction: str = "mean", dispatch: str = "auto") -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r, self.num_experts, self.top_k, self.dispatch = r, num_experts, top_k, dispatch
         self.dropconnect = dropconnect
         n, m = self.in_features, self.out_features
         self.lora_router = Router(n, num_experts, top_k, renormalize, balance_coef,
-                                  device=base.weight.device, dtype=adapter_dtype(base))
+                                  balance_reduction=balance_reduction, device=base.weight.device,
+                                  dtype=adapter_dtype(base))
         self.lora_A = nn.Parameter(self._new(r, n))                     # (r, n) shared by the experts
         self.lora_B = nn.Parameter(self._new(num_experts, m, r))        # (N, m, r)
         self.reset_parameters()
@@ -57,12 +60,11 @@ class MoSLDLinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r * m, n * m)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.lora_router(x)                                     # gates, idx (T, k)
-        self.last_aux_loss = route.aux_loss
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        route = self.route(x, rows)                                     # gates, idx (T, k)
         z = F.linear(self.dropout(x), self.shared_A(x.dtype))           # (T, r): once per token
         return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates, route.idx,
-                       up=self.lora_B.to(x.dtype))                      # (T, m)
+                       up=self.lora_B.to(x.dtype), rows=rows)           # (T, m)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_experts={self.num_experts}, top_k={self.top_k}, "

@@ -119,7 +119,8 @@ def test_model_with_other_adapters_is_refused(tmp_path):
     base, model = adapted(cfg)
     save_adapter(model, cfg, tmp_path)
     inject_adapters(base, LoRAConfig(r=4, alpha=8.0))                 # same shapes, different scaling
-    with pytest.raises(CheckpointError, match="different config.*scaling=2.0.*Fix: load into a fresh base model"):
+    with pytest.raises(CheckpointError, match="different config.*alpha: model has 8.0, given 16.0.*Fix: load into a "
+                                              "fresh base model"):
         load_adapter(base, tmp_path)
     other = tiny_llama()
     inject_adapters(other, LoRAConfig(r=2))
@@ -171,10 +172,95 @@ def test_save_requires_adapters_matching_cfg_and_peft_export_requires_lora(tmp_p
     with pytest.raises(CheckpointError, match="no adapter layers"):
         save_adapter(tiny_llama(), LoRAConfig(), tmp_path)
     _, model = adapted(MoSLDConfig(r=4, num_experts=(2, 3)))
-    with pytest.raises(CheckpointError, match=r"cfg does not describe.*num_experts=3"):
+    with pytest.raises(CheckpointError, match=r"cfg does not describe.*num_experts: model has \(2, 3\), given \(2, 2\)"):
         save_adapter(model, MoSLDConfig(r=4, num_experts=(2, 2)), tmp_path)
     assert not any(tmp_path.iterdir())
     cfg = MoLoRAConfig(r=4, num_experts=3)
     _, model = adapted(cfg)
-    with pytest.raises(ConfigError, match="kind='molora' has no PEFT equivalent"):
+    with pytest.raises(ConfigError, match="kind='molora' has no PEFT equivalent.*not LoRALinear"):
         export_peft(model, cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"not LoRALinear.*kind: model has 'molora', given 'lora'"):
+        export_peft(model, LoRAConfig(r=4, target_modules=QKV_FFN), tmp_path)    # a LoRA config, a MoLoRA model
+    with pytest.raises(ConfigError, match="kind='molora' has no PEFT equivalent"):
+        export_peft(model, out_dir=tmp_path)                           # config taken from the model
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("balance_coef", 0.001), ("balance_reduction", "sum"), ("k0_is_expert", False), ("renormalize", True),
+    ("dispatch", "sparse"), ("beta", 1.25),
+])
+def test_every_config_field_is_compared(tmp_path, field, value):
+    cfg = MALoRAConfig(d=8, r_bar=4, num_experts=3)
+    other = MALoRAConfig(**{**cfg.to_dict(), field: value})
+    base, model = adapted(cfg)
+    with pytest.raises(CheckpointError, match=rf"cfg does not describe.*{field}: model has .*, given {value!r}"):
+        save_adapter(model, other, tmp_path)
+    save_adapter(model, cfg, tmp_path)
+    inject_adapters(base, other)                                      # same layers, same shapes, other field
+    with pytest.raises(CheckpointError, match=rf"different config.*{field}: model has {value!r}"):
+        load_adapter(base, tmp_path)
+
+
+class QuantLinear(torch.nn.Linear):
+    """Stands in for a quantised linear: an ``nn.Linear`` subclass with its own repr."""
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, int8"
+
+
+def with_quant_linears(model):
+    for name, module in list(model.named_modules()):
+        if name.endswith(("q_proj", "v_proj")):
+            quant = QuantLinear(module.in_features, module.out_features, bias=module.bias is not None)
+            quant.load_state_dict(module.state_dict())
+            model.set_submodule(name, quant)
+    return model
+
+
+def test_bases_that_subclass_linear_round_trip(tmp_path):
+    cfg = MoLoRAConfig(r=4, num_experts=3)
+    model = with_quant_linears(tiny_llama())
+    base = copy.deepcopy(model)
+    inject_adapters(model, cfg)
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, QuantLinear)
+    save_adapter(model, cfg, tmp_path)
+    assert load_adapter(base, tmp_path) == cfg
+    assert torch.equal(logits(base), logits(model))
+    assert load_adapter(base, tmp_path) == cfg                        # into its own adapters: overwritten
+
+
+def test_load_is_atomic_when_the_config_fails_on_one_module(tmp_path):
+    cfg = MALoRAConfig(d=24, r_bar=4, num_experts=3, target_modules=("q_proj", "down_proj"))
+    _, model = adapted(cfg, intermediate_size=48)                      # q_proj in 32, down_proj in 48: d fits
+    save_adapter(model, cfg, tmp_path / "wide")
+    cfg_ok = MALoRAConfig(d=8, r_bar=4, num_experts=3, target_modules=("q_proj", "down_proj"))
+    _, good = adapted(cfg_ok, intermediate_size=16)
+    save_adapter(good, cfg_ok, tmp_path / "ok")
+    narrow = tiny_llama(intermediate_size=16)                          # q_proj fits d=24, down_proj (in 16) not
+    modules = {n: type(m) for n, m in narrow.named_modules()}
+    flags = [p.requires_grad for p in narrow.parameters()]
+    with pytest.raises(ConfigError, match="d=24 exceeds the in_features 16"):
+        load_adapter(narrow, tmp_path / "wide")
+    assert {n: type(m) for n, m in narrow.named_modules()} == modules
+    assert [p.requires_grad for p in narrow.parameters()] == flags
+    assert load_adapter(narrow, tmp_path / "ok") == cfg_ok            # retry on the same model works
+    assert torch.equal(logits(narrow), logits(good))
+
+
+@pytest.mark.parametrize("change", [dict(alpha=8.0), dict(r=2), dict(dropout=0.1),
+                                    dict(target_modules=("q_proj", "v_proj"))], ids=lambda c: next(iter(c)))
+def test_peft_export_refuses_a_config_other_than_the_injected_one(tmp_path, change):
+    cfg = LoRAConfig(r=4, target_modules=QKV_FFN)
+    _, model = adapted(cfg)
+    field = next(iter(change))
+    with pytest.raises(ConfigError, match=rf"export_peft: .*{field}: model has"):
+        export_peft(model, LoRAConfig(**{**cfg.to_dict(), **change}), tmp_path)
+    assert not any(tmp_path.iterdir())
+    export_peft(model, out_dir=tmp_path)                               # no config: the injected one is used
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (meta["r"], meta["lora_alpha"], meta["lora_dropout"]) == (cfg.r, cfg.alpha, cfg.dropout)
+    assert meta["target_modules"] == sorted(QKV_FFN)

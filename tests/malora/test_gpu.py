@@ -1,13 +1,16 @@
 """CUDA checks (marker `gpu`, skipped without CUDA): every dispatch path on the GPU equals the float64 CPU
-reference, and a bf16 model with adapters trains with finite, fp32-close outputs."""
+reference, routing never waits on the host where it need not (dense path: no sync; sparse: one per layer), and
+a bf16 model with non-zero adapters trains with finite, fp32-close outputs."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from malora import collect_aux_loss, inject_adapters
-from tests.malora.test_layers import CASES, make_layer, reference
+from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters
+from tests.malora.test_layers import CASES, CONFIGS, PAD_MASK, N_IN, Holder, make_layer, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -23,30 +26,81 @@ def check_dispatch_paths(device: str) -> None:
         torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-4, atol=1e-4, msg=f"{kind}/{dispatch}")
 
 
+def routed_holder(kind: str, dispatch: str | None, device: str) -> Holder:
+    cfg = CONFIGS[kind]
+    if dispatch:
+        cfg = type(cfg)(**{**cfg.to_dict(), "dispatch": dispatch})
+    return Holder(cfg).to(device=device, dtype=torch.float32)
+
+
+def check_no_host_sync(device: str) -> None:
+    """Dense routing (forward, balance loss, backward) runs with ``set_sync_debug_mode("error")``; the sparse
+    path's forward syncs at most once (the per-expert group sizes)."""
+    mask = PAD_MASK.to(device)
+    x = torch.randn(3, 7, N_IN, device=device)
+    for kind, dispatch in [("molora", "dense"), ("malora", "dense"), ("mosld", "dense"), ("hydra", None)]:
+        holder = routed_holder(kind, dispatch, device)
+        holder(x, attention_mask=mask).sum().backward()                # warm-up: allocations, lazy inits
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = holder(x, attention_mask=mask)
+            (y.sum() + collect_aux_loss(holder)).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    for kind in ("molora", "malora", "mosld"):
+        holder = routed_holder(kind, "sparse", device)
+        holder(x, attention_mask=mask)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                holder(x, attention_mask=mask)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) <= 1, f"{kind}/sparse: {len(syncs)} host syncs in one layer forward"
+
+
 def check_bf16_training_step(device: str) -> None:
-    """bf16 base + adapters (kept in fp32 by design): loss finite and within 2 % of the fp32 model's loss."""
+    """bf16 base + adapters (kept in fp32 by design) with non-zero B: the adapters change the loss, which is
+    finite and within 2 % of the fp32 model's loss."""
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)
-    from malora import MALoRAConfig
-
     adapter = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, target_modules=("q_proj", "v_proj"))
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
-    losses = {}
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    losses, base_losses = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            base_losses[dtype] = model(input_ids=ids, attention_mask=mask, labels=ids).loss.item()
         inject_adapters(model, adapter)
-        out = model(input_ids=ids, labels=ids)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for _, layer in adapter_layers(model):
+                layer.lora_B.normal_(0.0, 0.2)                         # fp32 in both models: same values
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
         loss = out.loss + collect_aux_loss(model)
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-        losses[dtype] = loss.item()
+        assert any(g.abs().sum() > 0 for g in grads)
+        losses[dtype] = out.loss.item()
+    assert abs(losses[torch.float32] - base_losses[torch.float32]) > 1e-3   # the adapters do something
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.02 * abs(losses[torch.float32])
 
 
 def test_dispatch_paths_on_cuda_match_reference():
     check_dispatch_paths("cuda")
+
+
+def test_routing_does_not_sync_with_the_host():
+    check_no_host_sync("cuda")
 
 
 def test_bf16_training_step_on_cuda():
