@@ -171,9 +171,22 @@ def total_steps(spec: SearchSpec, num_examples: int, world: int) -> int:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: on CUDA the window's peak allocation (the counter is reset when a window
+    starts, see :func:`new_window`); on CPU the process's peak RSS so far (Linux cannot reset it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a wall-clock timer read next measures the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_over_ranks(value: float, rank: int, world: int, device: torch.device) -> float:
+    """The largest ``value`` over the ranks (each rank's value in its own slot of a summed vector)."""
+    return max(reduce_sum([value if r == rank else 0.0 for r in range(world)], device)) if world > 1 else value
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -208,8 +221,11 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def new_window() -> dict[str, Any]:
-    """Accumulators of one reporting window (the steps between two evaluations)."""
+def new_window(device: torch.device | None = None) -> dict[str, Any]:
+    """Accumulators of one reporting window (the steps between two evaluations); on CUDA also restarts the
+    peak-memory counter, so each window reports its own peak (evaluation included)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     return {"loss": 0.0, "aux": 0.0, "micro": 0, "tokens": 0, "time": 0.0, "steps": 0}
 
 
@@ -228,7 +244,7 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
-    window, out, epoch = new_window(), [], 0
+    window, out, epoch = new_window(device), [], 0
     for step in range(progress.step, steps):
         epoch = train_step(ddp, trial, optim, stream, spec, session.world_size, step, window, device)
         done = step + 1
@@ -239,7 +255,7 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
                                   setup_s=setup_s)
         progress.step = done
         checkpoint_and_report(session, trial, optim, progress, metrics, out)
-        window = new_window()
+        window = new_window(device)
     return out
 
 
@@ -346,6 +362,7 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
                 if train.precision != "fp32" else contextlib.nullcontext())
     fail = spec.debug.fail_method == trial.method
     ddp.train()
+    synchronize(device)  # the previous step's kernels are not this step's time
     t0 = time.perf_counter()
     epoch = 0
     for micro in range(train.grad_accum):
@@ -377,6 +394,7 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
     optim.scaler.update()
     optim.scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)  # CUDA runs asynchronously: without it the timer stops before the step's kernels end
     window["time"] += time.perf_counter() - t0
     window["steps"] += 1
     return epoch
@@ -395,6 +413,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     """
     rank, world = session.rank, session.world_size
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
+    window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
     progress.tokens += int(sum(rank_tokens))
     acc, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
     test = {}
@@ -414,8 +433,9 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "step": done, "total_steps": steps, "evaluations": evaluations_done(done, spec.eval.every_n_steps),
         "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
         "train_loss": loss_sum[0] / max(1.0, loss_sum[2]), "balance_loss": loss_sum[1] / max(1.0, loss_sum[2]),
-        "tokens_per_s": sum(rank_tokens) / max(window["time"], 1e-9), "pad_share": window_pad_share(window, device),
-        "step_time_s": window["time"] / max(1, window["steps"]), "peak_memory_mb": peak_memory_mb(device),
+        "tokens_per_s": sum(rank_tokens) / max(window_time, 1e-9), "pad_share": window_pad_share(window, device),
+        "step_time_s": window_time / max(1, window["steps"]),
+        "peak_memory_mb": max_over_ranks(peak_memory_mb(device), rank, world, device),
         "tokens_total": progress.tokens, "world_size": world, "setup_s": setup_s,
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],

@@ -1,0 +1,118 @@
+"""A tracking-server outage in the middle of a search, end to end: a real ``mlflow server`` on 127.0.0.1 is
+stopped for a minute while the smoke search's trials run, then restarted on the same store. The search must
+finish, every metric Tune recorded must be in MLflow, and no run may be left RUNNING."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.orchestrator.e2e import subprocess_env
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int, log_name: str) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:port over folder/mlflow.db (artifacts served from folder/mlartifacts)."""
+    log = (folder / log_name).open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=folder, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited ({proc.returncode}): {(folder / log_name).read_text()[-2000:]}")
+        time.sleep(1)
+    raise AssertionError("mlflow server did not come up in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_search_survives_a_tracking_server_outage(tmp_path, shared_data_dir):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port, "server1.log")
+    search_log = (tmp_path / "search.log").open("w")
+    search = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.search", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri],
+        cwd=tmp_path, env=subprocess_env(shared_data_dir), stdout=search_log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    client = MlflowClient(uri)
+    try:
+        end = time.time() + 300
+        while True:  # the outage starts once the first trial has its nested run
+            assert time.time() < end and search.poll() is None, "no trial started"
+            exp = client.get_experiment_by_name("malora-smoke")
+            if exp and any("malora.trial_id" in r.data.tags for r in client.search_runs([exp.experiment_id])):
+                break
+            time.sleep(1)
+        stop(server)
+        time.sleep(60)  # a minute without a tracking server: trials report, finish, and the outbox buffers
+        server = start_mlflow_server(tmp_path, port, "server2.log")
+        rc = search.wait(timeout=900)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait()
+        search_log.close()
+        output = (tmp_path / "search.log").read_text()
+        stop(server)  # (restarted below for the checks)
+    assert rc == 0, output[-4000:]
+    assert "MLflow unreachable" in output and "buffered writes flushed" in output, output[-4000:]
+
+    server = start_mlflow_server(tmp_path, port, "server3.log")
+    try:
+        exp = client.get_experiment_by_name("malora-smoke")
+        runs = client.search_runs([exp.experiment_id])
+        assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        for run in children:  # every result Tune recorded (result.json) is in MLflow, at its step
+            trial_id = run.data.tags["malora.trial_id"]
+            results = [json.loads(line) for line in
+                       (tmp_path / "ray_results" / "smoke" / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+            for key in ("val/mean_acc", "train_loss", "evaluations"):
+                expected = sorted({(r["step"], r[key]) for r in results if key in r})
+                got = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, key))
+                assert got == expected, (trial_id, key)
+            assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+        assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")} >= {"summary/summary.csv"}
+    finally:
+        stop(server)
