@@ -19,7 +19,7 @@ from torch import nn
 from malora.config import AdapterConfig, ConfigError
 from malora.layers import AdapterLayer, build_adapter_layer
 from malora.layers.base import Conv1D
-from malora.routing import RoutingContext, mask_position_of, deferred_aux
+from malora.routing import RoutingContext, deferred_aux, mask_position_of
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
       load-balancing loss from the router logits of all layers pooled together, so their coefficient weighs a
       quantity that is k under uniform routing whatever the depth; the mean keeps that scale, so the papers'
       0.01 (MALoRA Tables 8/9, taken from that lineage) means the same here as there, for any model depth.
-    - ``"sum"``: ``sum_l``; the coefficient then weighs each module (LLaMA-2-7B with MALoRA's 6 targets has
-      L = 192, so 0.01 summed is 1.92 x the mean's weight).
+    - ``"sum"``: ``sum_l``; the coefficient then weighs each module, so the total weight grows with depth
+      (LLaMA-2-7B with MALoRA's 6 targets has L = 192 routed modules: "sum" at 0.01 equals "mean" at 1.92).
 
     Each layer's term equals ``coef * load_balancing_loss_func((logits_l,), N, k, attention_mask)`` of
     transformers' Mixtral on that layer's router logits. With reentrant gradient checkpointing a layer's term

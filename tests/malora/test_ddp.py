@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from malora import MALoRAConfig, collect_aux_loss, inject_adapters, routing_stats
+from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters, routing_stats
 
 WORLD = 2
 
@@ -36,14 +36,21 @@ def rank_batches(rank: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def local_counts(rank: int) -> dict[str, list[int]]:
+def stats(model) -> dict[str, tuple[list[float], list[int]]]:
+    """Per routed layer: (routing_stats fraction, the router's raw token-slot counts)."""
+    fractions = routing_stats(model)
+    return {name: (fractions[name].tolist(), layer.lora_router.expert_counts.tolist())
+            for name, layer in adapter_layers(model)}
+
+
+def local_counts(rank: int) -> dict[str, tuple[list[float], list[int]]]:
     """What the rank's own batches give without DDP (the same weights: DDP keeps the replicas equal)."""
     model = tiny_model().train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay
     for batch in rank_batches(rank):
         (model(**batch).loss + collect_aux_loss(model)).backward()
         opt.step()
-    return {k: v.tolist() for k, v in routing_stats(model, counts=True).items()}
+    return stats(model)
 
 
 def worker(rank: int, port: int, results) -> None:
@@ -55,7 +62,7 @@ def worker(rank: int, port: int, results) -> None:
         for batch in rank_batches(rank):
             (ddp(**batch).loss + collect_aux_loss(model)).backward()  # as orchestrator/training/worker.py
             opt.step()
-        results[rank] = {k: v.tolist() for k, v in routing_stats(model, counts=True).items()}
+        results[rank] = stats(model)
     finally:
         dist.destroy_process_group()
 
@@ -71,9 +78,9 @@ def free_port() -> int:
 def test_each_rank_counts_its_own_real_tokens_under_ddp():
     results = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    expected = [local_counts(rank) for rank in range(WORLD)]
+    assert [results[rank] for rank in range(WORLD)] == expected      # each rank its own counts
+    assert expected[0] != expected[1]
     for rank in range(WORLD):
-        expected = local_counts(rank)
         real = sum(int(b["attention_mask"].sum()) for b in rank_batches(rank))
-        assert results[rank] == expected, f"rank {rank}"
-        assert all(sum(c) == real * 2 for c in expected.values())      # real tokens x k, padding excluded
-    assert results[0] != results[1]
+        assert all(sum(c) == real * 2 for _, c in expected[rank].values())   # real tokens x k, no padding

@@ -174,6 +174,17 @@ def test_attention_mask_is_picked_up_positionally_and_stale_masks_are_not_reused
     assert all(c.sum() == ids.numel() * 2 for c in routing_stats(model, counts=True).values())
 
 
+def test_left_padded_generation_counts_prompt_and_new_tokens_once():
+    model = tiny_llama()
+    model.generation_config.pad_token_id = 0
+    inject_adapters(model, CONFIGS["malora"])
+    ids, mask, _ = padded(lengths=(6, 3), width=6, left=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 10)
+    # step 1 routes the 9 real prompt tokens; steps 2-4 one new token per row (the mask then covers past + new)
+    assert all(c.sum() == (9 + 2 * 3) * 2 for c in routing_stats(model, counts=True).values())
+
+
 def tiny_llama_double_with(cfg):
     model = tiny_llama().double()
     inject_adapters(model, cfg)
