@@ -96,7 +96,9 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     ``model.get_output_embeddings()`` (tied or not). The model must take ``logits_to_keep`` (see
     ``final_hidden``). Models that transform the logits after the head (Gemma's soft-capping, Cohere's
     ``logit_scale``), or whose split does not reproduce their own logits on a short probe sequence (checked
-    once per model, in eval mode, without gradients), get None: callers then use the model's own logits.
+    once per model, in eval mode, without gradients), get None: callers then use the model's own logits. The
+    probe is a real forward of 7 tokens, so routed adapter layers count them in their routing statistics; the
+    trial loop verifies when it builds its loss module, before any statistics are reset and read.
     """
     if model in _VERIFIED:
         return _VERIFIED[model]
