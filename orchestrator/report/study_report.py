@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.cluster import storage
 from orchestrator.evaluation import statistics as st
 from orchestrator.report import plots, tracking
 from orchestrator.spec.hparams import trial_hparams
@@ -198,24 +199,24 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
 def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
                  splits: dict[str, dict], *, wall_s: float, command: str, out_dir: str | None, uri: str,
                  parent_id: str) -> dict[str, Any]:
-    """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``) and log to the parent run."""
+    """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run."""
     results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command)
-    folder = Path(out_dir) if out_dir else Path(spec.storage_path) / f"{spec.name}-study" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
+    dest = out_dir or storage.join(spec.storage_path, f"{spec.name}-study", "results")
     text = markdown(results)
-    (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (folder / "results.md").write_text("# Results\n\n" + text)
-    files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
-             plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
-             plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
-    if results["single_task"]:
-        files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
-    c = tracking.client(uri)
-    for f in files:
-        c.log_artifact(parent_id, str(f), "results")
+    with storage.local_dir(dest) as folder:  # a URI: written here, uploaded when the block ends
+        (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        (folder / "results.md").write_text("# Results\n\n" + text)
+        files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
+                 plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
+                 plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
+        if results["single_task"]:
+            files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
+        c = tracking.client(uri)
+        for f in files:
+            c.log_artifact(parent_id, str(f), "results")
     metrics = {f"result/{m}/mean": e["mean"]["mean"] for m, e in results["methods"].items()}
     metrics.update({f"result/{m}/{t}": c_["mean"] for m, e in results["methods"].items()
                     for t, c_ in e["per_task"].items()})
     tracking.log_dict(uri, parent_id, metrics=metrics, params={"study.seeds": spec.study.seeds,
                                                                "study.commit": results["meta"]["commit"]})
-    return {"table": text, "dir": str(folder), "results": results}
+    return {"table": text, "dir": str(dest if storage.is_uri(dest) else folder), "results": results}

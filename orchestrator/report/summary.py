@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster import storage
 from orchestrator.report import pareto, plots, tracking
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.space import SearchSpec
@@ -73,9 +74,10 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))
 
 
-def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir: Path, wall_s: float,
+def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir: str | Path, wall_s: float,
            status: str = "FINISHED") -> str:
-    """Write summary.csv/.md, pareto.json/.png to out_dir and the parent run; return the terminal summary.
+    """Write summary.csv/.md, pareto.json/.png to out_dir (a local folder or a URI) and the parent run; return the
+    terminal summary.
 
     "Best per method" and the Pareto front are chosen on the validation objective among the trials that ran
     their whole budget (early-stopped ones are listed apart), in each objective's own mode; the tables show the
@@ -87,9 +89,7 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
     stopped = [r for r in rows if r["status"] == "STOPPED"]
     front = pareto.pareto_front(complete, objectives)
     best = pareto.best_per_method(complete, spec.metric, spec.objectives[spec.metric])
-    out_dir.mkdir(parents=True, exist_ok=True)
     columns = tuple(dict.fromkeys(("trial_id", "method", "status", spec.metric, *pareto.COLUMNS[3:])))
-    pareto.write_csv(rows, out_dir / "summary.csv", columns)
     cols = tuple(dict.fromkeys(("method", "trial_id", spec.metric, "val/mean_acc", "test/mean_acc",
                                 "trainable_params", "trainable_share", "hparams")))
     n_err = sum(r["status"] == "ERROR" for r in rows)
@@ -102,17 +102,19 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
         f"\nPareto front of the completed trials ({', '.join(f'{k} {v}' for k, v in objectives.items())}):",
         pareto.markdown_table(front, cols),
         *(["\nEarly-stopped by ASHA (not eligible):", pareto.markdown_table(stopped, cols)] if stopped else [])])
-    (out_dir / "summary.md").write_text(text + "\n")
-    (out_dir / "pareto.json").write_text(json.dumps(
-        [{k: r[k] for k in ("trial_id", "method", spec.metric, "trainable_params", "hparams")} for r in front],
-        indent=1, default=str))
-    files = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "pareto.json"]
-    if complete:
-        files.append(plots.pareto_plot(complete, {r["trial_id"] for r in front}, out_dir / "pareto.png",
-                                       spec.metric))
-    c = tracking.client(uri)
-    for f in files:
-        c.log_artifact(parent_id, str(f), "summary")
+    with storage.local_dir(out_dir) as local:  # a URI: written here, uploaded when the block ends
+        pareto.write_csv(rows, local / "summary.csv", columns)
+        (local / "summary.md").write_text(text + "\n")
+        (local / "pareto.json").write_text(json.dumps(
+            [{k: r[k] for k in ("trial_id", "method", spec.metric, "trainable_params", "hparams")} for r in front],
+            indent=1, default=str))
+        files = [local / "summary.csv", local / "summary.md", local / "pareto.json"]
+        if complete:
+            files.append(plots.pareto_plot(complete, {r["trial_id"] for r in front}, local / "pareto.png",
+                                           spec.metric))
+        c = tracking.client(uri)
+        for f in files:
+            c.log_artifact(parent_id, str(f), "summary")
     metrics = {"trials_total": len(rows), "trials_failed": n_err, "search_wall_s": wall_s}
     if best:
         metrics[f"best_{spec.metric}"] = max(r[spec.metric] for r in best) if spec.objectives[spec.metric] == "max" \

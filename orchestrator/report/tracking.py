@@ -24,6 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.cluster import storage
 from orchestrator.report import plots
 from orchestrator.report.outbox import Outbox, bound_http_requests, is_outage
 
@@ -277,8 +278,10 @@ class MLflowSearchCallback(Callback):
             for png in Path(tmp).glob("*.png"):
                 c.log_artifact(run_id, str(png), "plots")
         ckpt = (trial.last_result or {}).get("checkpoint_path")
-        if ckpt and (Path(ckpt) / "adapter").is_dir():
-            c.log_artifacts(run_id, str(Path(ckpt) / "adapter"), "adapter")
+        if ckpt:  # a path on the storage's file system: downloaded first when the storage is a URI
+            with storage.local_copy(storage.join(ckpt, "adapter"), root=self.spec.storage_path) as adapter:
+                if adapter is not None:
+                    c.log_artifacts(run_id, str(adapter), "adapter")
 
 
 def finite(value: Any) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
+from orchestrator.cluster import storage
 from orchestrator.spec.space import SearchSpec
 
 logger = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
     """Base zero-shot accuracy ``{"val": {task: acc}, "test": {task: acc}, "test_correct": {task: [1/0...]}}``: from
-    ``<storage>/<name>/reference.json`` or computed once (a Ray task)."""
+    ``<storage>/<name>/reference.json`` (a local folder or a URI) or computed once (a Ray task)."""
     import ray
 
     d = spec.data
@@ -24,10 +24,12 @@ def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
            "split_seed": d.split_seed, "val_limit": d.val_limit, "test_limit": d.test_limit,
            "train_limit": d.train_limit, "scoring": spec.eval.scoring, "template": d.template,
            "options": spec.eval.options, "data_dir": d.data_dir}
-    path = Path(spec.storage_path) / spec.name / "reference.json"
-    if "://" not in spec.storage_path and path.is_file():
-        cached = json.loads(path.read_text())
+    path = storage.join(spec.storage_path, spec.name, "reference.json")
+    text = storage.read_text(path)
+    if text is not None:
+        cached = json.loads(text)
         if cached.get("key") == key:
+            logger.info("base zero-shot accuracy from %s", path)
             return cached["accuracy"]
     r = spec.resources
     task = ray.remote(num_cpus=max(0.01, r.cpus_per_worker - r.trial_driver_cpus),
@@ -35,11 +37,7 @@ def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
     t0 = time.perf_counter()
     accuracy = ray.get(task.remote(spec))
     logger.info("base zero-shot accuracy %s (%.1f s)", accuracy, time.perf_counter() - t0)
-    if "://" not in spec.storage_path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "accuracy": accuracy}, indent=1))
-        tmp.replace(path)
+    storage.write_text(path, json.dumps({"key": key, "accuracy": accuracy}, indent=1))
     return accuracy
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
+from orchestrator.cluster import storage
 from orchestrator.cluster.runtime import init_ray, prepare_env
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.worker import load_pools
@@ -101,8 +101,8 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         raise
     rows = summary.trial_rows(results, spec)
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
-    text = summary.finish(uri, parent_id, spec, rows, Path(spec.storage_path) / spec.name, time.perf_counter() - t0,
-                          status="KILLED" if interrupted else "FINISHED")
+    text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
+                          time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
     if interrupted:

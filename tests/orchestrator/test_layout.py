@@ -19,7 +19,7 @@ ALLOWED = {
     "models": {"data"},
     "cluster": set(),
     "evaluation": {"data", "models"},
-    "report": {"spec", "evaluation", "data"},
+    "report": {"spec", "evaluation", "data", "cluster"},
     "training": {"spec", "data", "models", "evaluation"},
     "tuning": {"spec", "data", "models", "evaluation", "training", "report", "cluster"},
 }

@@ -55,3 +55,22 @@ def test_min_objective_takes_the_minimum(store, tmp_path):
                                                                           train_loss=1.0)]
     summary.finish(uri, parent, spec, rows, tmp_path / "out", 1.0)
     assert tracking.client(uri).get_run(parent).data.metrics["best_train_loss"] == pytest.approx(1.0)
+
+
+def test_summary_to_an_s3_uri_lands_in_the_bucket_and_in_mlflow(store, tmp_path, monkeypatch):
+    from orchestrator.cluster import storage
+    from tests.orchestrator.s3 import s3_keys, s3_server
+
+    uri, parent, spec = store
+    monkeypatch.chdir(tmp_path)
+    with s3_server("bucket", tmp_path) as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        summary.finish(uri, parent, spec, [_row("a", "lora", 0.7, 0.4, 100)], "s3://bucket/prefix/smoke", 1.0)
+        assert s3_keys(env, "bucket") >= {f"prefix/smoke/{f}" for f in ("summary.csv", "summary.md", "pareto.json",
+                                                                        "pareto.png")}
+        front = json.loads(storage.read_text("s3://bucket/prefix/smoke/pareto.json"))
+    assert [r["trial_id"] for r in front] == ["a"]
+    assert not (tmp_path / "s3:").exists()  # the old Path("s3://...") bug: a local folder named "s3:"
+    arts = {a.path for a in tracking.client(uri).list_artifacts(parent, "summary")}
+    assert {"summary/summary.csv", "summary/pareto.json"} <= arts
