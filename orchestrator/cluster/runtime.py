@@ -13,6 +13,7 @@ TRAIN_ENV_DEFAULTS = {
     "TUNE_GLOBAL_CHECKPOINT_S": "2",               # experiment state is tiny; keep it fresh for --resume
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's CLIReporter with our columns (tuning.live), not the inferred table
 }
 
 

@@ -37,6 +37,7 @@ from orchestrator.spec.space import SearchSpec
 
 logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
+PROGRESS_EVERY_S = 60.0  # a progress line this often between evaluations (rank 0)
 ADAPTER_DIR = "adapter"
 
 
@@ -245,9 +246,13 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
     window, out, epoch = new_window(device), [], 0
+    last_line = time.monotonic()
     for step in range(progress.step, steps):
         epoch = train_step(ddp, trial, optim, stream, spec, session.world_size, step, window, device)
         done = step + 1
+        if session.rank == 0 and time.monotonic() - last_line >= PROGRESS_EVERY_S:
+            logger.info("%s", progress_line(trial_id, done, steps, window, session.world_size))
+            last_line = time.monotonic()
         if done % spec.eval.every_n_steps and done != steps:
             continue
         metrics = evaluate_window(trial, optim, spec, session, device, pools, window, progress,
@@ -257,6 +262,15 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
         checkpoint_and_report(session, trial, optim, progress, metrics, out)
         window = new_window(device)
     return out
+
+
+def progress_line(trial_id: str, done: int, steps: int, window: dict[str, Any], world: int) -> str:
+    """One line between two evaluations: steps done, this window's tokens/s (rank 0 x ranks), time left."""
+    per_step = window["time"] / max(1, window["steps"])
+    eta = (steps - done) * per_step
+    tokens_per_s = world * window["tokens"] / max(window["time"], 1e-9)
+    return (f"trial {trial_id or '-'}: step {done}/{steps}, {tokens_per_s:.0f} tokens/s, "
+            f"{per_step:.2f} s/step, ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
 def build_trial_model(spec: SearchSpec, trial_config: dict[str, Any], device: torch.device) -> TrialModel:
@@ -441,9 +455,16 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
         **divergence, **eval_metrics(acc, util, reference, progress.history), **test,
+        "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
     }
     progress.history.append(acc)
     return metrics
+
+
+def mean_of(acc: dict[str, float]) -> float:
+    """Mean over tasks of one evaluation's accuracies, NaN-tasks left out (as ``val/mean_acc``)."""
+    finite = [a for a in acc.values() if not math.isnan(a)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def evaluations_done(step: int, every_n_steps: int) -> int:

@@ -151,6 +151,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.tuning.reference import cached_reference
     from orchestrator.tuning.run import run_search
     from orchestrator.training.worker import load_pools
+    from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.tuner import trial_dirname
 
     prepare_env(address)
@@ -199,13 +200,15 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             local = getattr(tuner, "_local_tuner", None)  # this run's MLflow callback (new --tracking-uri etc.)
             if local is not None:
                 local.get_run_config().callbacks = [callback]
+                local.get_run_config().progress_reporter = study_reporter(spec)
         else:
             tuner = tune.Tuner(
                 trainable, param_space={"run": tune.grid_search(runs)},
                 tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency(spec, cluster),
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=spec.storage_path, callbacks=[callback],
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                          progress_reporter=study_reporter(spec)))
         logger.info("study %s: %d runs (%d methods x %d seeds, single-task %s); MLflow parent run %s", exp_path,
                     len(runs), len(spec.methods), spec.study.seeds, spec.study.single_task, parent_id)
         results = tuner.fit()
@@ -228,4 +231,5 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     print(out["table"])
     print(f"\nresults: {out['dir']}/results.md (and .json, .csv, plots)")
     print(f"MLflow UI:  {tracking.ui_command(uri)}")
+    print(f"then open:  {tracking.runs_url(uri, exp_id)}")
     return 0

@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 from orchestrator.spec.space import SearchSpec
+from orchestrator.tuning.live import search_reporter
 from orchestrator.tuning.plan import asha_max_t
 
 
@@ -67,6 +68,7 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
         local = getattr(tuner, "_local_tuner", None)  # use this run's MLflow callback (new --tracking-uri etc.)
         if local is not None:
             local.get_run_config().callbacks = [callback]
+            local.get_run_config().progress_reporter = search_reporter(spec)
             # Ray restores no scheduler state: a fresh ResumableASHA rebuilds its rungs from the trials' history
             local._tune_config.scheduler = build_scheduler(spec)
         return tuner, True
@@ -82,6 +84,7 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(spec), num_samples=s.num_trials,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, callbacks=[callback],
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                  progress_reporter=search_reporter(spec)),
     )
     return tuner, False

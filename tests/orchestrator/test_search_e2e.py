@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.orchestrator.e2e import mlflow_client, subprocess_env
+from tests.orchestrator.e2e import mlflow_client, subprocess_env, ui_run_names
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -64,6 +64,8 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     proc = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Best trial per method (chosen on val val/mean_acc" in proc.stdout and "Pareto front" in proc.stdout
+    # the live table: our objective and best-so-far columns, the searched hyperparameters, the best-trial line
+    assert "best val so far" in proc.stdout and "malora.beta" in proc.stdout and "Best so far: " in proc.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --host 127.0.0.1" in proc.stdout
 
     parent, children = _runs(tmp_path, "malora-smoke")
@@ -106,6 +108,13 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
             assert "adapter.d" not in p and "hp.top_k" not in p
     rows = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("trial_id,method,status")
+
+    # the printed address opens the experiment's training runs in a real browser (MLflow 3's default view would
+    # hide them behind a "Model training" toggle): the parent is listed, and expanding it lists both trials
+    url = next(line.split("then open:", 1)[1].strip() for line in proc.stdout.splitlines() if "then open:" in line)
+    names = ui_run_names(tmp_path, url, parent.info.run_name)
+    assert names[0] == parent.info.run_name == "smoke"
+    assert sorted(names[1:]) == sorted(r.info.run_name for r in children)
 
 
 def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path, shared_data_dir):

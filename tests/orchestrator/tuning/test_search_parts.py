@@ -73,6 +73,9 @@ def test_default_tracking_uri_is_sqlite_in_the_working_directory(tmp_path, monke
     assert tracking.resolve_tracking_uri("sqlite:///x.db", None) == "sqlite:///x.db"
     assert tracking.ui_command("sqlite:///x.db") == (
         "mlflow ui --backend-store-uri sqlite:///x.db --host 127.0.0.1 --port 5000")
+    assert tracking.runs_url("sqlite:///x.db", "7") == "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert tracking.runs_url("https://mlflow.example/", "7") == (
+        "https://mlflow.example/#/experiments/7?workflowType=machine_learning")
 
 
 def test_utilisation_groups_and_entropy():
