@@ -176,7 +176,8 @@ def markdown(results: dict[str, Any]) -> str:
         text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
                     f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "
                     f"noise would give {ss['expected_by_noise']:.2f} ({results['statistics']['seesaw_threshold']}).")
-    text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{' (dirty tree)' if meta['dirty'] else ''}"
+    dirty = " (dirty tree)" if meta["dirty"] else ""
+    text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{dirty}"
              f"; wall time {meta['wall_s'] / 60:.1f} min; machine: {meta['machine']['processor']}, "
              f"{meta['machine']['cpus']} CPUs, GPU {meta['machine']['gpu'] or 'none'}; {meta['date']}."]
     return "\n".join(text) + "\n"

@@ -26,7 +26,7 @@ from ray.tune import Callback
 
 from orchestrator.cluster import storage
 from orchestrator.report import plots
-from orchestrator.report.outbox import Outbox, bound_http_requests, is_outage
+from orchestrator.report.outbox import Outbox, is_outage
 
 logger = logging.getLogger(__name__)
 SEARCH_KEY, TRIAL_KEY, PARENT = "malora.search_key", "malora.trial_id", "mlflow.parentRunId"
@@ -46,6 +46,17 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def runs_url(uri: str, exp_id: str) -> str:
+    """The UI address that lists an experiment's training runs directly.
+
+    MLflow 3 opens an experiment on its GenAI overview, where our runs are hidden behind a "Model training"
+    toggle; ``workflowType=machine_learning`` selects the runs view (the ``mlflow.experimentKind`` tag alone does
+    not, in MLflow 3.17). A local store is served by :func:`ui_command` on 127.0.0.1:5000.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
 
 
 def client(uri: str):

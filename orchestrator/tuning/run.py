@@ -70,7 +70,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         print(f"error: {exp_path} already holds a search. Fix: pass --resume to continue it, or --name/--storage-path "
               "for a new one", file=sys.stderr)
         return 2
-    from orchestrator.report import summary, tracking
+    from orchestrator.report import outbox, summary, tracking
 
     t0 = time.perf_counter()
     problem = preflight(spec)
@@ -78,7 +78,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         print(f"error: {problem}", file=sys.stderr)
         return 2
     cluster = init_ray(address)
-    tracking.bound_http_requests()  # a dead tracking server costs seconds per call, not ~4 min of retries
+    outbox.bound_http_requests()  # a dead tracking server costs seconds per call, not ~4 min of retries
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
     parent_id, reused = tracking.parent_run(uri, exp_id, exp_path, spec.name, reuse=resume)
@@ -105,6 +105,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
+    print(f"then open:  {tracking.runs_url(uri, exp_id)}")
     if interrupted:
         print("\nThe search was interrupted; continue it with the same command plus --resume.", file=sys.stderr)
         return 130
