@@ -148,6 +148,8 @@ class AddmmAdapter(nn.Module):
         if hasattr(L, "lora_S_A"):
             route = L.lora_router(x2)
             L.last_aux_loss = route.aux_loss
+            if L.routing_context is not None:                                 # as AdapterLayer.forward records it
+                L.aux_generation = L.routing_context.generation
             N, r_bar, d = L.lora_P.shape
             z = dropout_linear(L, x2, L.lora_S_A.to(x.dtype))                # (T, d)
             h = F.linear(z, L.lora_P.to(x.dtype).reshape(N * r_bar, d))       # (T, N*r_bar)
