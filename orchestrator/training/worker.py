@@ -500,6 +500,8 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
                      ) -> tuple[dict[str, float], dict[str, dict], dict[str, list[int]]]:
     """Per-task accuracy and routing fractions, each rank scoring items[rank::world], summed over ranks.
 
+    Routing: every rank's raw token-slot counts per expert are summed over the ranks and then normalised, so the
+    share is exact over all real tokens (not a per-rank share weighted by items).
     Returns ({task: accuracy}, {task: {layer path: fraction (N,) of token-slots per expert}},
     {task: 1/0 per item in the order of ``eval_by_task[task]``}).
     """
@@ -514,22 +516,23 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
         for task, items in eval_by_task.items():
             shard = items[rank::world]
             reset_routing_stats(model)
-            correct, n, fractions, hits = 0.0, 0, {}, [0.0] * len(items)
+            correct, n, counts, hits = 0.0, 0, {}, [0.0] * len(items)
             if shard:
                 score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
                                        batch_size=spec.eval.batch_size, template=spec.data.template,
                                        options=spec.eval.options)[task]
                 correct, n = score.accuracy * score.n, score.n
-                fractions = routing_stats(model)
+                counts = routing_stats(model, counts=True)
                 hits[rank::world] = [float(h) for h in score.correct]
-            # one vector per rank: [correct, n, n * fraction of every routed layer, this rank's item hits],
+            # one vector per rank: [correct, n, token-slot counts of every routed layer, this rank's item hits],
             # summed over the ranks (every item position is filled by exactly one rank)
-            vec = [correct, float(n)] + [float(x) * n for name in names
-                                         for x in fractions.get(name, torch.zeros(sizes[name])).tolist()] + hits
+            vec = [correct, float(n)] + [float(x) for name in names
+                                         for x in counts.get(name, torch.zeros(sizes[name])).tolist()] + hits
             vec = reduce_sum(vec, device) if world > 1 else vec
             total, pos, util[task] = vec[1], 2, {}
             for name in names:
-                util[task][name] = torch.tensor(vec[pos:pos + sizes[name]]) / max(total, 1.0)
+                slots = torch.tensor(vec[pos:pos + sizes[name]], dtype=torch.float64)
+                util[task][name] = slots / slots.sum().clamp_min(1.0)
                 pos += sizes[name]
             per_item[task] = [int(round(h)) for h in vec[pos:]]
             acc[task] = vec[0] / total if total else float("nan")
