@@ -116,6 +116,18 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     assert names[0] == parent.info.run_name == "smoke"
     assert sorted(names[1:]) == sorted(r.info.run_name for r in children)
 
+    # as if killed during the final summary (every trial done, the summary not written, the parent still
+    # RUNNING): --resume reruns nothing, writes the summary and closes the parent
+    summary_csv = tmp_path / "ray_results" / "smoke" / "summary.csv"
+    summary_csv.unlink()
+    c.update_run(parent.info.run_id, status="RUNNING")
+    again = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir), "--resume")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    parent2, children2 = _runs(tmp_path, "malora-smoke")
+    assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"
+    assert sorted(r.info.run_id for r in children2) == sorted(r.info.run_id for r in children)
+    assert summary_csv.is_file() and len(summary_csv.read_text().splitlines()) == 3
+
 
 def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path, shared_data_dir):
     space = _space(tmp_path, resources__workers_per_trial=2, debug__fail_method="malora", debug__fail_mode="nan",

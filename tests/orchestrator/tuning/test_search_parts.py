@@ -4,6 +4,7 @@ and the worker loop itself (bare, LocalSession) including resuming from its own 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -122,3 +123,10 @@ def test_worker_loop_bare_and_resumed_from_its_checkpoint(smoke, tmp_path):
                            reference={"boolq": 0.5, "arc_e": 0.5})
     assert [r["step"] for r in resumed] == [4]
     assert resumed[0]["tokens_total"] == reports[-1]["tokens_total"]
+    # killed after its last checkpoint, before Tune recorded the end: the restarted worker trains nothing and
+    # reports the final, test-scored metrics of that checkpoint again (else ASHA and the study would get nothing)
+    again_session = LocalSession(resume_dir=str(tmp_path / "step_000004"))
+    again = run_training(smoke, config, again_session, reference={"boolq": 0.5, "arc_e": 0.5})
+    final = json.loads((tmp_path / "step_000004" / "metrics.json").read_text())
+    assert again == again_session.reports == [final] and final["step"] == 4
+    assert final["test/mean_acc"] == reports[-1]["test/mean_acc"] and len(final["test_correct/boolq"]) == 8
