@@ -1,4 +1,5 @@
-"""Shared pieces of the end-to-end tests: the subprocess environment and the MLflow client of a test's store."""
+"""Shared pieces of the end-to-end tests: the subprocess environment, the MLflow client of a test's store, a real
+``mlflow server`` on 127.0.0.1 and the MLflow UI read in headless Chromium."""
 
 from __future__ import annotations
 
@@ -34,6 +35,45 @@ def mlflow_client(tmp_path: Path):
     return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int, log_name: str) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:port over folder/mlflow.db (artifacts served from folder/mlartifacts)."""
+    log = (folder / log_name).open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=folder, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited ({proc.returncode}): {(folder / log_name).read_text()[-2000:]}")
+        time.sleep(1)
+    raise AssertionError("mlflow server did not come up in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def ui_run_names(tmp_path: Path, url: str, parent_name: str) -> list[str]:
     """Run names the MLflow UI lists at ``url`` (served by a real ``mlflow server`` on the test's store), read from
     the page rendered in headless Chromium after expanding the parent run's row: [parent, children...]."""
@@ -42,24 +82,9 @@ def ui_run_names(tmp_path: Path, url: str, parent_name: str) -> list[str]:
         pytest.skip("no Chromium: .ci/run installs Debian's chromium package (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "mlflow-server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # its own group: the server's workers stop with it
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port, "mlflow-server.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, (
-                    "mlflow server did not come up: " + (tmp_path / "mlflow-server.log").read_text()[-2000:])
-                time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page()
@@ -72,10 +97,4 @@ def ui_run_names(tmp_path: Path, url: str, parent_name: str) -> list[str]:
             browser.close()
         return [n.strip() for n in names]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        stop(server)

@@ -7,57 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.orchestrator.e2e import subprocess_env
+from tests.orchestrator.e2e import free_port, start_mlflow_server, stop, subprocess_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_mlflow_server(folder: Path, port: int, log_name: str) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:port over folder/mlflow.db (artifacts served from folder/mlartifacts)."""
-    log = (folder / log_name).open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], cwd=folder, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"), stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    end = time.time() + 120
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited ({proc.returncode}): {(folder / log_name).read_text()[-2000:]}")
-        time.sleep(1)
-    raise AssertionError("mlflow server did not come up in 120 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_search_survives_a_tracking_server_outage(tmp_path, shared_data_dir):
