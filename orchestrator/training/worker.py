@@ -19,6 +19,7 @@ orchestration-overhead benchmark and by tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ import torch
 
 from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
 from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
-from orchestrator.spec.space import SearchSpec
+from orchestrator.spec.space import DataSpec, SearchSpec
 
 logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
@@ -120,10 +121,18 @@ def train_worker(config: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- data
 def load_pools(spec: SearchSpec):
-    """The spec's suite: train/val/test pools per task, fixed by ``data.split_seed`` (not by ``train.seed``)."""
+    """The spec's suite: train/val/test pools per task, fixed by ``data.split_seed`` (not by ``train.seed``).
+
+    Loaded once per data spec in a process: the driver asks for it several times (preflight, the recorded
+    splits, a study's plan and report), about a second each for the intra-domain files. Callers only read it.
+    """
+    return _pools_for(spec.data)
+
+
+@functools.lru_cache(maxsize=4)
+def _pools_for(d: DataSpec):
     from orchestrator.data.tasks import load_suite
 
-    d = spec.data
     return load_suite(d.suite or list(d.tasks), d.data_dir, train_limit=d.train_limit, val_limit=d.val_limit,
                       test_limit=d.test_limit, split_seed=d.split_seed)
 
