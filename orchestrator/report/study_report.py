@@ -111,8 +111,9 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         first = runs[0]["metrics"]
         _, hp = trial_hparams(spec.methods, configs[m])
         per_task, deltas = {}, {}
+        seeds = sorted(r["run"]["seed"] for r in runs)  # the row order of X[m][t] (see _matrix)
         for t in tasks:
-            mat, seeds = _matrix(runs, t)
+            mat = X[m][t]
             iv = st.accuracy_interval(mat).as_dict()
             ref = ST.get(t) if ST else (np.broadcast_to(zero[t], mat.shape) if zero else None)
             delta = st.paired_bootstrap({t: mat}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
