@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,38 @@ def _delta_cell(c: dict | None) -> str:
     return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
 
 
-def provenance(command: str, wall_s: float) -> dict[str, Any]:
-    """Command, commit, machine, package versions, wall time: what a rerun needs."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def start_record(spec: SearchSpec, command: str, *, resume: bool) -> dict[str, Any]:
+    """Command, commit and time of the study's first launch, kept in ``<storage>/<name>/study_start.json``.
+
+    The runs were trained by the code of the first launch: a ``--resume`` (or a report rewritten later) reads this
+    record back instead of describing itself, so the report names the commit the runs ran on."""
+    path = storage.join(spec.storage_path, spec.name, "study_start.json")
+    text = storage.read_text(path) if resume else None
+    if text is not None:
+        return json.loads(text)
+    record = {"command": command, "commit": _git("rev-parse", "HEAD"),
+              "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "date": _now(),
+              "unix": time.time()}
+    storage.write_text(path, json.dumps(record, indent=1))
+    return record
+
+
+def provenance(command: str, wall_s: float, start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Command, commit, machine, package versions, wall time: what a rerun needs.
+
+    ``start`` (:func:`start_record`): the first launch; its command and commit are the ones reported, and
+    ``elapsed_s`` counts from it (equal to ``wall_s`` for a study that ran in one go)."""
     import torch
 
     versions = {}
@@ -72,16 +97,20 @@ def provenance(command: str, wall_s: float) -> dict[str, Any]:
         except Exception:  # not installed
             versions[pkg] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"command": command, "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
-                                                                                       "--untracked-files=no")),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
+    here = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    start = start or {"command": command, **here, "date": _now(), "unix": time.time() - wall_s}
+    return {"command": start["command"], "commit": start["commit"], "dirty": start["dirty"],
+            "report_command": command, "report_commit": here["commit"],
+            "date": _now(), "started": start["date"], "wall_s": round(wall_s, 1),
+            "elapsed_s": round(time.time() - start["unix"], 1),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "gpu": gpu, "torch_threads": torch.get_num_threads()},
             "versions": versions}
 
 
 def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
-                  splits: dict[str, dict], *, wall_s: float, command: str) -> dict[str, Any]:
+                  splits: dict[str, dict], *, wall_s: float, command: str,
+                  start: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every number of the study (the ``results.json`` layout of the module docstring)."""
     s = spec.study
     replicates = [r for r in done if r["run"]["role"] == "replicate"]
@@ -131,6 +160,13 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
                  "mean": st.mean_over_tasks_interval(X[m]).as_dict(), "per_task": per_task}
         if ST:
             entry["delta_vs_single_task"] = st.paired_bootstrap(X[m], ST, n_boot=s.n_boot).as_dict()
+        if zero:
+            # did training teach anything: the same items scored by the base model (one "seed", so the bootstrap
+            # draws items; the replicates' seeds are drawn too), and the plain check that the zero-shot mean lies
+            # below the method's own 95 % interval
+            zs = {t: np.broadcast_to(zero[t], X[m][t].shape) for t in tasks}
+            entry["delta_vs_zero_shot"] = st.paired_bootstrap(X[m], zs, n_boot=s.n_boot).as_dict()
+            entry["above_zero_shot_ci"] = bool(entry["mean"]["ci95"][0] > np.mean([zero[t].mean() for t in tasks]))
         out["methods"][m] = entry
         if deltas:
             out["seesaw"][m] = {**st.seesaw_regressions(deltas, s.noise_multiple),
@@ -139,7 +175,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         p for p in DEFAULT_PAIRS if p[0] in methods and p[1] in methods]
     for a, b in pairs:
         out["comparisons"].append({"a": a, "b": b, **st.paired_bootstrap(X[a], X[b], n_boot=s.n_boot).as_dict()})
-    out["meta"] = provenance(command, wall_s)
+    out["meta"] = provenance(command, wall_s, start)
     return out
 
 
@@ -147,21 +183,26 @@ def markdown(results: dict[str, Any]) -> str:
     """The headline table and the comparisons, as written to results.md and printed."""
     tasks = list(results["split"])
     ref_name = "single-task" if results["single_task"] else "zero-shot"
-    head = ["method", "trainable params", *tasks, "mean", f"Δ mean vs {ref_name}"]
+    zs = bool(results["zero_shot"])
+    head = ["method", "trainable params", *tasks, "mean", f"Δ mean vs {ref_name}",
+            *(["Δ mean vs zero-shot"] if zs and results["single_task"] else [])]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m, e in results["methods"].items():
-        delta = e.get("delta_vs_single_task")
+        delta = e.get("delta_vs_single_task") or (e.get("delta_vs_zero_shot") if not results["single_task"] else None)
+        extra = [_delta_cell(e.get("delta_vs_zero_shot"))] if zs and results["single_task"] else []
         lines.append("| " + " | ".join([m, f"{e['trainable_params']:,} ({100 * e['trainable_share']:.2f} %)",
                                         *(_cell(e["per_task"][t]) for t in tasks), _cell(e["mean"]),
-                                        _delta_cell(delta)]) + " |")
+                                        _delta_cell(delta), *extra]) + " |")
     if results["single_task"]:
         stt = results["single_task"]
         lines.append("| " + " | ".join([f"{results['single_task_method']} (ST)", "per task",
-                                        *(_cell(stt[t]) for t in tasks), _cell(stt["mean"]), "0"]) + " |")
-    if results["zero_shot"]:
+                                        *(_cell(stt[t]) for t in tasks), _cell(stt["mean"]), "0",
+                                        *(["-"] if zs else [])]) + " |")
+    if zs:
         z = results["zero_shot"]
         lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),
-                                        _pct(sum(z.values()) / len(z)), "-"]) + " |")
+                                        _pct(sum(z.values()) / len(z)), "-", *(["0"] if results["single_task"]
+                                                                               else [])]) + " |")
     meta, split = results["meta"], results["split"]
     text = [f"Test accuracy (%), mean ± half-width of the 95 % CI ({results['statistics']['interval']}); "
             f"{len(results['seeds'])} seeds {results['seeds']}, model {results['model']}; test items per task: "
@@ -173,13 +214,23 @@ def markdown(results: dict[str, Any]) -> str:
         text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | [{100 * c['ci95'][0]:+.2f}, "
                  f"{100 * c['ci95'][1]:+.2f}] | {c['p']:.3f} |" for c in results["comparisons"]]
         text.append("")
+    if zs:
+        above = [m for m, e in results["methods"].items() if e.get("above_zero_shot_ci")]
+        below = [m for m in results["methods"] if m not in above]
+        text.append(f"- learning visible (the zero-shot mean lies below the method's 95 % CI): "
+                    f"{', '.join(above) or 'none'}" + (f"; not: {', '.join(below)}" if below else "") + ".")
     for m, ss in results["seesaw"].items():
         text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
                     f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "
                     f"noise would give {ss['expected_by_noise']:.2f} ({results['statistics']['seesaw_threshold']}).")
     dirty = " (dirty tree)" if meta["dirty"] else ""
-    text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{dirty}"
-             f"; wall time {meta['wall_s'] / 60:.1f} min; machine: {meta['machine']['processor']}, "
+    later = (f" (report written by `{meta['report_command']}` at `{meta['report_commit']}`)"
+             if meta.get("report_commit", meta["commit"]) != meta["commit"]
+             or meta.get("report_command", meta["command"]) != meta["command"] else "")
+    elapsed = meta.get("elapsed_s", meta["wall_s"])
+    text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{dirty}{later}"
+             f"; wall time {meta['wall_s'] / 60:.1f} min ({elapsed / 60:.1f} min since the first launch "
+             f"{meta.get('started', meta['date'])}); machine: {meta['machine']['processor']}, "
              f"{meta['machine']['cpus']} CPUs, GPU {meta['machine']['gpu'] or 'none'}; {meta['date']}."]
     return "\n".join(text) + "\n"
 
@@ -200,9 +251,9 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
 
 def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
                  splits: dict[str, dict], *, wall_s: float, command: str, out_dir: str | None, uri: str,
-                 parent_id: str) -> dict[str, Any]:
+                 parent_id: str, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run."""
-    results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command)
+    results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command, start=start)
     dest = out_dir or storage.join(spec.storage_path, f"{spec.name}-study", "results")
     text = markdown(results)
     with storage.local_dir(dest) as folder:  # a URI: written here, uploaded when the block ends

@@ -172,6 +172,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             print(f"error: {search_path} already holds a search. Fix: reuse it with --from-search {spec.name}, or "
                   "pass --resume", file=sys.stderr)
             return 2
+    start = study_report.start_record(spec, command, resume=resume)  # after the checks: they change nothing
+    if spec.study.search and not from_search:
         code = run_search(spec, address=address, tracking_uri=tracking_uri, resume=resume)
         if code != 0:
             print(f"error: the study's search ended with exit code {code}; fix it, then rerun with --resume",
@@ -226,7 +228,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)
         out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
                                         load_pools(spec).splits(), wall_s=time.perf_counter() - t0,
-                                        command=command, out_dir=out_dir, uri=uri, parent_id=parent_id)
+                                        command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
+                                        start=start)
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     print(out["table"])
     print(f"\nresults: {out['dir']}/results.md (and .json, .csv, plots)")
