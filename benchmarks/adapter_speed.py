@@ -119,7 +119,7 @@ class DropoutLinear(torch.autograd.Function):
 
 
 def dropout_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    p = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+    p = getattr(layer.dropout, "p", 0.0)                                   # InputDropout or nn.Identity
     if layer.training and p > 0:
         return DropoutLinear.apply(x, weight, p)
     return F.linear(x, weight)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malora.layers.dropout import InputDropout
 from malora.layers.router import RouterOutput
 from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
 
@@ -48,9 +49,12 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
 
 
 class AdapterLayer(nn.Module):
-    """Drop-in replacement for a frozen linear: ``forward(x) = base(x) + scaling * delta(x)``.
+    """Drop-in replacement for a frozen linear: ``forward(x) = base(x) + delta(x)``, delta already scaled.
 
-    Subclasses define ``delta(x, rows)`` for x (T, n) -> (T, m), computed in x.dtype; ``rows`` (T,) bool marks
+    Subclasses define ``delta(x, rows)`` for x (T, n) -> (T, m), ``scaling`` times the adapter's low-rank update,
+    computed in x.dtype. The scaling is applied where the tensor is smallest (the (T, r) low-rank activations or
+    the (T, k) gates), never to a (T, m) one: ``base(x) + scaling * delta`` costs a pass over (T, m) in forward
+    and another in backward (``alpha * grad``), ~10 % of a SmolLM2 layer's adapter cost. ``rows`` (T,) bool marks
     the real (non-padding) tokens, or is None when all are real (see :mod:`malora.routing`); routed layers
     give padded rows a zero delta and exclude them from routing counts and the balance loss. Every trainable
     tensor's name starts with ``lora_``. Routed layers (``ROUTED``) set ``last_aux_loss`` on each forward.
@@ -65,7 +69,7 @@ class AdapterLayer(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.last_aux_loss: torch.Tensor | None = None
         self.routing_context: RoutingContext | None = None   # set by inject_adapters; not a module
         self.aux_generation = -1                              # context generation of last_aux_loss
@@ -101,10 +105,11 @@ class AdapterLayer(nn.Module):
         self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
         self._aux_now = None
         y = self.base(x)                                            # (..., m)
-        delta = self.delta(x.reshape(-1, self.in_features), state.rows)  # (T, m)
+        delta = self.delta(x.reshape(-1, self.in_features), state.rows)  # (T, m), scaled
         # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
-        # saves two output-sized temporaries (scaling * delta, and the sum) per adapted layer and step.
-        y = y.add_(delta.view(y.shape).to(y.dtype), alpha=self.scaling)
+        # saves an output-sized temporary (the sum) per adapted layer and step; alpha = 1, so the backward
+        # passes the gradient through without a (T, m) multiply.
+        y = y.add_(delta.view(y.shape).to(y.dtype))
         if not self.ROUTED:
             return y
         aux, self._aux_now = self._aux_now, None

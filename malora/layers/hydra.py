@@ -42,7 +42,7 @@ class HydraLoRALinear(AdapterLayer):
     def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         route = self.route(x, rows)                                     # gates = probs (T, N), 0 on padding
         z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))          # (T, r)
-        return dense_mixture(z, route.gates, up=self.lora_B.to(x.dtype))  # (T, m)
+        return dense_mixture(z, route.gates * self.scaling, up=self.lora_B.to(x.dtype))  # (T, m), scaled gates
 
     def extra_repr(self) -> str:
         return f"r={self.r}, num_experts={self.num_experts}"

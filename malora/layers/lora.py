@@ -33,7 +33,7 @@ class LoRALinear(AdapterLayer):
 
     def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (T, r)
-        return F.linear(h, self.lora_B.to(x.dtype))                   # (T, m)
+        return F.linear(h * self.scaling, self.lora_B.to(x.dtype))    # (T, m); scaled at width r, not m
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"

@@ -86,8 +86,8 @@ class MALoRALinear(AdapterLayer):
         route = self.route(x, rows)                                     # gates, idx (T, k)
         z = self.dropout(x) @ self.lora_S_A.to(x.dtype).T               # (T, d): once per token
         P, B = self.lora_P.to(x.dtype), self.lora_B.to(x.dtype)
-        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates, route.idx, up=B, down=P,
-                       rows=rows)                                       # (T, m)
+        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates * self.scaling, route.idx, up=B, down=P,
+                       rows=rows)                                       # (T, m); scaled through the (T, k) gates
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, r_bar={self.r_bar}, beta={self.beta}, num_experts={self.num_experts}, "

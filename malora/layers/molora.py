@@ -51,7 +51,7 @@ class MoLoRALinear(AdapterLayer):
     def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         route = self.route(x, rows)                                    # gates, idx (T, k)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return mixture(self.resolve_dispatch(x.shape[0]), self.dropout(x), route.gates, route.idx,
+        return mixture(self.resolve_dispatch(x.shape[0]), self.dropout(x), route.gates * self.scaling, route.idx,
                        up=B, down=A, rows=rows)                        # (T, m)
 
     def extra_repr(self) -> str:

@@ -63,7 +63,7 @@ class MoSLDLinear(AdapterLayer):
     def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         route = self.route(x, rows)                                     # gates, idx (T, k)
         z = F.linear(self.dropout(x), self.shared_A(x.dtype))           # (T, r): once per token
-        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates, route.idx,
+        return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates * self.scaling, route.idx,
                        up=self.lora_B.to(x.dtype), rows=rows)           # (T, m)
 
     def extra_repr(self) -> str:

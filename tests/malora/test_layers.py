@@ -14,6 +14,7 @@ from malora.config import HydraLoRAConfig, LoRAConfig, MALoRAConfig, MoLoRAConfi
 from malora.inject import inject_adapters
 from malora.layers import Router, build_adapter_layer, choose_dispatch, malora_init, switch_balance_loss
 from malora.layers.base import gate_matrix
+from malora.layers.dropout import InputDropout
 from malora.layers.malora import MALoRALinear
 from malora.layers.mosld import MoSLDLinear
 
@@ -53,7 +54,7 @@ class Masks:
 
     def __init__(self, layer) -> None:
         self.layer, self.x, self.A = layer, None, None
-        if isinstance(layer.dropout, nn.Dropout):
+        if isinstance(layer.dropout, (nn.Dropout, InputDropout)):
             layer.dropout.register_forward_hook(self._on_dropout)
         if hasattr(layer, "shared_A"):
             original = layer.shared_A
@@ -74,7 +75,8 @@ class Masks:
         return M
 
     def _on_dropout(self, module, args, out) -> None:
-        self.x = self._mask(args[0], out, module.p)
+        p = module.drop_probability(args[0].device.type) if hasattr(module, "drop_probability") else module.p
+        self.x = self._mask(args[0], out, p)
 
 
 def reference(layer, x: torch.Tensor, masks: Masks | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
