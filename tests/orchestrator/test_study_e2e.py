@@ -133,3 +133,7 @@ def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_
         assert len(steps) == 1, steps
     res = json.loads((tmp_path / "ray_results" / "smoke-study" / "results" / "results.json").read_text())
     assert res["seeds"] == [0] and res["methods"]["lora"]["mean"]["method"] == "wilson"  # one seed: over items
+    # the report names the launch that trained the runs, and the --resume that wrote it
+    meta = res["meta"]
+    assert meta["command"].endswith(str(space)) and meta["report_command"].endswith("--resume")
+    assert meta["elapsed_s"] >= meta["wall_s"] > 0
