@@ -58,6 +58,20 @@ def chance_level(task: Task, examples: Sequence[Example]) -> float:
     return sum(1.0 / k for k in sizes) / len(sizes)
 
 
+def majority_share(examples: Sequence[Example]) -> float | None:
+    """Accuracy of answering every item with the most frequent gold option (a constant-answer reference).
+
+    A model that has only learnt a label prior scores exactly the share of one option, so a table needs this
+    beside the zero-shot line to show when a number is a prior and not per-item knowledge. None for free-form
+    answers or no items."""
+    if not examples or any(ex.answer_index is None for ex in examples):
+        return None
+    counts: dict[int, int] = {}
+    for ex in examples:
+        counts[ex.answer_index] = counts.get(ex.answer_index, 0) + 1
+    return max(counts.values()) / len(examples)
+
+
 def option_requests(task: Task, ex: Example, tokenizer, *, options: str = "label", template: str = "alpaca"
                     ) -> list[tuple[list[int], list[int]]]:
     """``[(context_ids, continuation_ids)]`` per option of ``ex`` (see the module docstring for the two modes)."""

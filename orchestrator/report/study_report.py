@@ -126,6 +126,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         "split_seed": spec.data.split_seed,
         "zero_shot": {t: float(zero[t].mean()) for t in zero},
         "zero_shot_ci95": {t: st.item_interval(int(zero[t].sum()), zero[t].size).as_dict()["ci95"] for t in zero},
+        "majority_label": {t: splits[t].get("test_majority") for t in tasks},
         "single_task": {t: st.accuracy_interval(ST[t]).as_dict() for t in ST},
         "single_task_method": s.single_task_method if ST else None,
         "methods": {}, "comparisons": [], "seesaw": {},
@@ -198,6 +199,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([f"{results['single_task_method']} (ST)", "per task",
                                         *(_cell(stt[t]) for t in tasks), _cell(stt["mean"]), "0",
                                         *(["-"] if zs else [])]) + " |")
+    majority = results.get("majority_label") or {}
+    if any(v is not None for v in majority.values()):
+        lines.append("| " + " | ".join(["majority label (constant answer)", "0",
+                                        *(_pct(majority[t]) if majority.get(t) is not None else "-" for t in tasks),
+                                        _pct(np.mean([v for v in majority.values() if v is not None])), "-",
+                                        *(["-"] if zs and results["single_task"] else [])]) + " |")
     if zs:
         z = results["zero_shot"]
         lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),

@@ -140,6 +140,18 @@ def study_name(spec: SearchSpec) -> str:
     return f"{spec.name}-study"
 
 
+def study_splits(spec: SearchSpec) -> dict[str, dict]:
+    """The pools' sizes and fingerprints per task, plus ``test_majority``: the constant-answer accuracy on test."""
+    from orchestrator.evaluation.accuracy import majority_share
+    from orchestrator.training.worker import load_pools
+
+    pools = load_pools(spec)
+    splits = pools.splits()
+    for task in splits:
+        splits[task]["test_majority"] = majority_share(pools.test[task])
+    return splits
+
+
 def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool,
               from_search: str | None, out_dir: str | None, command: str) -> int:
     """Run (or continue) the study of ``spec``; returns the command's exit code (see ``orchestrator.study``)."""
@@ -150,7 +162,6 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.reference import cached_reference
     from orchestrator.tuning.run import run_search
-    from orchestrator.training.worker import load_pools
     from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.tuner import trial_dirname
 
@@ -227,7 +238,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         if spec.study.zero_shot:
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)
         out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
-                                        load_pools(spec).splits(), wall_s=time.perf_counter() - t0,
+                                        study_splits(spec), wall_s=time.perf_counter() - t0,
                                         command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
                                         start=start)
     tracking.client(uri).set_terminated(parent_id, "FINISHED")

@@ -35,7 +35,7 @@ def test_zero_shot_delta_and_learning_verdict(tmp_path):
     lora = {t: np.stack([np.maximum(zero[t], rng.random(n) < 0.3) for _ in range(3)]) for t in TASKS}
     molora = {t: np.stack([zero[t]] * 3) for t in TASKS}
     spec = _spec(tmp_path)
-    splits = {t: {"train": 1, "val": 1, "test": n, "test_sha256": "x"} for t in TASKS}
+    splits = {t: {"train": 1, "val": 1, "test": n, "test_sha256": "x", "test_majority": 0.6} for t in TASKS}
     configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
     reference = {"test_correct": {t: zero[t].tolist() for t in TASKS}}
     res = study_report.build_results(spec, configs, _runs("lora", lora) + _runs("molora", molora), reference,
@@ -49,6 +49,23 @@ def test_zero_shot_delta_and_learning_verdict(tmp_path):
     text = study_report.markdown(res)
     assert "learning visible" in text and "lora" in text.split("learning visible")[1].split(";")[0]
     assert "not: molora" in text
+    assert res["majority_label"] == {"piqa": 0.6, "boolq": 0.6}
+    assert "| majority label (constant answer) | 0 | 60.0 | 60.0 | 60.0 |" in text
+
+
+def test_majority_share_is_the_constant_answer_accuracy():
+    from orchestrator.data.schema import Example
+    from orchestrator.evaluation.accuracy import majority_share
+
+    def ex(i):
+        return Example(prompt="q", target="t", choices=("a", "b", "c"), answer_index=i, gold="x",
+                       labels=("answer1", "answer2", "answer3"), question="q")
+
+    items = [ex(0), ex(2), ex(2), ex(1), ex(2)]
+    assert majority_share(items) == 3 / 5                              # always answering option 3
+    assert majority_share([]) is None
+    free = Example(prompt="q", target="18", choices=None, answer_index=None, gold="18", labels=None, question="q")
+    assert majority_share([free]) is None
 
 
 def test_start_record_survives_resume_and_names_the_first_launch(tmp_path):
