@@ -16,6 +16,8 @@ them. Off CPU the fused ``F.dropout`` kernel is already one pass and is used as 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,9 +31,7 @@ def keep_multiplier(shape: torch.Size | tuple[int, ...], p: float, *, dtype: tor
 
     ``p' = round(p * 2**16) / 2**16``. Four 16-bit uniforms per 64-bit draw (see the module doc)."""
     drop = round(p * LEVELS)
-    numel = 1
-    for s in shape:
-        numel *= int(s)
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), (1 << 63) - 1)                      # full range: all 64 bits uniform
     u = words.view(torch.int16)[:numel].view(shape)                 # uniform on [-2^15, 2^15)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -66,10 +67,7 @@ def majority_share(examples: Sequence[Example]) -> float | None:
     answers or no items."""
     if not examples or any(ex.answer_index is None for ex in examples):
         return None
-    counts: dict[int, int] = {}
-    for ex in examples:
-        counts[ex.answer_index] = counts.get(ex.answer_index, 0) + 1
-    return max(counts.values()) / len(examples)
+    return max(Counter(ex.answer_index for ex in examples).values()) / len(examples)
 
 
 def option_requests(task: Task, ex: Example, tokenizer, *, options: str = "label", template: str = "alpaca"

@@ -61,6 +61,11 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _commit_state() -> dict[str, Any]:
+    """The checkout's HEAD commit and whether tracked files differ from it."""
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -74,9 +79,7 @@ def start_record(spec: SearchSpec, command: str, *, resume: bool) -> dict[str, A
     text = storage.read_text(path) if resume else None
     if text is not None:
         return json.loads(text)
-    record = {"command": command, "commit": _git("rev-parse", "HEAD"),
-              "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "date": _now(),
-              "unix": time.time()}
+    record = {"command": command, **_commit_state(), "date": _now(), "unix": time.time()}
     storage.write_text(path, json.dumps(record, indent=1))
     return record
 
@@ -97,7 +100,7 @@ def provenance(command: str, wall_s: float, start: dict[str, Any] | None = None)
         except Exception:  # not installed
             versions[pkg] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    here = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    here = _commit_state()
     start = start or {"command": command, **here, "date": _now(), "unix": time.time() - wall_s}
     return {"command": start["command"], "commit": start["commit"], "dirty": start["dirty"],
             "report_command": command, "report_commit": here["commit"],
@@ -185,12 +188,13 @@ def markdown(results: dict[str, Any]) -> str:
     tasks = list(results["split"])
     ref_name = "single-task" if results["single_task"] else "zero-shot"
     zs = bool(results["zero_shot"])
+    both = zs and bool(results["single_task"])  # then zero-shot gets a Δ column of its own
     head = ["method", "trainable params", *tasks, "mean", f"Δ mean vs {ref_name}",
-            *(["Δ mean vs zero-shot"] if zs and results["single_task"] else [])]
+            *(["Δ mean vs zero-shot"] if both else [])]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m, e in results["methods"].items():
         delta = e.get("delta_vs_single_task") or (e.get("delta_vs_zero_shot") if not results["single_task"] else None)
-        extra = [_delta_cell(e.get("delta_vs_zero_shot"))] if zs and results["single_task"] else []
+        extra = [_delta_cell(e.get("delta_vs_zero_shot"))] if both else []
         lines.append("| " + " | ".join([m, f"{e['trainable_params']:,} ({100 * e['trainable_share']:.2f} %)",
                                         *(_cell(e["per_task"][t]) for t in tasks), _cell(e["mean"]),
                                         _delta_cell(delta), *extra]) + " |")
@@ -204,12 +208,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(["majority label (constant answer)", "0",
                                         *(_pct(majority[t]) if majority.get(t) is not None else "-" for t in tasks),
                                         _pct(np.mean([v for v in majority.values() if v is not None])), "-",
-                                        *(["-"] if zs and results["single_task"] else [])]) + " |")
+                                        *(["-"] if both else [])]) + " |")
     if zs:
         z = results["zero_shot"]
         lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),
-                                        _pct(sum(z.values()) / len(z)), "-", *(["0"] if results["single_task"]
-                                                                               else [])]) + " |")
+                                        _pct(sum(z.values()) / len(z)), "-", *(["0"] if both else [])]) + " |")
     meta, split = results["meta"], results["split"]
     text = [f"Test accuracy (%), mean ± half-width of the 95 % CI ({results['statistics']['interval']}); "
             f"{len(results['seeds'])} seeds {results['seeds']}, model {results['model']}; test items per task: "
