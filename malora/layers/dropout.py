@@ -1,17 +1,23 @@
-"""Input dropout of the adapters, with a mask drawn several times cheaper on CPU than ``nn.Dropout``'s.
+"""Input dropout of the adapters that draws only the dropped positions and keeps no mask tensor.
 
-``dropout(x) = x * keep / (1 - p)`` with ``keep ~ Bernoulli(1 - p)`` per element, as ``nn.Dropout``. On CPU,
-stock dropout fills a float tensor with ``bernoulli_`` (one Mersenne-Twister draw per element), divides it by
-1 - p in place and multiplies: at SmolLM2's 800 x 576 layer inputs that is ~5 ms of ~21 ms for the frozen
-layer's forward + backward, paid by every adapted linear (``benchmarks/adapter_speed.py`` profile, README).
+``dropout(x) = x * keep / (1 - p)`` with ``keep ~ Bernoulli(1 - p)`` i.i.d. per element, as ``nn.Dropout``.
 
-Here one 64-bit draw over the full int64 range (``random_(-2**63, 2**63 - 1)``) gives four independent uniform
-16-bit integers u; an element is kept when ``u >= t - 2**15`` with ``t = round(p * 2**16)``, i.e. with
-probability ``1 - p'`` where ``p' = t / 2**16`` is p rounded to a multiple of 2^-16 (0.05 -> 0.0500031); kept
-elements are scaled by ``1 / (1 - p')``, so ``E[dropout(x)] = x`` exactly. The mask is written straight as the
-scaled float multiplier (0 or ``1/(1-p')``), which autograd keeps for backward exactly as stock dropout keeps
-its float mask. The draws come from the default generator of x's device, so ``torch.manual_seed`` reproduces
-them. Off CPU the fused ``F.dropout`` kernel is already one pass and is used as is.
+On CPU, stock dropout (and any mask-based variant) draws one random number per element, fills a (T, n) float
+mask, multiplies, and keeps the mask for backward: at SmolLM2's 800 x 576 layer inputs that was ~1.4 ms of a
+~40 ms frozen up-projection step, paid by each of a model's 180 adapted linears, plus 4 bytes of saved mask per
+input element. With p = 0.05 only one element in twenty is dropped, so here only those are drawn:
+
+- the gaps between consecutive dropped elements of the flattened input are i.i.d. Geometric(p) on {1, 2, ...}
+  (a Bernoulli process), drawn by inversion ``gap = 1 + floor(log(v) / log(1 - p))`` of ``v`` uniform on (0, 1];
+  their running sum gives the dropped flat positions. About ``p * numel`` draws instead of ``numel``.
+- forward: ``y = x * (1 / (1 - p))``, then zeros written at those positions (``index_fill_``);
+- backward: the same on the incoming gradient. Only the positions are saved (8 bytes per *dropped* element:
+  0.4 bytes per input element at p = 0.05, against 4 for a float mask).
+
+The uniforms are float32 from the default generator of x's device (``torch.manual_seed`` reproduces them);
+their 2^-24 resolution perturbs the gap probabilities by at most ~2^-24 each, far below any sampling noise. The
+drop probability is p itself (no rounding). Off CPU the fused ``F.dropout`` kernel is already one pass and is used
+as is.
 """
 
 from __future__ import annotations
@@ -22,28 +28,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVELS = 1 << 16   # resolution of the drop probability: 16-bit draws
+
+def drop_positions(numel: int, p: float, device: torch.device | str = "cpu", *,
+                   margin_sd: float = 6.0) -> torch.Tensor:
+    """Sorted int64 flat positions in ``[0, numel)``, each included independently with probability p.
+
+    Draws gaps of a Bernoulli(p) process in blocks of ``mean + margin_sd * sd (+ 16)`` gaps, the mean and sd of
+    the number of drops in what is left to cover: one block with overwhelming probability; a block that falls
+    short is followed by another from where it ended (the process is memoryless, so nothing is biased).
+    """
+    if numel == 0 or p == 0.0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    inv_log_keep = 1.0 / math.log1p(-p)                             # < 0
+    blocks, last = [], -1                                           # last: position of the previous drop
+    while last < numel - 1:
+        remaining = numel - 1 - last
+        k = max(16, int(remaining * p + margin_sd * math.sqrt(remaining * p * (1 - p)) + 16))
+        v = torch.rand(k, device=device).neg_().add_(1.0)          # uniform on (0, 1]
+        gaps = v.log_().mul_(inv_log_keep).floor_().add_(1.0)      # Geometric(p) on {1, 2, ...}, float32
+        pos = gaps.to(torch.int64).cumsum_(0).add_(last)            # (k,) increasing drop positions
+        blocks.append(pos)
+        last = int(pos[-1])
+    pos = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    return pos[: int(torch.searchsorted(pos, numel))]               # positions < numel (pos is sorted)
 
 
-def keep_multiplier(shape: torch.Size | tuple[int, ...], p: float, *, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """A tensor of ``shape`` holding ``1 / (1 - p')`` where kept (probability ``1 - p'``) and 0 where dropped.
+class _DropPositions(torch.autograd.Function):
+    """``y = x * scale`` with zeros at the flat ``positions``; the same map on the gradient."""
 
-    ``p' = round(p * 2**16) / 2**16``. Four 16-bit uniforms per 64-bit draw (see the module doc)."""
-    drop = round(p * LEVELS)
-    numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(1 << 63), (1 << 63) - 1)                      # full range: all 64 bits uniform
-    u = words.view(torch.int16)[:numel].view(shape)                 # uniform on [-2^15, 2^15)
-    # P(keep) = 1 - drop / 2^16; the comparison writes 0./1. straight into the float result: 5x cheaper on CPU
-    # than a bool mask converted afterwards (or torch.where), which allocate and pass over (T, n) twice more
-    keep = torch.empty(shape, dtype=dtype, device=device)
-    torch.ge(u, drop - LEVELS // 2, out=keep)
-    return keep.mul_(LEVELS / (LEVELS - drop))
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        y = x.mul(scale).contiguous()                               # a new contiguous tensor: view(-1) below
+        y.view(-1).index_fill_(0, positions, 0.0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        g = grad.mul(ctx.scale).contiguous()
+        g.view(-1).index_fill_(0, positions, 0.0)
+        return g, None, None
 
 
 class InputDropout(nn.Module):
-    """``nn.Dropout(p)`` for the adapters' input x (T, n); on CPU the mask is drawn by :func:`keep_multiplier`."""
+    """``nn.Dropout(p)`` for the adapters' input x (T, n); on CPU only the dropped positions are drawn."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -51,16 +81,13 @@ class InputDropout(nn.Module):
             raise ValueError(f"dropout probability {p} must be in [0, 1)")
         self.p = p
 
-    def drop_probability(self, device_type: str = "cpu") -> float:
-        """The probability an element is dropped: p rounded to a multiple of 2^-16 on CPU, p elsewhere."""
-        return round(self.p * LEVELS) / LEVELS if device_type == "cpu" else self.p
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        return x * keep_multiplier(x.shape, self.p, dtype=x.dtype, device=x.device)
+        positions = drop_positions(x.numel(), self.p, x.device)
+        return _DropPositions.apply(x, positions, 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

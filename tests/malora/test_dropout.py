@@ -1,4 +1,5 @@
-"""InputDropout: the 16-bit mask is Bernoulli(1 - p') per element, unbiased, seeded, and its gradient is the mask."""
+"""InputDropout: the dropped positions form a Bernoulli(p) process, the output is unbiased, seeded, and its
+gradient is the same mask."""
 
 import math
 
@@ -7,50 +8,55 @@ import torch
 from scipy import stats
 from torch import nn
 
-from malora.layers.dropout import LEVELS, InputDropout, keep_multiplier
+from malora.layers.dropout import InputDropout, drop_positions
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def test_each_of_the_four_16_bit_lanes_keeps_with_probability_one_minus_p(p):
-    # one 64-bit draw feeds 4 consecutive elements: a lane with a biased bit (e.g. a sign bit that is always 0,
-    # as plain int64 random_() gives) would keep too often in every 4th element
+def test_positions_are_an_iid_bernoulli_process(p):
     torch.manual_seed(0)
-    m = keep_multiplier((4000, 400), p, dtype=torch.float64)
-    p_eff = round(p * LEVELS) / LEVELS
-    kept = (m != 0).reshape(-1, 4)                                    # (draws, lane)
-    n = kept.shape[0]
-    for lane in range(4):
-        k = int(kept[:, lane].sum())
-        assert stats.binomtest(k, n, 1 - p_eff).pvalue > 1e-4, (lane, k / n)
-    # no correlation between lanes of one draw: P(both kept) = (1 - p')^2
-    both = int((kept[:, 0] & kept[:, 3]).sum())
-    assert stats.binomtest(both, n, (1 - p_eff) ** 2).pvalue > 1e-4
+    numel = 400_000
+    pos = drop_positions(numel, p)
+    assert pos.dtype == torch.int64 and pos.numel() > 0
+    assert int(pos[0]) >= 0 and int(pos[-1]) < numel and bool((pos.diff() > 0).all())   # sorted, distinct
+    assert stats.binomtest(pos.numel(), numel, p).pvalue > 1e-4
+    dropped = torch.zeros(numel, dtype=torch.bool)
+    dropped[pos] = True
+    # uniform along the index range: each tenth holds Binomial(numel/10, p) drops
+    for part in dropped.view(10, -1):
+        assert stats.binomtest(int(part.sum()), part.numel(), p).pvalue > 1e-4
+    # neighbours independent: P(i and i+1 dropped) = p^2 (a gap distribution off by one would miss this)
+    both = int((dropped[:-1] & dropped[1:]).sum())
+    assert stats.binomtest(both, numel - 1, p * p).pvalue > 1e-4
+    # gaps geometric: P(gap = 1) = p, P(gap = 2) = p (1 - p)
+    gaps = pos.diff()
+    for g, prob in ((1, p), (2, p * (1 - p))):
+        assert stats.binomtest(int((gaps == g).sum()), gaps.numel(), prob).pvalue > 1e-4
 
 
-def test_values_are_zero_or_the_unbiased_scale():
+def test_a_short_first_block_is_continued_without_bias():
     torch.manual_seed(1)
-    p = 0.05
-    m = keep_multiplier((999, 37), p, dtype=torch.float32)             # numel not a multiple of 4
-    p_eff = round(p * LEVELS) / LEVELS
-    assert m.shape == (999, 37) and m.dtype == torch.float32
-    values = m.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p_eff), rel=1e-7)
-    assert abs(p_eff - p) < 0.5 / LEVELS
+    numel, p = 200_000, 0.05
+    pos = drop_positions(numel, p, margin_sd=-20.0)                  # blocks fall short: several are drawn
+    assert int(pos[-1]) < numel and bool((pos.diff() > 0).all())
+    assert stats.binomtest(pos.numel(), numel, p).pvalue > 1e-4
+    late = int((pos >= numel // 2).sum())                            # the continuation covers the tail evenly
+    assert stats.binomtest(late, pos.numel(), 0.5).pvalue > 1e-4
 
 
-def test_matches_nn_dropout_in_distribution_and_is_reproducible_by_seed():
+def test_values_are_zero_or_the_unbiased_scale_and_reproducible_by_seed():
     x = torch.randn(512, 256, dtype=torch.float64)
     ours = InputDropout(0.1).train()
     torch.manual_seed(3)
     a = ours(x)
     torch.manual_seed(3)
     assert torch.equal(a, ours(x))                                   # same seed, same mask
+    assert a.shape == x.shape and a.dtype == x.dtype
     dropped = (a == 0).double().mean().item()
     stock = (nn.Dropout(0.1).train()(x) == 0).double().mean().item()
     sd = math.sqrt(0.1 * 0.9 / x.numel())
     assert abs(dropped - 0.1) < 5 * sd and abs(stock - 0.1) < 5 * sd
     kept = a != 0
-    torch.testing.assert_close(a[kept], x[kept] / (1 - ours.drop_probability()), rtol=1e-15, atol=0)
+    torch.testing.assert_close(a[kept], x[kept] / 0.9, rtol=1e-15, atol=0)
     assert abs(a.mean().item() - x.mean().item()) < 0.01              # unbiased on average
 
 
@@ -59,10 +65,15 @@ def test_gradient_is_the_mask_and_eval_is_identity():
     d = InputDropout(0.25).train()
     torch.manual_seed(0)
     y = d(x)
-    g = torch.randn_like(y)
+    g = torch.randn_like(y).t().contiguous().t()                      # a non-contiguous upstream gradient
     y.backward(g)
-    mult = torch.where(y != 0, y / x.detach(), torch.zeros_like(y))  # the multiplier actually applied
-    torch.testing.assert_close(x.grad, g * mult, rtol=1e-12, atol=0)
+    mult = torch.where(y != 0, torch.full_like(y, 1 / 0.75), torch.zeros_like(y))  # the multiplier applied
+    torch.testing.assert_close(x.grad, g * mult, rtol=1e-15, atol=0)
+    xt = torch.randn(32, 64, dtype=torch.float64).t()                 # non-contiguous input
+    torch.manual_seed(0)
+    yt = d(xt)
+    kept = yt != 0
+    torch.testing.assert_close(yt[kept], xt[kept] / 0.75, rtol=1e-15, atol=0)
     d.eval()
     assert d(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
