@@ -75,7 +75,7 @@ class Masks:
         return M
 
     def _on_dropout(self, module, args, out) -> None:
-        p = module.drop_probability(args[0].device.type) if hasattr(module, "drop_probability") else module.p
+        p = module.p                                                    # InputDropout or nn.Dropout: p exactly
         self.x = self._mask(args[0], out, p)
 
 
