@@ -107,15 +107,17 @@ def log_dict(uri: str, run_id: str, *, params: dict | None = None, metrics: dict
     from mlflow.exceptions import MlflowException
 
     c, now = client(uri), int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if _is_number(v)]
-    for i in range(0, len(ms), 1000):
-        c.log_batch(run_id, metrics=ms[i:i + 1000])
+    # params before metrics: a resumed search decides from the logged `step` history what is still to log, so
+    # a kill between the two calls must leave the params logged, never a step without them
     ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     for i in range(0, len(ps), 100):
         try:
             c.log_batch(run_id, params=ps[i:i + 100])
         except MlflowException as exc:  # resumed run: changed values cannot be overwritten
             logger.warning("MLflow params not logged (%s)", str(exc).splitlines()[0])
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if _is_number(v)]
+    for i in range(0, len(ms), 1000):
+        c.log_batch(run_id, metrics=ms[i:i + 1000])
     if tags:
         c.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
@@ -162,22 +164,36 @@ class MLflowSearchCallback(Callback):
 
     # --------------------------------------------------------------------------------------------- runs
     def run_for(self, trial: Any) -> str:
+        """The trial's nested run: found by its trial-id tag (a resumed search) or created. Creating a run and
+        logging its params are two MLflow calls, so a driver killed between them leaves a run without params;
+        the resumed search logs the ones missing (logging an identical value again is allowed)."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id][0]
-        from orchestrator.spec.hparams import adapter_config
-
         existing = [r for r in find_runs(self.uri, self.exp_id, malora__trial_id=trial.trial_id)
                     if r.data.tags.get(PARENT) == self.parent_id]
         if existing:
             run_id = existing[0].info.run_id
+            missing = {k: v for k, v in self._trial_params(trial).items() if k not in existing[0].data.params}
+            if missing:
+                log_dict(self.uri, run_id, params=missing)
             hist = client(self.uri).get_metric_history(run_id, "step")
             self._runs[trial.trial_id] = (run_id, int(max((m.value for m in hist), default=0)))
             client(self.uri).update_run(run_id, status="RUNNING")
             return run_id
-        method, hp, run_name, tags, extra = self.trial_view(trial)
+        method, _, run_name, tags, _ = self.trial_view(trial)
         run = client(self.uri).create_run(self.exp_id, run_name=run_name, tags={
             PARENT: self.parent_id, TRIAL_KEY: trial.trial_id, SEARCH_KEY: self.search_key, "malora.method": method,
             **tags})
+        log_dict(self.uri, run.info.run_id, params=self._trial_params(trial))
+        self._runs[trial.trial_id] = (run.info.run_id, 0)
+        return run.info.run_id
+
+    def _trial_params(self, trial: Any) -> dict[str, Any]:
+        """Everything a trial's run records as params before its first result: method, hp.*, adapter.*, the
+        training settings and the view's extras."""
+        from orchestrator.spec.hparams import adapter_config
+
+        method, hp, _, _, extra = self.trial_view(trial)
         params: dict[str, Any] = {"method": method, **{f"hp.{k}": v for k, v in hp.items()}}
         try:
             params.update({f"adapter.{k}": v for k, v in adapter_config(method, hp).to_dict().items()})
@@ -189,9 +205,7 @@ class MLflowSearchCallback(Callback):
                        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
                        "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
                        "workers": self.spec.resources.workers_per_trial, **extra})
-        log_dict(self.uri, run.info.run_id, params=params)
-        self._runs[trial.trial_id] = (run.info.run_id, 0)
-        return run.info.run_id
+        return params
 
     def trial_view(self, trial: Any) -> tuple[str, dict, str, dict, dict]:
         """(method, hyperparameters, run name, extra tags, extra params) of a trial: a search trial's config is

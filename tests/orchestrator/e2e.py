@@ -35,6 +35,13 @@ def mlflow_client(tmp_path: Path):
     return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+def store_ready(log: Path) -> bool:
+    """Whether a search or study writing to `log` has set up its SQLite MLflow store (it logs its parent run's id
+    once it has). A test that opens the store before then runs MLflow's table creation concurrently with the
+    command's own, and the loser of that race fails."""
+    return log.is_file() and "MLflow parent run" in log.read_text(errors="replace")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

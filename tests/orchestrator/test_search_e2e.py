@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.orchestrator.e2e import mlflow_client, subprocess_env, ui_run_names
+from tests.orchestrator.e2e import mlflow_client, store_ready, subprocess_env, ui_run_names
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -150,15 +150,19 @@ def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path
     assert ",malora,ERROR," in summary and ",lora,TERMINATED," in summary
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
+              log: Path | None = None) -> None:
+    """Poll `predicate` each second; fail with the driver's log tail if it exits first or time runs out."""
+    def tail() -> str:
+        return "\n" + log.read_text(errors="replace")[-6000:] if log is not None and log.is_file() else ""
     end = time.time() + timeout
     while time.time() < end:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}{tail()}")
         time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}{tail()}")
 
 
 def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
@@ -166,13 +170,13 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared
                    search__sampler="tpe", search__objectives={"val/mean_acc": "max", "trainable_params": "min"},
                    tracking__experiment="e2e-resume")
     env = _env(shared_data_dir)
-    log = (tmp_path / "first.log").open("w")
+    log_path = tmp_path / "first.log"
+    log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.search", "--space", str(space)], cwd=tmp_path,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    db = tmp_path / "mlflow.db"
 
     def finished_runs() -> list:
-        if not db.is_file():
+        if not store_ready(log_path):
             return []
         try:
             exp = _client(tmp_path).get_experiment_by_name("e2e-resume")
@@ -182,7 +186,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared
         return [r for r in runs if r.info.status == "FINISHED" and "malora.trial_id" in r.data.tags]
 
     try:
-        _wait_for(lambda: len(finished_runs()) == 1, 240, "the first trial to finish", proc)
+        _wait_for(lambda: len(finished_runs()) == 1, 240, "the first trial to finish", proc, log_path)
         first = finished_runs()[0].data.tags["malora.trial_id"]
         result_file = tmp_path / "ray_results" / "smoke" / f"trial_{first}" / "result.json"
         time.sleep(6)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records the finished trial
@@ -223,13 +227,13 @@ def test_asha_keeps_its_rungs_across_a_sigkill_and_resume(tmp_path, shared_data_
                    search__points_to_evaluate=[{"method": "lora", "r": 4}, {"method": "lora", "r": 8}],
                    tracking__experiment="e2e-asha-resume")
     env = _env(shared_data_dir)
-    log = (tmp_path / "first.log").open("w")
+    log_path = tmp_path / "first.log"
+    log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.search", "--space", str(space)], cwd=tmp_path,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    db = tmp_path / "mlflow.db"
 
     def trial_runs() -> list:
-        if not db.is_file():
+        if not store_ready(log_path):
             return []
         try:
             exp = _client(tmp_path).get_experiment_by_name("e2e-asha-resume")
@@ -240,14 +244,15 @@ def test_asha_keeps_its_rungs_across_a_sigkill_and_resume(tmp_path, shared_data_
 
     try:
         _wait_for(lambda: any(r.info.status == "FINISHED" for r in trial_runs()), 240, "the r=4 trial to finish",
-                  proc)
+                  proc, log_path)
         time.sleep(4)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records the finished trial
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-    before = {r.data.params["hp.r"]: r for r in trial_runs()}
+    # a run the kill caught between its creation and its params has no hp.r yet; the resume must complete it
+    before = {r.data.params.get("hp.r"): r for r in trial_runs()}
     assert before["4"].info.status == "FINISHED"
     # the r=8 trial had not reached its first rung: the decision below is taken by the resumed scheduler
     assert "8" not in before or "val/mean_acc" not in before["8"].data.metrics, "r=8 reported before the kill"

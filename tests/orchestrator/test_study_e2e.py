@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.orchestrator.e2e import mlflow_client, subprocess_env
+from tests.orchestrator.e2e import mlflow_client, store_ready, subprocess_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -93,11 +93,14 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
 def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_data_dir):
     space = _space(tmp_path, "e2e-study-resume", seeds=1, search=False, configs=FIXED)
     env = _env(shared_data_dir)
-    log = (tmp_path / "first.log").open("w")
+    log_path = tmp_path / "first.log"
+    log = log_path.open("w")
     cmd = [sys.executable, "-m", "orchestrator.study", "--space", str(space)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def finished() -> list:
+        if not store_ready(log_path):
+            return []
         try:
             _, runs = _study_runs(tmp_path, "e2e-study-resume")
         except Exception:  # store or parent run not there yet
@@ -107,7 +110,7 @@ def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_
     try:
         deadline = time.monotonic() + 400
         while len(finished()) < 2 and time.monotonic() < deadline:
-            assert proc.poll() is None, f"study exited ({proc.returncode}) early"
+            assert proc.poll() is None, f"study exited ({proc.returncode}) early\n{log_path.read_text()[-6000:]}"
             time.sleep(1.0)
         assert len(finished()) >= 2, "timed out waiting for two study runs"
         done_before = {r.data.tags["malora.trial_id"]: r.info.start_time for r in finished()}
