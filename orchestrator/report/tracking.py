@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,52 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str) -> str:
+def _new_sqlite_store(uri: str) -> None:
+    """Create a SQLite store that does not exist yet in a private file and link it into place, tables made.
+
+    MLflow creates a new SQLite store's tables from whichever process opens it first, and two processes doing
+    so at once (an ``mlflow ui`` or a script started beside the search) can fail or leave the store half
+    migrated for good. Linked complete (``os.link`` never replaces a file), no other process ever sees it
+    half made; if another created the file first, theirs is used.
+    """
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists() or not db.parent.is_dir():
+        return
+    tmp = db.with_name(f".{db.name}.new-{os.getpid()}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
+        os.link(tmp, db)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_experiment(uri: str, name: str, attempts: int = 5) -> str:
     """Experiment id; a new one on a SQLite store keeps its artifacts in mlartifacts/<name> beside the DB file.
 
     Beside the DB, not under the working directory: a Ray job runs in a temporary copy of the project that is
-    deleted with the job, and MLflow's own default for SQLite is relative to the current directory.
+    deleted with the job, and MLflow's own default for SQLite is relative to the current directory. This is
+    the command's first access to its store: on SQLite it creates the store (:func:`_new_sqlite_store`), and
+    where another process created the file and is still making its tables, it retries once that one is done
+    (the errors vary with the moment: missing columns or indexes, a migration mismatch).
     """
+    sqlite = uri.startswith("sqlite:///")
+    if sqlite:
+        _new_sqlite_store(uri)
+    for _ in range(attempts - 1 if sqlite else 0):
+        try:
+            return _get_or_create_experiment(uri, name)
+        except Exception as exc:  # noqa: BLE001 - SQLite only, and re-raised by the last attempt below
+            logger.warning("MLflow store %s not ready, perhaps being set up by another process (%s: %s); "
+                           "retrying", uri, type(exc).__name__, str(exc).splitlines()[0][:200])
+            time.sleep(2.0)
+    return _get_or_create_experiment(uri, name)
+
+
+def _get_or_create_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:

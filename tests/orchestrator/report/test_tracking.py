@@ -76,3 +76,41 @@ def test_first_result_logs_params_before_its_step(store, monkeypatch):
     assert calls == ["params", "metrics"]
     run = real.get_run(run_id)
     assert run.data.params["trainable_params"] == "1792" and run.data.metrics["val/mean_acc"] == 0.5
+
+
+def test_a_new_sqlite_store_appears_complete_and_in_place(tmp_path):
+    """The store is made in a private file and linked into place: nothing else is left beside it, and the file
+    another process first sees already has every table of the current schema (the experiment lives in it)."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = tracking.ensure_experiment(uri, "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+        (name, location), = db.execute("select name, artifact_location from experiments where experiment_id = ?",
+                                       (exp_id,))
+    assert {"alembic_version", "experiments", "runs", "metrics", "params", "tags"} <= tables
+    assert not any(t.startswith("_alembic_tmp") for t in tables)
+    assert name == "fresh" and location == (tmp_path / "mlartifacts" / "fresh").as_uri()
+    assert tracking.ensure_experiment(uri, "fresh") == exp_id  # found again, not created twice
+
+
+def test_first_access_retries_a_sqlite_store_another_process_is_setting_up(tmp_path, monkeypatch):
+    real, failures = tracking._get_or_create_experiment, []
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+
+    def flaky(uri, name):
+        if len(failures) < 2:  # what a concurrent migration raises, e.g. "table ... already exists"
+            failures.append(name)
+            raise RuntimeError("table _alembic_tmp_experiments already exists")
+        return real(uri, name)
+
+    monkeypatch.setattr(tracking, "_get_or_create_experiment", flaky)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = tracking.ensure_experiment(uri, "busy")
+    assert failures == ["busy", "busy"] and tracking.client(uri).get_experiment(exp_id).name == "busy"
+    failures.clear()
+    with pytest.raises(RuntimeError, match="already exists"):  # a server store is never retried
+        tracking.ensure_experiment("http://127.0.0.1:9", "busy")
+    assert failures == ["busy"]
