@@ -66,6 +66,9 @@ VARIANTS: dict[str, object] = {
     "proto_malora": ("prototype", MALoRAConfig()),
     "malora_p0": MALoRAConfig(dropout=0.0),         # what input dropout costs
     "proto_malora_p0": ("prototype", MALoRAConfig(dropout=0.0)),
+    # the shipped layers with the fused input side off (malora.layers.fused): its baseline, side by side
+    "lora_r64_sep": ("separate", LoRAConfig(r=64, alpha=128.0, target_modules=TARGETS)),
+    "malora_sep": ("separate", MALoRAConfig()),
 }
 # malora_dense = "malora" whenever auto picks dense (it does at the default shapes); *_p0 are diagnostics
 DEFAULT_SKIP = ("malora_dense", "malora_p0", "proto_malora_p0")
@@ -77,6 +80,8 @@ TARGET_RATIOS = [  # (name, numerator, denominator or "molora_fastest", bound, m
     ("MALoRA / our fastest MoLoRA", "malora", "molora_fastest", 1.00, "ms"),
     ("our LoRA / peft LoRA", "lora_r64", "peft_lora_r64", 1.00, "ms"),
     ("MALoRA / LoRA r64 peak memory", "malora", "lora_r64", 1.05, "peak_mb"),
+    ("MALoRA / MALoRA separate ops", "malora", "malora_sep", 1.00, "ms"),  # the fused input side's gain
+    ("LoRA r64 / LoRA r64 separate ops", "lora_r64", "lora_r64_sep", 1.00, "ms"),
     # the same targets for the prototype formulation (AddmmAdapter), MALoRA and LoRA both prototyped
     ("proto MALoRA / frozen base", "proto_malora", "frozen", 1.10, "ms"),
     ("proto MALoRA / proto LoRA r64", "proto_malora", "proto_lora", 1.03, "ms"),
@@ -242,6 +247,9 @@ def build_linear_variant(name: str, base: nn.Linear) -> nn.Module:
         return base
     if spec == "peft":
         module = _peft_wrap(_Holder(base), ["proj"])
+    elif isinstance(spec, tuple) and spec[0] == "separate":
+        module = build_adapter_layer(base, spec[1])
+        module.fused_input = False
     elif isinstance(spec, tuple):
         module = AddmmAdapter(build_adapter_layer(base, spec[1]))
     else:
@@ -259,7 +267,11 @@ def build_model_variant(name: str, base_model: nn.Module) -> nn.Module:
         model = _peft_wrap(model, list(TARGETS))
     elif isinstance(spec, tuple):
         inject_adapters(model, spec[1])
-        _prototype_model(model)
+        if spec[0] == "separate":
+            for _, layer in adapter_layers(model):
+                layer.fused_input = False
+        else:
+            _prototype_model(model)
     else:
         inject_adapters(model, spec)
     _randomise_adapters(model)

@@ -17,7 +17,8 @@ step):
   leaves its ``LengthGroupedSampler`` over the whole training set (other batches, same grouping rule).
 - ``lora_r64`` (r64, alpha 128), ``molora`` (8 x r8, top-2), ``malora`` (d 32, r_bar 12, beta 1.25, 8 experts,
   top-2), ``mosld`` (r8, 8 experts, top-2, DropConnect 0.1): ``ours`` with that adapter, same batches, all on
-  the six projections.
+  the six projections. ``lora_r64_sep`` / ``malora_sep``: the same with the layers' fused input side off
+  (:mod:`malora.layers.fused`; frozen matmul, router and down-projection as separate autograd ops), its baseline.
 
 Batches: every variant steps through the first ``(warmup + rounds) * steps`` batches of its own stream over the
 same training set: ``ours``, the adapter variants and (``--hf-sampler ours``) HF the very same batches of the
@@ -76,11 +77,15 @@ ADAPTERS = {  # variant -> (malora kind, config fields); all on TARGETS
                           "dropout": 0.05}),
     "mosld": ("mosld", {"r": 8, "num_experts": 8, "top_k": 2, "dropconnect": 0.1, "alpha": 16.0}),
 }
-VARIANTS = ("before", "ours", "hf_trainer_peft", "lora_r64", "molora", "malora", "mosld")
+SEPARATE = {"lora_r64_sep": "lora_r64", "malora_sep": "malora"}  # fused input side off (malora.layers.fused)
+ADAPTERS.update({name: ADAPTERS[of] for name, of in SEPARATE.items()})
+VARIANTS = ("before", "ours", "hf_trainer_peft", "lora_r64", "molora", "malora", "mosld", *SEPARATE)
 TARGETS_MET = [  # (name, numerator, denominator, bound)
     ("ours / before", "ours", "before", 1.7),
     ("ours / HF Trainer + peft (group_by_length)", "ours", "hf_trainer_peft", 1.25),
     ("MALoRA / LoRA r64", "malora", "lora_r64", 0.95),
+    ("MALoRA / MALoRA separate ops", "malora", "malora_sep", 1.0),   # what the fused input side gains
+    ("LoRA r64 / LoRA r64 separate ops", "lora_r64", "lora_r64_sep", 1.0),
 ]
 
 
@@ -112,7 +117,7 @@ class LoopRunner:
 
     def __init__(self, name: str, base, tokenizer, spec, plan: list[list[int]], encoded: list[dict], clock: Clock):
         from malora.config import CONFIG_CLASSES
-        from malora.inject import inject_adapters
+        from malora.inject import adapter_layers, inject_adapters
         from orchestrator.data.tokenize import collate
         from orchestrator.training import worker
         from orchestrator.training.loss import ResponseLoss
@@ -122,6 +127,8 @@ class LoopRunner:
         torch.manual_seed(0)
         cfg = CONFIG_CLASSES[kind](**fields, target_modules=TARGETS)
         inject_adapters(model, cfg)
+        for _, layer in adapter_layers(model):
+            layer.fused_input = name not in SEPARATE
         self.name, self.spec, self.clock, self.worker = name, spec, clock, worker
         self.trial = worker.TrialModel(model, tokenizer, kind, {}, cfg, None)
         self.optim = worker.build_optimisation(self.trial, spec, steps=len(plan))

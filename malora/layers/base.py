@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora.layers.dropout import InputDropout
+from malora.layers.dropout import InputDropout, drop_positions
+from malora.layers.fused import FrozenRouterDown
 from malora.layers.router import RouterOutput
 from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
 
@@ -26,6 +27,8 @@ try:  # GPT-2 style linear: weight (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency; keep the library importable without it
     Conv1D = None
+
+FUSABLE_BASES = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)  # exact types: no subclass forwards
 
 # choose_dispatch thresholds (tuned by benchmarks/adapter_speed.py; see choose_dispatch)
 DENSE_MAX_COST_RATIO = 0.25
@@ -77,6 +80,7 @@ class AdapterLayer(nn.Module):
         self._state = NO_CONTEXT
         self._aux_now: torch.Tensor | None = None
         self.aux_deferred = False
+        self.fused_input = True
 
     def __getstate__(self) -> dict:
         """Copies and pickles drop the last forward's balance loss (a graph node, which cannot be deep-copied)."""
@@ -92,20 +96,64 @@ class AdapterLayer(nn.Module):
         """The trainable adapter tensors, by name relative to this layer."""
         return {n: p for n, p in self.named_parameters() if n.split(".")[0].startswith("lora_")}
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def down_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """D (q, n) in ``dtype`` that the layer applies to dropout(x) first (LoRA's A, MALoRA's S_A), or None
+        for a layer that uses x otherwise (MoLoRA). Layers with a D define :meth:`delta_from`."""
+        return None
+
+    def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
+                   logits: torch.Tensor | None) -> torch.Tensor:
+        """delta (T, m) from x (T, n), z = D dropout(x) (T, q) and, where already computed, the router's
+        logits (T, N)."""
         raise NotImplementedError
 
-    def route(self, x: torch.Tensor, rows: torch.Tensor | None) -> RouterOutput:
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.dropout(x)                                         # drawn before D: MoSLD's D draws too
+        return self.delta_from(x, F.linear(z, self.down_weight(x.dtype)), rows, None)
+
+    def route(self, x: torch.Tensor, rows: torch.Tensor | None,
+              logits: torch.Tensor | None = None) -> RouterOutput:
         """Run ``lora_router`` on x (T, n): counts tokens unless this call is a checkpoint recomputation."""
-        route = self.lora_router(x, rows, count=not self._state.recompute)
+        route = self.lora_router(x, rows, count=not self._state.recompute, logits=logits)
         self._aux_now = route.aux_loss
         return route
+
+    def fuses_input(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the frozen matmul, router and D in one node (:mod:`malora.layers.fused`):
+        on CPU with autograd on and autocast off (the node's backward runs its GEMMs in the forward's dtypes),
+        around a plain frozen ``nn.Linear``/``Conv1D``, for layers with a D. ``fused_input = False`` on a layer
+        keeps the separate ops (the reference path)."""
+        base = self.base
+        return (self.fused_input and x.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")
+                and type(base) in FUSABLE_BASES and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)
+                and type(self).down_weight is not AdapterLayer.down_weight)
+
+    def fused_input_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(base(x) (T, m), router logits (T, N) or None, z (T, q)) of x (T, n) through FrozenRouterDown."""
+        p = self.dropout.p if self.training and isinstance(self.dropout, InputDropout) else 0.0
+        positions = drop_positions(x.numel(), p, x.device) if p > 0 else None
+        down = self.down_weight(x.dtype)
+        if p > 0:
+            down = down * (1.0 / (1.0 - p))                         # s on the small D, not on (T, n)
+        base = self.base
+        weight = base.weight.T if Conv1D is not None and isinstance(base, Conv1D) else base.weight  # (m, n)
+        router = getattr(self, "lora_router", None)
+        return FrozenRouterDown.apply(x, weight, base.bias, None if router is None else router.weight.to(x.dtype),
+                                      down, positions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
         self._aux_now = None
-        y = self.base(x)                                            # (..., m)
-        delta = self.delta(x.reshape(-1, self.in_features), state.rows)  # (T, m), scaled
+        x2 = x.reshape(-1, self.in_features)                        # (T, n)
+        if self.fuses_input(x2):
+            y, logits, z = self.fused_input_side(x2)                # (T, m), (T, N) or None, (T, q)
+            y = y.view(*x.shape[:-1], self.out_features)
+            delta = self.delta_from(x2, z, state.rows, logits)      # (T, m), scaled
+        else:
+            y = self.base(x)                                        # (..., m)
+            delta = self.delta(x2, state.rows)                      # (T, m), scaled
         # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
         # saves an output-sized temporary (the sum) per adapted layer and step; alpha = 1, so the backward
         # passes the gradient through without a (T, m) multiply.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from malora.layers.base import AdapterLayer, adapter_dtype, dense_mixture
@@ -39,9 +38,12 @@ class HydraLoRALinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        route = self.route(x, rows)                                     # gates = probs (T, N), 0 on padding
-        z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))          # (T, r)
+    def down_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.lora_A.to(dtype)                                    # (r, n)
+
+    def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
+                   logits: torch.Tensor | None) -> torch.Tensor:
+        route = self.route(x, rows, logits)                             # gates = probs (T, N), 0 on padding
         return dense_mixture(z, route.gates * self.scaling, up=self.lora_B.to(x.dtype))  # (T, m), scaled gates
 
     def extra_repr(self) -> str:

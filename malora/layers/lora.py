@@ -31,9 +31,13 @@ class LoRALinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))        # (T, r)
-        return F.linear(h * self.scaling, self.lora_B.to(x.dtype))    # (T, m); scaled at width r, not m
+    def down_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.lora_A.to(dtype)                                  # (r, n)
+
+    def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
+                   logits: torch.Tensor | None) -> torch.Tensor:
+        # z = A dropout(x) (T, r): scaled at width r, not m
+        return F.linear(z * self.scaling, self.lora_B.to(x.dtype))    # (T, m)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"

@@ -82,9 +82,13 @@ class MALoRALinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r_bar * (self.d + m), n * m)
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        route = self.route(x, rows)                                     # gates, idx (T, k)
-        z = self.dropout(x) @ self.lora_S_A.to(x.dtype).T               # (T, d): once per token
+    def down_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.lora_S_A.to(dtype)                                  # (d, n)
+
+    def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
+                   logits: torch.Tensor | None) -> torch.Tensor:
+        route = self.route(x, rows, logits)                             # gates, idx (T, k)
+        # z = S_A dropout(x) (T, d): once per token, shared by every expert
         P, B = self.lora_P.to(x.dtype), self.lora_B.to(x.dtype)
         return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates * self.scaling, route.idx, up=B, down=P,
                        rows=rows)                                       # (T, m); scaled through the (T, k) gates

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from malora.layers.base import AdapterLayer, adapter_dtype, choose_dispatch, mixture
@@ -60,9 +59,12 @@ class MoSLDLinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r * m, n * m)
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        route = self.route(x, rows)                                     # gates, idx (T, k)
-        z = F.linear(self.dropout(x), self.shared_A(x.dtype))           # (T, r): once per token
+    def down_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.shared_A(dtype)                                     # (r, n), DropConnect in training
+
+    def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
+                   logits: torch.Tensor | None) -> torch.Tensor:
+        route = self.route(x, rows, logits)                             # gates, idx (T, k)
         return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates * self.scaling, route.idx,
                        up=self.lora_B.to(x.dtype), rows=rows)           # (T, m)
 

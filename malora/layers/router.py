@@ -71,9 +71,12 @@ class Router(nn.Module):
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, *, count: bool = True) -> RouterOutput:
-        """Route x (T, n); ``rows`` (T,) bool marks real tokens (None: all); ``count=False`` skips the counts."""
-        logits = F.linear(x, self.weight.to(x.dtype))                       # (T, N)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, *, count: bool = True,
+                logits: torch.Tensor | None = None) -> RouterOutput:
+        """Route x (T, n); ``rows`` (T,) bool marks real tokens (None: all); ``count=False`` skips the counts;
+        ``logits`` (T, N): ``W_g x`` already computed by the caller (the fused input side of a layer)."""
+        if logits is None:
+            logits = F.linear(x, self.weight.to(x.dtype))                   # (T, N)
         probs = logits.to(torch.promote_types(x.dtype, torch.float32)).softmax(-1)  # (T, N)
         if self.top_k is None:
             if count:

@@ -143,6 +143,9 @@ def test_matches_per_token_reference_values_and_grads(kind, dispatch, mode):
     if mode != "plain":
         overrides.update(REGULARISED[kind])
     layer = make_layer(kind, **overrides).train(mode != "regularised-eval")
+    # Masks reads the draws off the dropout module, which the fused input side does not call: with dropout on,
+    # this checks the separate ops, and tests/malora/test_fused.py checks the fused node against them
+    layer.fused_input = mode != "regularised-train"
     masks = Masks(layer)
     x = torch.randn(3, 7, N_IN, dtype=torch.float64)
     y, gx, gp = forward_and_grads(layer, x, layer)
