@@ -147,17 +147,19 @@ class AdapterLayer(nn.Module):
         self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
         self._aux_now = None
         x2 = x.reshape(-1, self.in_features)                        # (T, n)
-        if self.fuses_input(x2):
-            y, logits, z = self.fused_input_side(x2)                # (T, m), (T, N) or None, (T, q)
-            y = y.view(*x.shape[:-1], self.out_features)
-            delta = self.delta_from(x2, z, state.rows, logits)      # (T, m), scaled
-        else:
-            y = self.base(x)                                        # (..., m)
-            delta = self.delta(x2, state.rows)                      # (T, m), scaled
         # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
         # saves an output-sized temporary (the sum) per adapted layer and step; alpha = 1, so the backward
         # passes the gradient through without a (T, m) multiply.
-        y = y.add_(delta.view(y.shape).to(y.dtype))
+        if self.fuses_input(x2):
+            y, logits, z = self.fused_input_side(x2)                # (T, m), (T, N) or None, (T, q)
+            delta = self.delta_from(x2, z, state.rows, logits)      # (T, m), scaled
+            # add before the view: in place on a view of the node's output would make autograd copy the
+            # (T, m) gradient in and out (CopySlices) on every backward
+            y = y.add_(delta.to(y.dtype)).view(*x.shape[:-1], self.out_features)
+        else:
+            y = self.base(x)                                        # (..., m)
+            delta = self.delta(x2, state.rows)                      # (T, m), scaled
+            y = y.add_(delta.view(y.shape).to(y.dtype))
         if not self.ROUTED:
             return y
         aux, self._aux_now = self._aux_now, None
