@@ -122,3 +122,17 @@ def test_saves_x_and_positions_not_a_dropped_copy():
     torch.testing.assert_close(logits, x @ r.T)
     (z.sum() + logits.sum() * 0 + y.sum() * 0).backward()
     assert torch.all(x.grad.reshape(-1)[pos] == 0)
+
+
+def test_output_graph_has_no_copyslices():
+    """The delta is added to the node's (T, m) output before it is viewed as (..., m): in place on the view
+    would put a CopySlices node in the graph, which copies the (T, m) gradient in and out at every backward."""
+    layer = _layer(CONFIGS["malora"], False, False)
+    y = layer(torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True))
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert "FrozenRouterDownBackward" in names and "CopySlices" not in names, names
