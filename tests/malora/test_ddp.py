@@ -3,6 +3,7 @@ wrapper and every rank keeps its own routing counts, even with DDP's default buf
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
@@ -63,6 +64,8 @@ def worker(rank: int, port: int, results) -> None:
             (ddp(**batch).loss + collect_aux_loss(model)).backward()  # as orchestrator/training/worker.py
             opt.step()
         results[rank] = stats(model)
+        del ddp  # before destroy_process_group: see tests/orchestrator/training/test_loss_ddp.py
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """DDP wraps ResponseLoss: two gloo ranks on different batches end with the mean of their gradients."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -37,6 +38,12 @@ def _rank(rank: int, port: int, out: str) -> None:
         ddp = DistributedDataParallel(ResponseLoss(model), find_unused_parameters=False)
         ddp(**batch(rank)).backward()
         torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, f"{out}/rank{rank}.pt")
+        # Free the DDP wrapper while the group is registered, so the group's last reference goes with
+        # destroy_process_group (which releases the GIL). Freed after it, the Reducer's destructor joins the
+        # gloo worker thread holding the GIL while that thread may need the GIL to free a finished work item:
+        # a deadlock, seen as a rank hanging at exit after its gradients were saved.
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
