@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora.layers.dropout import InputDropout, drop_positions
+from malora.layers.dropout import InputDropout
 from malora.layers.fused import FrozenRouterDown
 from malora.layers.router import RouterOutput
 from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
@@ -132,11 +132,10 @@ class AdapterLayer(nn.Module):
 
     def fused_input_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(base(x) (T, m), router logits (T, N) or None, z (T, q)) of x (T, n) through FrozenRouterDown."""
-        p = self.dropout.p if self.training and isinstance(self.dropout, InputDropout) else 0.0
-        positions = drop_positions(x.numel(), p, x.device) if p > 0 else None
-        down = self.down_weight(x.dtype)
-        if p > 0:
-            down = down * (1.0 / (1.0 - p))                         # s on the small D, not on (T, n)
+        positions = self.dropout.positions(x) if isinstance(self.dropout, InputDropout) else None
+        down = self.down_weight(x.dtype)                            # drawn after the positions, as in delta()
+        if positions is not None:
+            down = down * (1.0 / (1.0 - self.dropout.p))            # s on the small D, not on (T, n)
         base = self.base
         weight = base.weight.T if Conv1D is not None and isinstance(base, Conv1D) else base.weight  # (m, n)
         router = getattr(self, "lora_router", None)

@@ -53,6 +53,12 @@ def drop_positions(numel: int, p: float, device: torch.device | str = "cpu", *,
     return pos[: int(torch.searchsorted(pos, numel))]               # positions < numel (pos is sorted)
 
 
+def zero_positions_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Write zeros at the flat ``positions`` of the contiguous t, in place; returns t."""
+    t.view(-1).index_fill_(0, positions, 0.0)
+    return t
+
+
 class _DropPositions(torch.autograd.Function):
     """``y = x * scale`` with zeros at the flat ``positions``; the same map on the gradient."""
 
@@ -60,16 +66,12 @@ class _DropPositions(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(positions)
         ctx.scale = scale
-        y = x.mul(scale).contiguous()                               # a new contiguous tensor: view(-1) below
-        y.view(-1).index_fill_(0, positions, 0.0)
-        return y
+        return zero_positions_(x.mul(scale).contiguous(), positions)  # a new contiguous tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (positions,) = ctx.saved_tensors
-        g = grad.mul(ctx.scale).contiguous()
-        g.view(-1).index_fill_(0, positions, 0.0)
-        return g, None, None
+        return zero_positions_(grad.mul(ctx.scale).contiguous(), positions), None, None
 
 
 class InputDropout(nn.Module):
@@ -81,13 +83,17 @@ class InputDropout(nn.Module):
             raise ValueError(f"dropout probability {p} must be in [0, 1)")
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Freshly drawn flat positions to drop in x, or None when this call drops nothing (eval, p = 0)."""
         if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
+            return None
+        return drop_positions(x.numel(), self.p, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" and self.training and self.p > 0.0:
             return F.dropout(x, self.p, training=True)
-        positions = drop_positions(x.numel(), self.p, x.device)
-        return _DropPositions.apply(x, positions, 1.0 / (1.0 - self.p))
+        positions = self.positions(x)
+        return x if positions is None else _DropPositions.apply(x, positions, 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -24,12 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from malora.layers.dropout import zero_positions_
+
 
 def _dropped(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """x (T, n) with zeros at the flat ``positions`` (a new tensor), or x itself without dropout."""
     if positions is None:
         return x
-    return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape)
+    return zero_positions_(x.clone(memory_format=torch.contiguous_format), positions)
 
 
 class FrozenRouterDown(torch.autograd.Function):
@@ -58,7 +60,7 @@ class FrozenRouterDown(torch.autograd.Function):
             if dz is not None:
                 dx = dz.mm(down)                                                # (T, n), the only new buffer
                 if positions is not None:
-                    dx.view(-1).index_fill_(0, positions, 0.0)
+                    zero_positions_(dx, positions)
             for g, w in ((dlogits, router), (dy, weight)):
                 if g is not None and w is not None:
                     dx = g.mm(w) if dx is None else dx.addmm_(g, w)

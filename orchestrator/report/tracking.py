@@ -65,6 +65,11 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory unless absolute)."""
+    return Path(uri[len("sqlite:///"):])
+
+
 def _new_sqlite_store(uri: str) -> None:
     """Create a SQLite store that does not exist yet in a private file and link it into place, tables made.
 
@@ -73,14 +78,12 @@ def _new_sqlite_store(uri: str) -> None:
     migrated for good. Linked complete (``os.link`` never replaces a file), no other process ever sees it
     half made; if another created the file first, theirs is used.
     """
-    from mlflow.tracking import MlflowClient
-
-    db = Path(uri[len("sqlite:///"):])
+    db = _sqlite_path(uri)
     if db.exists() or not db.parent.is_dir():
         return
     tmp = db.with_name(f".{db.name}.new-{os.getpid()}")
     try:
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
+        client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
         os.link(tmp, db)
     except FileExistsError:
         pass
@@ -117,7 +120,7 @@ def _get_or_create_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = _sqlite_path(uri)
         location = ((db if db.is_absolute() else Path.cwd() / db).parent / "mlartifacts" / name).as_uri()
     return c.create_experiment(name, artifact_location=location)
 
