@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
-DISPATCH_MODES = ("auto", "sparse", "dense", "loop")
+DISPATCH_MODES = ("auto", "sparse", "dense", "loop", "grouped")
 BALANCE_REDUCTIONS = ("mean", "sum")
 ROUTED_KINDS = ("molora", "malora", "mosld", "hydra")
 MALORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
@@ -188,7 +188,8 @@ class MoLoRAConfig(_ConfigMixin):
     """Dropout probability on x before the experts' A_t (the router sees the clean x)."""
     dispatch: str = "auto"
     """How tokens reach experts: "sparse" (grouped per expert), "dense" (all experts, gate-masked), "loop"
-    (per-expert Python loop, the usual implementation, kept as a baseline) or "auto" (choose_dispatch)."""
+    (per-expert Python loop, the usual implementation, kept as a baseline), "grouped" (one grouped GEMM per
+    matrix, malora.layers.grouped) or "auto" (choose_dispatch)."""
     target_modules: tuple[str, ...] = MALORA_TARGETS
     """MALoRA paper's targets: q, k, v, gate, up, down (no o_proj, see METHODS.md §1.4)."""
 

@@ -6,10 +6,11 @@ then mixes per-expert maps ``E_t(u) = B_t D_t u`` (D_t (N, r, q) is absent for M
 
     delta(x) = sum_{j < k} gates[:, j] * E_{idx[:, j]}(u)                                           (T, m)
 
-Three exact implementations of that sum, chosen per layer by ``dispatch`` (or ``choose_dispatch`` for "auto"):
+Four exact implementations of that sum, chosen per layer by ``dispatch`` (or ``choose_dispatch`` for "auto"):
 - ``sparse_mixture``: token-slots sorted by expert, one matmul pair per expert on its tokens only, scatter-add.
 - ``dense_mixture``: every expert on every token in two wide matmuls, masked by the (T, N) gate matrix.
 - ``loop_mixture``: the usual per-expert Python loop with a boolean mask per expert (benchmark baseline).
+- ``grouped_mixture`` (:mod:`malora.layers.grouped`): slots sorted by expert, one grouped GEMM per matrix.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from malora.layers.dropout import InputDropout
 from malora.layers.fused import FrozenRouterDown
+from malora.layers.grouped import grouped_mixture
 from malora.layers.router import RouterOutput
 from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
 
@@ -270,7 +272,7 @@ def gate_matrix(gates: torch.Tensor, idx: torch.Tensor, num_experts: int,
 
 def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
             down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop") on top-k routing output.
+    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop" | "grouped") on top-k routing output.
 
     ``rows`` (T,) bool: padded rows (False) get a zero delta (the sparse and loop paths skip them).
     """
@@ -280,4 +282,6 @@ def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, 
         return dense_mixture(u, gate_matrix(gates, idx, up.shape[0], rows), up, down)
     if mode == "loop":
         return loop_mixture(u, gates, idx, up, down, rows)
+    if mode == "grouped":  # one grouped GEMM per matrix: malora.layers.grouped
+        return grouped_mixture(u, gates, idx, up, down, rows)
     raise ValueError(f"unknown dispatch mode {mode!r}")
