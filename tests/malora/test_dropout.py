@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 from torch import nn
 
 from malora.layers.dropout import InputDropout, drop_positions
+
+stats = pytest.importorskip("scipy.stats")  # absent on the GPU machine: skip there, not a collection error
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])

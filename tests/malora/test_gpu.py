@@ -1,6 +1,11 @@
 """CUDA checks (marker `gpu`, skipped without CUDA): every dispatch path on the GPU equals the float64 CPU
-reference, routing never waits on the host where it need not (dense path: no sync; sparse: one per layer), and
-a bf16 model with non-zero adapters trains with finite, fp32-close outputs."""
+reference, routing never waits on the host where it need not (dense path: no sync; sparse: one per layer;
+grouped through torch._grouped_mm on a Hopper-class GPU: none), the grouped paths in bf16 agree with the
+reference and with the dense and sparse paths, and a bf16 model with non-zero adapters trains with finite,
+fp32-close outputs.
+
+Written for torch >= 2.4 and transformers >= 4.46 (the GPU machine may lag the CPU one: torch 2.11,
+transformers 5.17); the torch._grouped_mm checks skip, with the reason, where torch lacks it."""
 from __future__ import annotations
 
 import warnings
@@ -10,14 +15,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters
-from tests.malora.test_layers import CASES, CONFIGS, PAD_MASK, N_IN, Holder, make_layer, reference
+from malora.layers.grouped import IMPLS, default_impl
+from tests.malora.test_grouped import check_grouped_mixture
+from tests.malora.test_layers import CASES, CONFIGS, PAD_MASK, N_IN, ROUTED_TOPK, Holder, make_layer, reference
 
 pytestmark = pytest.mark.gpu
 
 
 def check_dispatch_paths(device: str) -> None:
     """Each (method, dispatch) layer in float32 on ``device`` matches the per-token float64 reference on the CPU."""
-    for kind, dispatch in CASES:
+    for kind, dispatch in CASES + [(k, "grouped") for k in ROUTED_TOPK]:   # grouped in fp32: the padded bmm
         layer64 = make_layer(kind, **({"dispatch": dispatch} if dispatch else {}))
         x64 = torch.randn(4, 33, layer64.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         expected = reference(layer64, x64)
@@ -64,6 +71,59 @@ def check_no_host_sync(device: str) -> None:
         assert len(syncs) <= 1, f"{kind}/sparse: {len(syncs)} host syncs in one layer forward"
 
 
+def grouped_mm_fast(device: str) -> bool:
+    """torch._grouped_mm exists and runs its CUTLASS kernel (bf16, compute capability 9.x or 10.x)."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def check_grouped_bf16(device: str) -> None:
+    """Both grouped implementations in bf16 against the float64 reference (values and gradients), at unaligned
+    dims (q, r, m padded for _grouped_mm) and at aligned ones with more tokens and experts."""
+    impls = IMPLS if hasattr(torch, "_grouped_mm") else ("bmm",)
+    for impl in impls:
+        for shared in (False, True):
+            check_grouped_mixture(impl, (12, 3, 10), shared, True, torch.bfloat16, device)
+            check_grouped_mixture(impl, (64, 16, 96), shared, True, torch.bfloat16, device, T=300, N=8)
+
+
+def check_grouped_layers_agree(device: str) -> None:
+    """bf16 layers: dispatch="grouped" (on CUDA its default implementation, _grouped_mm) gives the output and
+    gradients of "dense" and "sparse" on the same weights and routing, within bf16 rounding."""
+    x = torch.randn(4, 33, N_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = x.to(device=device, dtype=torch.bfloat16)
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        assert default_impl(x) == "grouped_mm"
+    for kind in ROUTED_TOPK:
+        results = {}
+        for dispatch in ("dense", "sparse", "grouped"):
+            layer = make_layer(kind, dispatch=dispatch).to(device=device, dtype=torch.bfloat16)  # same seed
+            xg = x.detach().requires_grad_(True)
+            y = layer(xg)
+            (y * torch.linspace(-1, 1, y.shape[-1], device=device, dtype=y.dtype)).sum().backward()
+            results[dispatch] = [y.detach(), xg.grad] + [p.grad for p in layer.adapter_params().values()]
+        for dispatch in ("dense", "sparse"):
+            for i, (a, e) in enumerate(zip(results["grouped"], results[dispatch], strict=True)):
+                a, e = a.double(), e.double()
+                assert (a - e).abs().max() <= 2e-2 * e.abs().max(), f"{kind}: grouped vs {dispatch}, tensor {i}"
+
+
+def check_grouped_mm_no_host_sync(device: str) -> None:
+    """dispatch="grouped" through _grouped_mm in bf16: forward, balance loss and backward never sync."""
+    mask = PAD_MASK.to(device)
+    x = torch.randn(3, 7, N_IN, device=device, dtype=torch.bfloat16)
+    for kind in ROUTED_TOPK:
+        holder = routed_holder(kind, "grouped", device).to(torch.bfloat16)
+        holder(x, attention_mask=mask).float().sum().backward()          # warm-up: allocations, lazy inits
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = holder(x, attention_mask=mask)
+            (y.float().sum() + collect_aux_loss(holder)).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
 def check_bf16_training_step(device: str) -> None:
     """bf16 base + adapters (kept in fp32 by design) with non-zero B: the adapters change the loss, which is
     finite and within 2 % of the fp32 model's loss."""
@@ -101,6 +161,20 @@ def test_dispatch_paths_on_cuda_match_reference():
 
 def test_routing_does_not_sync_with_the_host():
     check_no_host_sync("cuda")
+
+
+def test_grouped_paths_in_bf16_match_reference():
+    check_grouped_bf16("cuda")
+
+
+def test_grouped_layers_agree_with_dense_and_sparse_in_bf16():
+    check_grouped_layers_agree("cuda")
+
+
+def test_grouped_mm_path_does_not_sync_with_the_host():
+    if not grouped_mm_fast("cuda"):
+        pytest.skip("torch._grouped_mm's no-sync kernel needs compute capability 9.x/10.x and torch >= 2.8")
+    check_grouped_mm_no_host_sync("cuda")
 
 
 def test_bf16_training_step_on_cuda():

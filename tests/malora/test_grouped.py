@@ -80,12 +80,34 @@ def make_inputs(shared: bool, dims: tuple[int, int, int], dtype, masked: bool, T
 
 
 def value_and_grads(fn, u, gates, idx, up, down, rows):
-    """fn(...) and the gradients of sum(fn * w) (w a fixed ramp) w.r.t. u, gates, up, down, in float64."""
+    """fn(...) and the gradients of sum(fn * w) (w a fixed ramp) w.r.t. u, gates, up, down, float64 on the CPU."""
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (u, gates, up, down)]
     y = fn(leaves[0], leaves[1], idx, leaves[2], leaves[3], rows)
-    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     (y * w).sum().backward()
-    return [y.detach().double()] + [t.grad.double() for t in leaves if t is not None]
+    return [y.detach().double().cpu()] + [t.grad.double().cpu() for t in leaves if t is not None]
+
+
+def check_grouped_mixture(impl: str, dims, shared: bool, masked: bool, dtype, device: str = "cpu", **sizes) -> None:
+    """grouped_mixture(impl) on ``device`` against the float64 CPU reference: values, the four gradients, an idle
+    expert's exactly-zero dL/dB and, with padded rows, their exactly-zero delta and gate gradient."""
+    inputs = make_inputs(shared, dims, dtype, masked, **sizes)
+    expected = value_and_grads(reference_mixture, *[t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                                    else t for t in inputs])
+    on_device = [t.to(device) if torch.is_tensor(t) else t for t in inputs]
+    actual = value_and_grads(lambda *a: grouped_mixture(*a, impl=impl), *on_device)
+    assert len(actual) == len(expected) == (4 if shared else 5)
+    for name, a, e in zip(["delta", "du", "dgates", "dup", "ddown"], actual, expected):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=f"{impl} {name}")
+        else:
+            assert (a - e).abs().max() <= 2e-2 * e.abs().max(), f"{impl} {name}"
+    idle = actual[3][-1]                                                # dL/dB of expert N-1, which got no token
+    assert torch.equal(idle, torch.zeros_like(idle))
+    if masked:                                                           # padded rows: no delta, no gate gradient
+        rows = inputs[-1]
+        assert torch.equal(actual[0][~rows], torch.zeros_like(actual[0][~rows]))
+        assert torch.equal(actual[2][~rows], torch.zeros_like(actual[2][~rows]))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -94,22 +116,7 @@ def value_and_grads(fn, u, gates, idx, up, down, rows):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mixture_matches_reference(impl, dims, shared, masked, dtype):
-    inputs = make_inputs(shared, dims, dtype, masked)
-    expected = value_and_grads(reference_mixture, *[t.double() if torch.is_tensor(t) and t.is_floating_point()
-                                                    else t for t in inputs])
-    actual = value_and_grads(lambda *a: grouped_mixture(*a, impl=impl), *inputs)
-    assert actual[0].dtype == torch.float64 and len(actual) == len(expected)
-    for name, a, e in zip(["delta", "du", "dgates", "dup", "ddown"], actual, expected):
-        if dtype == torch.float32:
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
-        else:
-            assert (a - e).abs().max() <= 2e-2 * e.abs().max(), name
-    idle = actual[3][-1]                                                # dL/dB of expert N-1, which got no token
-    assert torch.equal(idle, torch.zeros_like(idle))
-    if masked:                                                           # padded rows: no delta, no gate gradient
-        rows = inputs[-1]
-        assert torch.equal(actual[0][~rows], torch.zeros_like(actual[0][~rows]))
-        assert torch.equal(actual[2][~rows], torch.zeros_like(actual[2][~rows]))
+    check_grouped_mixture(impl, dims, shared, masked, dtype)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
