@@ -1,21 +1,13 @@
 """benchmarks/adapter_profile.py: the split of a step into frozen GEMMs, adapter GEMMs and the rest adds up."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "adapter_profile.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def profiler():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("adapter_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("adapter_profile")
 
 
 def test_split_adds_up_and_names_the_adapter_gemms(profiler):

@@ -1,22 +1,15 @@
 """benchmarks/adapter_speed.py: the GPU preset's pieces, run tiny on the CPU (the device run uses the same code)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "adapter_speed.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("adapter_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("adapter_speed")
 
 
 def test_gpu_preset_runs_every_dispatch_path_and_they_agree(bench, tmp_path, capsys):
