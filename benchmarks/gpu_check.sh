@@ -10,7 +10,8 @@
 #   3. the CPU tests of the adapter layers under this torch       -> $OUT/pytest_layers_cpu.log
 #   4. benchmarks/adapter_speed.py --preset gpu (bf16, grouped top-k vs the other dispatch paths vs LoRA r64)
 #                                                                 -> $OUT/adapter_speed.log, adapter_speed.json
-# Caps: 75 + 45 + 165 s plus ~15 s for step 1 (< 5 min). Every step runs even if an earlier one failed; $OUT/summary.txt holds the exit codes (0 = passed).
+# Caps: 75 + 45 + 165 s plus ~15 s for step 1 (< 5 min). Every step runs even if an earlier one failed;
+# $OUT/summary.txt holds the exit codes (0 = passed).
 set -u
 OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python3}"

@@ -19,8 +19,8 @@ gradient to every weight, and every output row is finite. Two implementations fi
 - ``"bmm"``: each group padded to C = the largest count (one host sync), the buffer viewed as (N, C, q), two
   ``torch.bmm``; any device and dtype. Costs N C >= S rows (C = S / N under perfectly balanced routing).
 
-``default_impl``: ``"grouped_mm"`` for bf16 CUDA tensors when torch has ``_grouped_mm`` (the fast kernel's case),
-else ``"bmm"``; ``use_impl`` overrides it for a block of code (benchmarks, tests). Padded rows of the batch
+``default_impl``: ``"grouped_mm"`` for bf16 tensors on a GPU where ``_grouped_mm`` has its fast kernel, else
+``"bmm"``; ``use_impl`` overrides it for a block of code (benchmarks, tests). Padded rows of the batch
 (``rows`` False) keep their routed experts with gate 0: delta 0 on them and no gradient to their gates, as the
 other paths; unlike ``sparse`` their slots are computed (their cost, not a host sync to drop them).
 Autograd runs through ``index_select``/``index_copy``/``index_add`` and ``_grouped_mm``/``bmm`` (torch's own
@@ -42,12 +42,19 @@ ALIGN_COLS = 8       # _grouped_mm strides must be multiples of 16 bytes: 8 bf16
 _forced: str | None = None
 
 
+def has_fast_grouped_mm(device: torch.device) -> bool:
+    """torch._grouped_mm has its CUTLASS kernel on ``device`` (CUDA, compute capability 9.x or 10.x; torch's
+    check in ``_grouped_mm_cuda``); elsewhere it loops over the groups after reading the offsets on the host."""
+    return (device.type == "cuda" and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
+
+
 def default_impl(u: torch.Tensor) -> str:
-    """The implementation ``grouped_mixture`` uses for u when none is given or forced."""
+    """The implementation ``grouped_mixture`` uses for u when none is given or forced: "grouped_mm" where its
+    fast kernel runs (bf16 on :func:`has_fast_grouped_mm` devices), else "bmm"."""
     if _forced is not None:
         return _forced
-    fast = u.is_cuda and u.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-    return "grouped_mm" if fast else "bmm"
+    return "grouped_mm" if u.dtype == torch.bfloat16 and has_fast_grouped_mm(u.device) else "bmm"
 
 
 @contextmanager
