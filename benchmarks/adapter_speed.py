@@ -98,7 +98,8 @@ DEFAULT_SKIP = ("malora_dense", "malora_p0", "proto_malora_p0", "molora_grouped"
                 "malora_grouped", "malora_grouped_bmm", "mosld_sparse", "mosld_dense", "mosld_grouped",
                 "mosld_grouped_bmm")
 CHECK_AGAINST = {"molora": "molora_dense", "malora": "malora_dense", "mosld": "mosld_dense"}  # same weights
-GPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
+# the two most telling first: --budget-s may cut the list short
+GPU_SHAPES = [(576, 1536), (4096, 11008), (576, 576), (1536, 576), (4096, 4096), (11008, 4096)]
 MODEL_PRESETS = {  # config-built, random weights: the shapes of the real models, nothing downloaded
     "smollm2-135m": {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3,
                      "vocab": 49152, "batch": 8, "seq": 512, "tie": True},

@@ -11,11 +11,12 @@ e owns the rows ``[start_e, start_e + size_e)``; ``rank`` is a slot's position i
 slot fills (padding) read token 0's input and carry gate 0, so they add exactly 0 to the output and send 0
 gradient to every weight, and every output row is finite. Two implementations fill the buffer differently:
 
-- ``"grouped_mm"``: ``torch._grouped_mm`` over the (R, q) buffer with int32 group ends ``offs`` (size_e = the
-  count rounded up to GROUP_ROWS, the last group also takes the buffer's tail, R = S + N (GROUP_ROWS - 1), known
-  without reading the counts). On a Hopper/Blackwell GPU in bf16 this is one CUTLASS kernel per matrix and no
-  host sync; elsewhere torch falls back to a per-group loop (which reads ``offs`` on the host). The kernel needs
-  16-byte aligned strides, so q, r and m are zero-padded to multiples of ALIGN_COLS where they are not.
+- ``"grouped_mm"``: ``torch._grouped_mm`` over the (R, q) buffer with int32 group ends ``offs``: size_e = the
+  count rounded up to GROUP_ROWS, the last group also takes the buffer's tail, R = S + N (GROUP_ROWS - 1) rounded
+  up to GROUP_ROWS (known without reading the counts), so every group starts and ends on a GROUP_ROWS boundary.
+  On a Hopper/Blackwell GPU in bf16 this is one CUTLASS kernel per matrix and no host sync; elsewhere torch
+  falls back to a per-group loop (which reads ``offs`` on the host). The kernel needs 16-byte aligned strides,
+  so q, r and m are zero-padded to multiples of ALIGN_COLS where they are not.
 - ``"bmm"``: each group padded to C = the largest count (one host sync), the buffer viewed as (N, C, q), two
   ``torch.bmm``; any device and dtype. Costs N C >= S rows (C = S / N under perfectly balanced routing).
 
@@ -126,7 +127,7 @@ def grouped_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up:
     rank = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[expert]  # (S,)
     if impl == "grouped_mm":
         sizes = (counts + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS        # (N,) rows per group
-        total = flat.numel() + N * (GROUP_ROWS - 1)                         # >= sizes.sum(), no host sync
+        total = -(-(flat.numel() + N * (GROUP_ROWS - 1)) // GROUP_ROWS) * GROUP_ROWS  # >= sizes.sum(), no sync
     else:
         capacity = int(counts.max())                                        # host sync: the bmm's C
         sizes = torch.full_like(counts, capacity)
