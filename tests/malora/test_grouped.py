@@ -141,3 +141,30 @@ def test_default_impl_and_validation():
             pass
     with pytest.raises(ValueError, match="unknown grouped implementation"):
         grouped_mixture(u, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 3, 8), impl="x")
+
+
+def test_grouped_mm_groups_start_and_end_on_16_row_blocks(monkeypatch):
+    """The buffer handed to _grouped_mm: every group end a multiple of GROUP_ROWS, the last one the buffer's end,
+    and each group holding its expert's slots (checked through the gates placed in the buffer)."""
+    from malora.layers import grouped
+
+    seen = []
+
+    def spy(h, ends, up, down):
+        seen.append((h.shape[0], ends.clone()))
+        group = torch.searchsorted(ends, torch.arange(h.shape[0]), right=True)  # (R,) the group of each row
+        return group.to(h.dtype)[:, None].expand(-1, up.shape[1])      # E(u) = its group's index
+    monkeypatch.setattr(grouped, "_experts_grouped_mm", spy)
+    for T, N in [(1, 1), (7, 3), (29, 5), (100, 8)]:
+        k = min(2, N)
+        g = torch.Generator().manual_seed(T)
+        idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)])
+        gates = torch.rand(T, k, generator=g)
+        out = grouped_mixture(torch.randn(T, 16), gates, idx, torch.zeros(N, 8, 4), torch.zeros(N, 4, 16),
+                              impl="grouped_mm")
+        torch.testing.assert_close(out, (gates * idx).sum(1, keepdim=True).expand(T, 8))  # slot e in group e
+        R, ends = seen[-1]
+        counts = torch.bincount(idx.reshape(-1), minlength=N)
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+        assert R % grouped.GROUP_ROWS == 0 and int(ends[-1]) == R
+        assert bool((ends % grouped.GROUP_ROWS == 0).all()) and bool((sizes >= counts).all())
