@@ -25,9 +25,9 @@ start=$(date +%s)
   nvidia-smi -L
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" - <<'EOF'
-import platform, torch, transformers
+import platform, numpy, pytest, torch, transformers
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| transformers", transformers.__version__)
+      "| transformers", transformers.__version__, "| numpy", numpy.__version__, "| pytest", pytest.__version__)
 print("device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability(),
       "| torch._grouped_mm", hasattr(torch, "_grouped_mm"), "| bf16", torch.cuda.is_bf16_supported())
 EOF
