@@ -118,12 +118,13 @@ def check_grouped_mm_no_host_sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_bf16_training_step(device: str) -> None:
+def check_bf16_training_step(device: str, dispatch: str = "auto") -> None:
     """bf16 base + adapters (kept in fp32 by design) with non-zero B: the adapters change the loss, which is
     finite and within 2 % of the fp32 model's loss."""
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)
-    adapter = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    adapter = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, target_modules=("q_proj", "v_proj"),
+                           dispatch=dispatch)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, 17:] = 0
@@ -171,5 +172,6 @@ def test_grouped_mm_path_does_not_sync_with_the_host():
     check_grouped_mm_no_host_sync("cuda")
 
 
-def test_bf16_training_step_on_cuda():
-    check_bf16_training_step("cuda")
+@pytest.mark.parametrize("dispatch", ["auto", "grouped"])
+def test_bf16_training_step_on_cuda(dispatch):
+    check_bf16_training_step("cuda", dispatch)
