@@ -17,7 +17,7 @@ OUT="${OUT:-./gpu_out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # malora from this tree (it is not pip-installed there)
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
 {
@@ -42,7 +42,7 @@ rc_cpu=${PIPESTATUS[0]}
 
 # --budget-s: no suite starts after 100 s (the longest, SmolLM2's 30 layers, should take under a minute);
 # models first; the JSON is rewritten after every suite, so a timeout loses only the suite it interrupts.
-timeout 165 "$PY" benchmarks/adapter_speed.py --preset gpu --device cuda --suites model,linear --budget-s 100 \
+timeout 240 "$PY" benchmarks/adapter_speed.py --preset gpu --device cuda --suites linear,model --budget-s 150 \
   --json-out "$OUT/adapter_speed.json" 2>&1 | tee "$OUT/adapter_speed.log"
 rc_bench=${PIPESTATUS[0]}
 

@@ -138,7 +138,9 @@ def grouped_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up:
     gate = gates.new_zeros(total).index_copy(0, dest, gates.reshape(-1)[order])                   # (R,) 0 on padding
     h = u.index_select(0, src)                                              # (R, q)
     if impl == "grouped_mm":
-        ends[-1] = total                                                    # the tail joins the last group
+        # the tail joins the last group; new_full is a fill kernel (a Python scalar assigned in place is a
+        # host-to-device copy, which synchronises)
+        ends = torch.cat([ends[:-1], ends.new_full((1,), total)])
         y = _experts_grouped_mm(h, ends, up, down)                          # (R, m)
     else:
         y = _experts_bmm(h, N, up, down)                                    # (R, m)
