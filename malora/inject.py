@@ -146,8 +146,9 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
 
     Each layer's term equals ``coef * load_balancing_loss_func((logits_l,), N, k, attention_mask)`` of
     transformers' Mixtral on that layer's router logits. With reentrant gradient checkpointing a layer's term
-    has no graph after the forward; it is returned through :func:`malora.deferred_aux.deferred_aux`, which routes its
-    gradient to the recomputation (see :mod:`malora.routing`). A 0-dim zero when no layer has a loss.
+    has no graph after the forward; it is returned through :func:`malora.deferred_aux.deferred_aux`, which
+    routes its gradient to the recomputation (see :mod:`malora.deferred_aux`). A 0-dim zero when no layer has
+    a loss.
     """
     terms, reductions = [], set()
     for _, layer in adapter_layers(model):
