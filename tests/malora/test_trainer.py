@@ -77,7 +77,8 @@ def reference(model: LlamaForCausalLM) -> tuple[dict[str, torch.Tensor], float, 
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_trainer_adds_the_balance_loss_logs_it_and_checkpoints_a_loadable_adapter(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_trainer_adds_the_balance_loss_logs_it_and_checkpoints_a_loadable_adapter(tmp_path, checkpointing):
     model = adapted(balance_coef=0.5)
     untouched = copy.deepcopy(model)
     ref_grads, ref_aux, ref_counts = reference(copy.deepcopy(model))
@@ -87,7 +88,8 @@ def test_trainer_adds_the_balance_loss_logs_it_and_checkpoints_a_loadable_adapte
     lm_grads, _, _ = reference(lm_only)
 
     grads = RouterGrads()
-    trainer = AdapterTrainer(model=model, args=train_args(tmp_path), train_dataset=examples(), callbacks=[grads])
+    args = train_args(tmp_path, **({"gradient_checkpointing": True} if checkpointing else {}))
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=examples(), callbacks=[grads])
     trainer.train()
 
     assert grads.grads.keys() == ref_grads.keys() and len(ref_grads) == 6
