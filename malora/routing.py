@@ -6,7 +6,8 @@ no parameters, no buffers, nothing in the state dict) and registers two hooks on
 - a forward **pre-hook** that reads the forward's ``attention_mask`` (keyword, or the positional slot the
   model's ``forward`` signature gives it) and keeps it as a (B, L) bool tensor, True = real token
   (:func:`real_token_mask` says how each kind of mask reads);
-- a forward **post-hook** (``always_call``, so it also runs when the forward raises) that marks the forward done.
+- a forward **post-hook** (``always_call``, so it also runs when the forward raises) that marks the forward done
+  and, after a forward entered with grad enabled, puts a grad hook on its outputs (see *Recomputation* below).
 
 A plain ``model(input_ids, attention_mask=mask)`` (or ``DistributedDataParallel(model)(**batch)``, which calls
 the model) is therefore enough. Every routed layer of that model asks :meth:`RoutingContext.rows` which rows of
@@ -236,6 +237,7 @@ class RoutingContext:
             self._rows[key] = rows_of(self.mask, shape)
         return self._rows[key]
 
+    # ------------------------------------------------------------------------------------ recomputation
     def recomputed_generation(self) -> int | None:
         """Generation of the forward that the checkpoint recomputation now running belongs to (None: unknown)."""
         task = graph_task()
@@ -244,7 +246,11 @@ class RoutingContext:
                 "malora: one backward call went through two model forwards with different attention masks under "
                 "gradient checkpointing, so a recomputed layer cannot tell which mask is its own. Fix: call "
                 "backward after each forward (gradient accumulation does), or give the forwards the same mask.")
-        if self.backward is not None and self.backward[0] == task and self.backward[1] in self.saved_masks:
+        if self.backward is not None and self.backward[0] == task:
+            if self.backward[1] not in self.saved_masks:
+                raise RuntimeError(
+                    f"malora: a checkpoint recomputation belongs to a forward more than {SAVED_MASKS} grad-enabled "
+                    "forwards old, whose attention mask is no longer kept. Fix: call backward after each forward.")
             return self.backward[1]
         return max(self.saved_masks) if self.saved_masks else None     # no grad hook ran: the newest one
 
