@@ -15,8 +15,7 @@ its input (T = B*S rows) are real (:func:`rows_of`):
 
 - input (B, S, n) with S <= L: the last S columns of the mask (S < L while decoding with a KV cache, where the
   mask covers past + new tokens); input (B*L, n): the flattened mask; anything else raises MaskShapeError;
-- no mask, or a 4-D one (an attention bias, e.g. a static-cache ``generate``: it does not say which query rows
-  are padding): every row is real; a 4-D mask is warned about once per model.
+- no mask: every row is real.
 
 A layer called outside its model's forward (e.g. a sub-module called directly) sees no mask and counts all rows.
 
@@ -37,7 +36,6 @@ the layers' per-forward fields; use DDP) raise at forward time.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +82,9 @@ def mask_position_of(model: nn.Module) -> int | None:
 
 
 def real_token_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool, True = real token, from a 2-D attention mask of any of the usual kinds:
+    """(B, L) bool, True = real token, from an attention mask of any of the usual kinds.
+
+    2-D padding masks (B, L):
 
     - bool or integer (1 = real, 0 = padding): ``mask != 0``;
     - float multiplicative (values in {0, 1}, at least one 1): ``mask != 0``;
@@ -92,7 +92,24 @@ def real_token_mask(mask: torch.Tensor) -> torch.Tensor:
       all-zero float mask is additive: nothing is padded): ``mask == 0``.
 
     A float mask with other values (positive non-ones, or negatives mixed with ones) raises MaskShapeError.
+
+    3-D (B, Q, K) or 4-D (B, H, Q, K) attention masks (bool True or additive 0 = may attend; a static-cache
+    ``generate`` passes these) give (B, Q), from what a real token always may do: attend to itself.
+
+    - Q == K (no cache: query q is key q): q is real when it may attend to key q (the diagonal), which a
+      padding position may not, whatever the padding side;
+    - Q < K (a cache: the queries' key positions are not given): q is real when it may attend to some key. A
+      left-padded (generate's) padding query's row is fully masked, so this is exact there.
     """
+    if mask.dim() >= 3:
+        if mask.is_floating_point():
+            allowed = mask > torch.finfo(mask.dtype).min / 2                # -inf and finfo.min: masked
+        else:
+            allowed = mask != 0
+        allowed = allowed.reshape(allowed.shape[0], -1, *allowed.shape[-2:])   # (B, H, Q, K), H = 1 for 3-D
+        if allowed.shape[-2] == allowed.shape[-1]:
+            return allowed.diagonal(dim1=-2, dim2=-1).any(1)               # (B, Q) may attend to itself
+        return allowed.any(-1).any(1)                                       # (B, Q) may attend to something
     if not mask.is_floating_point():
         return mask.bool()
     zero, one = mask == 0, mask == 1
@@ -161,7 +178,6 @@ class RoutingContext:
     """(graph task id, generation) of the latest backward that reached a forward's outputs."""
     ambiguous_task: int | None = None
     """A backward that reached two forwards with different masks: recomputing in it raises."""
-    warned_4d: bool = False
     _rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -202,16 +218,7 @@ class RoutingContext:
     def _read_mask(self, mask: Any) -> torch.Tensor | None:
         if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
             return None
-        if mask.dim() == 2:
-            return real_token_mask(mask)
-        if not self.warned_4d:
-            self.warned_4d = True
-            warnings.warn(
-                f"malora: the model received a {mask.dim()}-D attention_mask of shape {tuple(mask.shape)} (an "
-                "attention bias, e.g. from a static-cache generate), which does not say which tokens are padding: "
-                "every position is routed and counted, padding included. Fix: pass a 2-D padding mask (or use a "
-                "dynamic cache) where routing statistics matter.", stacklevel=2)
-        return None
+        return real_token_mask(mask)
 
     def install(self, model: nn.Module) -> None:
         model.register_forward_pre_hook(self.pre_hook, with_kwargs=True)

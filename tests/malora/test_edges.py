@@ -4,7 +4,6 @@ DataParallel, inference-mode resets, additive / 4-D masks, keyword-only construc
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -154,17 +153,40 @@ def test_additive_and_float_masks_mean_what_they_say(kind):
         holder(x, attention_mask=PAD_MASK.float() * 0.5 + 0.25)
 
 
-def test_a_4d_mask_is_warned_about_once():
+def attention_mask_4d(padding: torch.Tensor, *, additive: bool) -> torch.Tensor:
+    """(B, 1, L, L) causal mask that also hides padding keys, as transformers builds it (True / 0 = attend)."""
+    L = padding.shape[1]
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & padding.bool()[:, None, None, :]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_a_4d_attention_mask_routes_real_tokens_only(additive):
     holder = Holder(LAYER_CONFIGS["malora"])
+    layer = holder.proj
     x = torch.randn(3, 7, N_IN, dtype=torch.float64)
-    bias = torch.zeros(3, 1, 7, 7)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        holder(x, attention_mask=bias)
-        holder(x, attention_mask=bias)
-    assert [str(w.message) for w in caught if "4-D attention_mask" in str(w.message)] != []
-    assert len([w for w in caught if "4-D attention_mask" in str(w.message)]) == 1
-    assert holder.proj.lora_router.expert_counts.sum() == 2 * 21 * 2   # every row routed, as warned
+    rows = PAD_MASK.reshape(-1).bool()                                 # right- and left-padded rows
+    y = holder(x, attention_mask=attention_mask_4d(PAD_MASK, additive=additive))
+    torch.testing.assert_close(y, reference(layer, x, rows=rows), rtol=1e-10, atol=1e-10)
+    assert layer.lora_router.expert_counts.tolist() == expected_counts(layer, x, rows)
+
+
+def test_static_cache_generate_counts_what_dynamic_cache_generate_counts():
+    """generate with a static cache passes 4-D masks (K = the cache length > Q); the counts equal those of the
+    same generate with the default cache, which passes the 2-D padding mask."""
+    counts = []
+    for cache in (None, "static"):
+        model = tiny_llama()
+        model.generation_config.pad_token_id = 0
+        inject_adapters(model, MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, target_modules=LLAMA_TARGETS))
+        ids, mask, _ = padded(lengths=(6, 3), width=6, left=True)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                       **({"cache_implementation": cache} if cache else {}))
+        counts.append({k: v.tolist() for k, v in routing_stats(model, counts=True).items()})
+    assert counts[1] == counts[0]
+    assert all(sum(c) == (9 + 2 * 2) * 2 for c in counts[0].values())   # real prompt tokens + 2 steps x 2 rows
 
 
 # ------------------------------------------------------------------------------ f. keyword-only floats
