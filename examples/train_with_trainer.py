@@ -2,7 +2,7 @@
 
     python examples/train_with_trainer.py --smoke-test                  # tiny config-built LLaMA, 4 steps, CPU
     python examples/train_with_trainer.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data train.jsonl \
-        --output-dir runs/malora --max-steps 1000
+        --output-dir runs/malora --max-steps 1000 --report-to mlflow
 
 ``--data`` is a JSON-lines file with a "text" field per line. What malora adds to the plain ``Trainer`` recipe is
 three lines: ``inject_adapters`` (wraps the target linears, freezes the rest), ``AdapterTrainer`` (adds the
@@ -67,6 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--balance-coef", type=float, default=0.01, help="balance-loss coefficient (MALoRA: 0.01)")
+    p.add_argument("--report-to", default="none", help="Trainer reporters, e.g. mlflow (default: none)")
     args = p.parse_args(argv)
     if not args.smoke_test and (args.model is None or args.data is None):
         p.error("--model and --data are required (or --smoke-test)")
@@ -102,8 +103,8 @@ def run(args: argparse.Namespace, out: Path) -> int:
     training = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=4e-4,
         warmup_steps=min(10, steps // 10), weight_decay=0.01, logging_steps=1 if args.smoke_test else 10,
-        save_strategy="steps", save_steps=steps if args.smoke_test else 200, report_to="none" if args.smoke_test
-        else "all", use_cpu=args.smoke_test, disable_tqdm=args.smoke_test)
+        save_strategy="steps", save_steps=steps if args.smoke_test else 200, report_to=args.report_to,
+        use_cpu=args.smoke_test, disable_tqdm=args.smoke_test)
     trainer = AdapterTrainer(model=model, args=training, train_dataset=train, data_collator=collator,
                              processing_class=tokenizer)       # 2. balance loss, routing logs, adapter saves
     trainer.train()
