@@ -210,3 +210,26 @@ def test_the_example_smoke_test_trains_saves_and_reloads(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         example.main([])                                               # neither --smoke-test nor --model/--data
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow  # the sqlite store's schema migrations: ~20 s on 2 shared cores
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_mlflow_reporter_receives_the_balance_loss_and_shares(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "malora-trainer-test")
+    trainer = AdapterTrainer(model=adapted(balance_coef=0.5),
+                             args=train_args(tmp_path / "out", report_to=["mlflow"], save_strategy="no"),
+                             train_dataset=examples())
+    trainer.train()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("malora-trainer-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    logged = [e for e in trainer.state.log_history if "balance_loss" in e]
+    history = client.get_metric_history(run.info.run_id, "balance_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([e["balance_loss"] for e in logged])
+    name = "routing/model.layers.0.self_attn.q_proj/e0"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, name)] == pytest.approx(
+        [e[name] for e in logged])
