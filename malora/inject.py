@@ -19,7 +19,8 @@ from torch import nn
 from malora.config import AdapterConfig, ConfigError
 from malora.layers import AdapterLayer, build_adapter_layer
 from malora.layers.base import Conv1D
-from malora.routing import RoutingContext, deferred_aux, mask_position_of
+from malora.deferred_aux import deferred_aux
+from malora.routing import RoutingContext, mask_position_of
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if adapter_layers(model):
         raise ConfigError("model already has adapters injected. Fix: inject into a fresh base model "
                           "(or call malora.remove_adapters first).")
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model: its decoder's routed layers would read the "
+            "encoder's attention_mask (the only mask the model's forward receives), so their padding rows would be "
+            "wrong. Fix: adapt a decoder-only causal LM (or inject into the encoder module alone).")
     targets = set(cfg.target_modules)
     linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, _LINEAR_TYPES)]
     matches = [(name, mod) for name, mod in linears if name.rsplit(".", 1)[-1] in targets]
@@ -139,8 +146,9 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
 
     Each layer's term equals ``coef * load_balancing_loss_func((logits_l,), N, k, attention_mask)`` of
     transformers' Mixtral on that layer's router logits. With reentrant gradient checkpointing a layer's term
-    has no graph after the forward; it is returned through :func:`malora.routing.deferred_aux`, which routes its
-    gradient to the recomputation (see :mod:`malora.routing`). A 0-dim zero when no layer has a loss.
+    has no graph after the forward; it is returned through :func:`malora.deferred_aux.deferred_aux`, which
+    routes its gradient to the recomputation (see :mod:`malora.deferred_aux`). A 0-dim zero when no layer has
+    a loss.
     """
     terms, reductions = [], set()
     for _, layer in adapter_layers(model):

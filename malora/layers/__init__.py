@@ -35,17 +35,16 @@ def build_adapter_layer(base: nn.Module, cfg: AdapterConfig, num_experts: int | 
         raise ConfigError(f"{type(cfg).__name__}.top_k={cfg.top_k} exceeds num_experts={num_experts} for this "
                           "layer. Fix: lower top_k or add experts.")
     if isinstance(cfg, LoRAConfig):
-        return LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout)
-    if isinstance(cfg, MoLoRAConfig):
-        return MoLoRALinear(base, cfg.r, num_experts, cfg.top_k, cfg.alpha, cfg.dropout, cfg.renormalize,
-                            cfg.balance_coef, cfg.balance_reduction, cfg.dispatch)
-    if isinstance(cfg, MALoRAConfig):
-        return MALoRALinear(base, cfg.d, cfg.r_bar, num_experts, cfg.top_k, cfg.alpha, cfg.beta, cfg.dropout,
-                            cfg.renormalize, cfg.balance_coef, cfg.balance_reduction, cfg.k0_is_expert,
-                            cfg.dispatch)
-    if isinstance(cfg, MoSLDConfig):
-        return MoSLDLinear(base, cfg.r, num_experts, cfg.top_k, cfg.alpha, cfg.dropconnect, cfg.dropout,
-                           cfg.renormalize, cfg.balance_coef, cfg.balance_reduction, cfg.dispatch)
+        return LoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    routed = dict(num_experts=num_experts, dropout=cfg.dropout)
     if isinstance(cfg, HydraLoRAConfig):
-        return HydraLoRALinear(base, cfg.r, num_experts, cfg.alpha, cfg.dropout)
+        return HydraLoRALinear(base, r=cfg.r, alpha=cfg.alpha, **routed)
+    routed.update(top_k=cfg.top_k, alpha=cfg.alpha, renormalize=cfg.renormalize, balance_coef=cfg.balance_coef,
+                  balance_reduction=cfg.balance_reduction, dispatch=cfg.dispatch)
+    if isinstance(cfg, MoLoRAConfig):
+        return MoLoRALinear(base, r=cfg.r, **routed)
+    if isinstance(cfg, MALoRAConfig):
+        return MALoRALinear(base, d=cfg.d, r_bar=cfg.r_bar, beta=cfg.beta, k0_is_expert=cfg.k0_is_expert, **routed)
+    if isinstance(cfg, MoSLDConfig):
+        return MoSLDLinear(base, r=cfg.r, dropconnect=cfg.dropconnect, **routed)
     raise ConfigError(f"unknown adapter config type {type(cfg).__name__}. Fix: use a config from malora.config.")

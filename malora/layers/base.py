@@ -23,7 +23,8 @@ from malora.layers.dropout import InputDropout
 from malora.layers.fused import FrozenRouterDown
 from malora.layers.grouped import grouped_mixture
 from malora.layers.router import RouterOutput
-from malora.routing import NO_CONTEXT, AuxGradBox, RoutingContext, attach_aux, row_state
+from malora.deferred_aux import AuxGradBox, attach_aux
+from malora.routing import NO_CONTEXT, SAVED_MASKS, RoutingContext, refuse_replica, row_state
 
 try:  # GPT-2 style linear: weight (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
@@ -35,6 +36,16 @@ FUSABLE_BASES = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)  # exact
 # choose_dispatch thresholds (tuned by benchmarks/adapter_speed.py; see choose_dispatch)
 DENSE_MAX_COST_RATIO = 0.25
 MIN_SLOTS_PER_EXPERT = 128
+
+
+def plain_call(module: nn.Module) -> bool:
+    """True when calling ``module`` runs only its class ``forward``: no forward/backward hooks of its own or
+    global ones, no per-instance ``forward`` (accelerate's offload hooks replace it), no ``_hf_hook``."""
+    hooks = nn.modules.module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__ or hasattr(module, "_hf_hook")
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -67,7 +78,7 @@ class AdapterLayer(nn.Module):
 
     ROUTED = False
 
-    def __init__(self, base: nn.Module, scaling: float, dropout: float) -> None:
+    def __init__(self, base: nn.Module, *, scaling: float, dropout: float) -> None:
         super().__init__()
         self.in_features, self.out_features = base_dims(base)
         self.base = base
@@ -78,7 +89,8 @@ class AdapterLayer(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.routing_context: RoutingContext | None = None   # set by inject_adapters; not a module
         self.aux_generation = -1                              # context generation of last_aux_loss
-        self.aux_box = AuxGradBox()
+        self.aux_box = AuxGradBox()                           # of last_aux_loss
+        self.aux_boxes: dict[int, AuxGradBox] = {}            # generation -> box of a deferred loss (see forward)
         self._state = NO_CONTEXT
         self._aux_now: torch.Tensor | None = None
         self.aux_deferred = False
@@ -87,7 +99,7 @@ class AdapterLayer(nn.Module):
     def __getstate__(self) -> dict:
         """Copies and pickles drop the last forward's balance loss (a graph node, which cannot be deep-copied)."""
         state = dict(self.__dict__)
-        state.update(last_aux_loss=None, _aux_now=None, aux_box=AuxGradBox(), aux_deferred=False)
+        state.update(last_aux_loss=None, _aux_now=None, aux_box=AuxGradBox(), aux_boxes={}, aux_deferred=False)
         return state
 
     def _new(self, *shape: int) -> torch.Tensor:
@@ -120,19 +132,20 @@ class AdapterLayer(nn.Module):
         self._aux_now = route.aux_loss
         return route
 
-    def fuses_input(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs the frozen matmul, router and D in one node (:mod:`malora.layers.fused`):
-        on CPU with autograd on and autocast off (the node's backward runs its GEMMs in the forward's dtypes),
-        around a plain frozen ``nn.Linear``/``Conv1D``, for layers with a D. ``fused_input = False`` on a layer
-        keeps the separate ops (the reference path)."""
+    def fused_input_applies(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes the fused input (:mod:`malora.layers.fused`: frozen matmul, router and D in
+        one node): on CPU with autograd on and autocast off (the node's backward runs its GEMMs in the forward's
+        dtypes), around a frozen ``nn.Linear``/``Conv1D`` of exactly that type whose call would run nothing but
+        its class ``forward`` (:func:`plain_call`: the node reads the weight and never calls the base), for
+        layers with a D. ``fused_input = False`` on a layer keeps the separate ops (the reference path)."""
         base = self.base
         return (self.fused_input and x.device.type == "cpu" and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu")
-                and type(base) in FUSABLE_BASES and not base.weight.requires_grad
+                and type(base) in FUSABLE_BASES and plain_call(base) and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
                 and type(self).down_weight is not AdapterLayer.down_weight)
 
-    def fused_input_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def fused_input_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(base(x) (T, m), router logits (T, N) or None, z (T, q)) of x (T, n) through FrozenRouterDown."""
         positions = self.dropout.positions(x) if isinstance(self.dropout, InputDropout) else None
         down = self.down_weight(x.dtype)                            # drawn after the positions, as in delta()
@@ -145,36 +158,42 @@ class AdapterLayer(nn.Module):
                                       down, positions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_replica(self)
         self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
         self._aux_now = None
         x2 = x.reshape(-1, self.in_features)                        # (T, n)
-        # Accumulate in place: a linear's backward never reads its own output, so this is autograd-safe and
-        # saves an output-sized temporary (the sum) per adapted layer and step; alpha = 1, so the backward
-        # passes the gradient through without a (T, m) multiply.
-        if self.fuses_input(x2):
-            y, logits, z = self.fused_input_side(x2)                # (T, m), (T, N) or None, (T, q)
+        # Accumulate in place where nothing else holds the base's output: a linear's backward never reads its
+        # own output, so this is autograd-safe and saves an output-sized temporary (the sum) per adapted layer
+        # and step; alpha = 1, so the backward passes the gradient through without a (T, m) multiply.
+        if self.fused_input_applies(x2):
+            y, logits, z = self.fused_input_forward(x2)             # (T, m), (T, N) or None, (T, q)
             delta = self.delta_from(x2, z, state.rows, logits)      # (T, m), scaled
             # add before the view: in place on a view of the node's output would make autograd copy the
             # (T, m) gradient in and out (CopySlices) on every backward
             y = y.add_(delta.to(y.dtype)).view(*x.shape[:-1], self.out_features)
         else:
             y = self.base(x)                                        # (..., m)
-            delta = self.delta(x2, state.rows)                      # (T, m), scaled
-            y = y.add_(delta.view(y.shape).to(y.dtype))
+            delta = self.delta(x2, state.rows).view(y.shape).to(y.dtype)   # (..., m), scaled
+            # a hook (or a replaced forward) on the base may have kept y: never change it under it
+            y = y.add_(delta) if plain_call(self.base) else y + delta
         if not self.ROUTED:
             return y
         aux, self._aux_now = self._aux_now, None
         if state.recompute:                                         # checkpoint: keep the first forward's loss
-            return attach_aux(y, aux, self.aux_box) if self.aux_deferred else y
-        if self.aux_deferred and self.aux_box.grad is not None:
+            box = self.aux_boxes.get(state.generation)              # that forward's, whatever ran since
+            return y if box is None else attach_aux(y, aux, box)
+        if any(box.grad is not None for box in self.aux_boxes.values()):
             raise RuntimeError(
                 "malora: the balance-loss gradient of the last backward never reached the routers: with reentrant "
                 "gradient checkpointing it flows through the recomputation that the LM loss triggers. Fix: call "
                 "(lm_loss + collect_aux_loss(model)).backward() in one call, or use use_reentrant=False.")
         self.last_aux_loss, self.aux_deferred = aux, state.defer_aux and aux is not None
+        self.aux_generation = ctx.generation if (ctx := self.routing_context) is not None else -1
         self.aux_box = AuxGradBox()
-        ctx = self.routing_context
-        self.aux_generation = ctx.generation if ctx is not None else -1
+        if self.aux_deferred:  # kept for the recomputation of this forward, even if others run before backward
+            self.aux_boxes[state.generation] = self.aux_box
+            while len(self.aux_boxes) > SAVED_MASKS:
+                del self.aux_boxes[next(iter(self.aux_boxes))]
         return y
 
 

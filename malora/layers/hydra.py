@@ -22,7 +22,7 @@ class HydraLoRALinear(AdapterLayer):
 
     ROUTED = True
 
-    def __init__(self, base: nn.Module, r: int, num_experts: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, *, r: int, num_experts: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r, self.num_experts = r, num_experts
         n, m = self.in_features, self.out_features

@@ -18,7 +18,7 @@ from malora.layers.base import AdapterLayer
 class LoRALinear(AdapterLayer):
     """LoRA around a frozen ``nn.Linear`` / ``Conv1D`` with in n, out m."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r = r
         self.lora_A = nn.Parameter(self._new(r, self.in_features))    # (r, n)

@@ -47,7 +47,7 @@ class MALoRALinear(AdapterLayer):
 
     ROUTED = True
 
-    def __init__(self, base: nn.Module, d: int, r_bar: int, num_experts: int, top_k: int, alpha: float,
+    def __init__(self, base: nn.Module, *, d: int, r_bar: int, num_experts: int, top_k: int, alpha: float,
                  beta: float = 1.0, dropout: float = 0.0, renormalize: bool = False,
                  balance_coef: float = 0.0, balance_reduction: str = "mean", k0_is_expert: bool = True,
                  dispatch: str = "auto") -> None:
@@ -58,7 +58,7 @@ class MALoRALinear(AdapterLayer):
                               f"(d, n) takes d right singular vectors of a (d, n) matrix. Fix: use d <= {n}.")
         self.d, self.r_bar, self.beta, self.k0_is_expert = d, r_bar, beta, k0_is_expert
         self.num_experts, self.top_k, self.dispatch = num_experts, top_k, dispatch
-        self.lora_router = Router(n, num_experts, top_k, renormalize, balance_coef,
+        self.lora_router = Router(n, num_experts, top_k, renormalize=renormalize, balance_coef=balance_coef,
                                   balance_reduction=balance_reduction, device=base.weight.device,
                                   dtype=adapter_dtype(base))
         self.lora_S_A = nn.Parameter(self._new(d, n))                  # (d, n)

@@ -24,14 +24,14 @@ class MoSLDLinear(AdapterLayer):
 
     ROUTED = True
 
-    def __init__(self, base: nn.Module, r: int, num_experts: int, top_k: int, alpha: float,
+    def __init__(self, base: nn.Module, *, r: int, num_experts: int, top_k: int, alpha: float,
                  dropconnect: float = 0.0, dropout: float = 0.0, renormalize: bool = True,
                  balance_coef: float = 0.0, balance_reduction: str = "mean", dispatch: str = "auto") -> None:
         super().__init__(base, scaling=alpha / r, dropout=dropout)
         self.r, self.num_experts, self.top_k, self.dispatch = r, num_experts, top_k, dispatch
         self.dropconnect = dropconnect
         n, m = self.in_features, self.out_features
-        self.lora_router = Router(n, num_experts, top_k, renormalize, balance_coef,
+        self.lora_router = Router(n, num_experts, top_k, renormalize=renormalize, balance_coef=balance_coef,
                                   balance_reduction=balance_reduction, device=base.weight.device,
                                   dtype=adapter_dtype(base))
         self.lora_A = nn.Parameter(self._new(r, n))                     # (r, n) shared by the experts

@@ -57,8 +57,8 @@ def switch_balance_loss(probs: torch.Tensor, idx: torch.Tensor, num_experts: int
 class Router(nn.Module):
     """``W_g`` (N, n) router returning :class:`RouterOutput` for x (T, n)."""
 
-    def __init__(self, in_features: int, num_experts: int, top_k: int | None, renormalize: bool = False,
-                 balance_coef: float = 0.0, *, balance_reduction: str = "mean",
+    def __init__(self, in_features: int, num_experts: int, top_k: int | None, *, renormalize: bool = False,
+                 balance_coef: float = 0.0, balance_reduction: str = "mean",
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -121,7 +121,10 @@ class Router(nn.Module):
         return counts / total if total > 0 else counts
 
     def reset_stats(self) -> None:
-        self._counts = torch.zeros_like(self._counts)
+        # a tensor made under inference_mode is an inference tensor, which the next training forward's
+        # in-place count update would refuse: make it a normal one whatever the caller's mode
+        with torch.inference_mode(False):
+            self._counts = torch.zeros_like(self._counts)
 
     def extra_repr(self) -> str:
         k = "dense" if self.top_k is None else f"top_k={self.top_k}, renormalize={self.renormalize}"

@@ -58,9 +58,9 @@ def _run(layer, x, grad, fused: bool, seed: int = 7):
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 @pytest.mark.parametrize("conv1d,bias", [(False, False), (False, True), (True, True)])
-def test_fused_input_side_matches_separate_ops(method, conv1d, bias):
+def test_fused_input_matches_separate_ops(method, conv1d, bias):
     layer = _layer(CONFIGS[method], conv1d, bias)
-    assert layer.fuses_input(torch.zeros(1, N_IN, dtype=torch.float64))
+    assert layer.fused_input_applies(torch.zeros(1, N_IN, dtype=torch.float64))
     x = torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True)  # (B, S, n): the reshape is exercised
     grad = torch.randn(3, T, M_OUT, dtype=torch.float64)
     ref = _run(copy.deepcopy(layer), x, grad, fused=False)
@@ -91,18 +91,18 @@ def test_input_without_grad_and_padding_rows():
 def test_fusion_only_where_it_applies():
     x = torch.zeros(2, N_IN)
     lora = build_adapter_layer(nn.Linear(N_IN, M_OUT), LoRAConfig(r=2))
-    assert lora.fuses_input(x)
+    assert lora.fused_input_applies(x)
     with torch.no_grad():
-        assert not lora.fuses_input(x)                            # nothing to differentiate: plain ops
-    assert not build_adapter_layer(nn.Linear(N_IN, M_OUT), MoLoRAConfig(r=2, num_experts=2)).fuses_input(x)
+        assert not lora.fused_input_applies(x)                            # nothing to differentiate: plain ops
+    assert not build_adapter_layer(nn.Linear(N_IN, M_OUT), MoLoRAConfig(r=2, num_experts=2)).fused_input_applies(x)
 
     class Custom(nn.Linear):                                      # a subclass may change forward: not fused
         pass
-    assert not build_adapter_layer(Custom(N_IN, M_OUT), LoRAConfig(r=2)).fuses_input(x)
+    assert not build_adapter_layer(Custom(N_IN, M_OUT), LoRAConfig(r=2)).fused_input_applies(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not lora.fuses_input(x)                            # autocast casts inside: plain ops
+        assert not lora.fused_input_applies(x)                            # autocast casts inside: plain ops
     lora.fused_input = False
-    assert not lora.fuses_input(x)
+    assert not lora.fused_input_applies(x)
 
 
 def test_saves_x_and_positions_not_a_dropped_copy():

@@ -196,13 +196,18 @@ def tiny_llama_double_with(cfg):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_gradient_checkpointing_keeps_balance_gradient_and_counts_once(reentrant):
-    cfg = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, balance_coef=0.5,
+def test_gradient_checkpointing_keeps_balance_gradient_and_counts_once(reentrant, dropout):
+    """With dropout the check stays exact: both models draw from the same seed in the same layer order, and
+    checkpointing restores the RNG state before a recomputation (preserve_rng_state), so it redraws the same
+    dropped positions."""
+    cfg = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=dropout, balance_coef=0.5,
                        target_modules=LLAMA_TARGETS)
     ids, mask, pos = padded()
 
     def step(model):
+        torch.manual_seed(7)
         out = model(ids, attention_mask=mask, position_ids=pos, labels=ids)
         aux = collect_aux_loss(model)
         (out.loss + aux).backward()
@@ -222,8 +227,16 @@ def test_gradient_checkpointing_keeps_balance_gradient_and_counts_once(reentrant
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-9, atol=1e-12, msg=name)
     # the balance loss really is part of those gradients: without it the router gradients differ
+    torch.manual_seed(7)
     no_aux(ids, attention_mask=mask, position_ids=pos, labels=ids).loss.backward()
     assert not torch.allclose(dict(no_aux.named_parameters())[router_grads[0]].grad, grads[router_grads[0]])
+    if dropout:  # and the dropout really drew: another seed gives other gradients
+        other = copy.deepcopy(no_aux)
+        torch.manual_seed(8)
+        other.zero_grad()
+        other(ids, attention_mask=mask, position_ids=pos, labels=ids).loss.backward()
+        assert not torch.allclose(dict(other.named_parameters())[router_grads[0]].grad,
+                                  dict(no_aux.named_parameters())[router_grads[0]].grad)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -31,13 +32,17 @@ REGULARISED = {  # input dropout everywhere, plus DropConnect on MoSLD's shared 
     "mosld": {"dropout": 0.2, "dropconnect": 0.4}, "hydra": {"dropout": 0.3},
 }
 ROUTED_TOPK = ["molora", "malora", "mosld"]
+BUILT_WITH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""layer -> the config it was built from: the reference reads scaling, top-k and renormalisation from there."""
 
 
 def make_layer(kind: str, dtype=torch.float64, randomize=True, **overrides):
     torch.manual_seed(0)
     base = nn.Linear(N_IN, N_OUT, dtype=dtype)
     cfg = CONFIGS[kind]
-    layer = build_adapter_layer(base, type(cfg)(**{**cfg.to_dict(), **overrides}))
+    cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
+    layer = build_adapter_layer(base, cfg)
+    BUILT_WITH[layer] = cfg
     if randomize:  # nonzero B so that wrong formulas show up
         with torch.no_grad():
             for p in layer.adapter_params().values():
@@ -83,9 +88,12 @@ def reference(layer, x: torch.Tensor, masks: Masks | None = None, rows: torch.Te
     """Per-token loop over the explicit formula of each method (no stacking, no dispatch).
 
     ``masks``: the dropout / DropConnect masks a layer call drew (None: no regularisation); ``rows`` (T,) bool:
-    real tokens; padded ones get no adapter contribution.
+    real tokens; padded ones get no adapter contribution. The scaling alpha / r (MALoRA: alpha / r_bar), top-k
+    and renormalisation come from the config the layer was built from (``BUILT_WITH``), not from the layer.
     """
     kind = type(layer).__name__
+    cfg = BUILT_WITH[layer]
+    scaling = cfg.alpha / (cfg.r_bar if kind == "MALoRALinear" else cfg.r)
     x_mask = masks.x if masks is not None else None
     A_mask = masks.A if masks is not None else None
     out = []
@@ -101,8 +109,8 @@ def reference(layer, x: torch.Tensor, masks: Masks | None = None, rows: torch.Te
             if kind == "HydraLoRALinear":
                 gates, experts = probs, range(layer.num_experts)
             else:
-                gates, experts = probs.topk(layer.top_k)
-                if layer.lora_router.renormalize:
+                gates, experts = probs.topk(cfg.top_k)
+                if cfg.renormalize:
                     gates = gates / gates.sum()
                 experts = experts.tolist()
             A = getattr(layer, "lora_A", None)
@@ -116,7 +124,7 @@ def reference(layer, x: torch.Tensor, masks: Masks | None = None, rows: torch.Te
                 else:  # MoSLD and HydraLoRA: shared A, per-expert B
                     expert_out = layer.lora_B[e] @ (A @ xd)
                 delta = delta + g * expert_out
-        out.append(layer.base.weight @ xt + layer.base.bias + layer.scaling * delta)
+        out.append(layer.base.weight @ xt + layer.base.bias + scaling * delta)
     return torch.stack(out).view(*x.shape[:-1], N_OUT)
 
 
@@ -171,6 +179,7 @@ class Holder(nn.Module):
         torch.manual_seed(0)
         self.proj = nn.Linear(N_IN, N_OUT, dtype=torch.float64)
         inject_adapters(self, type(cfg)(**{**cfg.to_dict(), "target_modules": ("proj",)}))
+        BUILT_WITH[self.proj] = cfg
         with torch.no_grad():
             for p in self.proj.adapter_params().values():
                 p.normal_(0.0, 0.5)
