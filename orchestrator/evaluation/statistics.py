@@ -14,8 +14,8 @@ with T tasks the headline is the mean over tasks.
   With one seed the unit is the item: ``se = sqrt(Σ_t var_i(d_t,i) / I_t) / T`` with ``Σ_t (I_t − 1)`` df.
   A simulation of the null at S = 3 and 500 items (two equal methods, seed SD 0, 2 and 4 points) rejects at
   the nominal 5 % (``tests/orchestrator/evaluation/test_statistics.py``); the joint seed+item bootstrap this
-  replaced rejected 0.4 %, 3.1 % and 8.4 % there (``benchmarks/stat_calibration.py``) (with 3 seeds there are 10 distinct seed multisets, and resampling them
-  shrinks the between-seed variance by (S−1)/S).
+  replaced rejected 0.4 %, 3.1 % and 8.4 % there (``benchmarks/stat_calibration.py``): with 3 seeds there are
+  10 distinct seed multisets, and resampling them shrinks the between-seed variance by (S−1)/S.
 - Beside it, the item-level paired bootstrap (:func:`item_bootstrap`): the seeds are kept, and each draw
   resamples the items of every task with replacement, the same items for every seed and both methods. It states
   how much the difference depends on which items were drawn, at these seeds; it ignores the seed noise, so it is
