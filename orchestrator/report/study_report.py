@@ -317,13 +317,14 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "task", "mean", "ci95_low", "ci95_high", "n_seeds", "delta", "delta_ci95_low",
-                    "delta_ci95_high", "delta_p"])
+                    "delta_ci95_high", "delta_p", "delta_mdd80"])
         for m, e in results["methods"].items():
             for t, c in e["per_task"].items():
                 d = c.get("delta_vs_single_task") or c.get("delta_vs_zero_shot") or {}
                 w.writerow([m, t, c["mean"], *c["ci95"], c["n_seeds"], d.get("diff"), *(d.get("ci95") or [None, None]),
-                            d.get("p")])
-            w.writerow([m, "mean", e["mean"]["mean"], *e["mean"]["ci95"], e["mean"]["n"], None, None, None, None])
+                            d.get("p"), d.get("mdd80")])
+            w.writerow([m, "mean", e["mean"]["mean"], *e["mean"]["ci95"], e["mean"]["n"], None, None, None, None,
+                        None])
     return path
 
 
