@@ -1,11 +1,21 @@
 """The study's results: test accuracy per method and task with 95 % CIs, Δ vs single-task, paired comparisons.
 
-Input: the finished study runs (each with its final ``test_correct/<task>`` 1/0 vectors), the base model's zero-shot
-test items, the chosen configurations. Output, the same files in the MLflow parent run and in ``out_dir``:
-``results.json`` (every number, per-seed accuracies included, so any cell can be rerun and checked),
-``results.md`` (the headline table, written by this code, never by hand), ``results.csv`` and three plots.
-Statistics: :mod:`orchestrator.evaluation.statistics` (t over seeds, Wilson over items with one seed, paired
-bootstrap over seeds and items).
+Input: the finished study runs (each with its final ``test_correct/<task>`` 1/0 vectors and the
+``test_sha256/<task>`` of the items they score), the base model's zero-shot test items, the chosen configurations
+and the study's recorded provenance (``orchestrator.tuning.provenance``). Output, the same files in the MLflow
+parent run and in ``out_dir``: ``results.json`` (every number, per-seed accuracies included, so any cell can be
+rerun and checked), ``results.md`` (the headline table, written by this code, never by hand), ``results.csv`` and
+three plots.
+
+results.json names a reader can check: ``provenance`` (``model_sha256``, ``data_sha256`` per file, ``packages``,
+``machine``, ``precision``, ``formulation``, ``wall_s``, ...), ``runs`` (per run its ``test_sha256`` per task),
+and per comparison ``seed_t`` (``mean``, ``ci95``, ``p``, ``df``), ``bootstrap`` and ``mdd80``.
+Statistics: :mod:`orchestrator.evaluation.statistics` (t over seeds, Wilson over items with one seed; comparisons
+by t over the per-seed paired differences, the item-level paired bootstrap beside it).
+
+The report refuses (:class:`ReportError`) to aggregate runs scored on different test items (their recorded
+``test_sha256`` differ from each other or from the pools the report describes), or in different formulations or
+precisions: such numbers do not belong in one table.
 """
 
 from __future__ import annotations
@@ -13,8 +23,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -26,10 +34,15 @@ from orchestrator.cluster import storage
 from orchestrator.evaluation import statistics as st
 from orchestrator.report import plots, tracking
 from orchestrator.spec.hparams import trial_hparams
+from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
 from orchestrator.spec.space import SearchSpec
 
 DEFAULT_PAIRS = (("malora", "molora"), ("malora", "lora"), ("molora", "lora"))
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class ReportError(ValueError):
+    """The runs cannot be reported together (different items, formulations or precisions); says which and why."""
 
 
 def _matrix(runs: list[dict], task: str) -> tuple[np.ndarray, list[int]]:
@@ -85,37 +98,68 @@ def start_record(spec: SearchSpec, command: str, *, resume: bool) -> dict[str, A
 
 
 def provenance(command: str, wall_s: float, start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Command, commit, machine, package versions, wall time: what a rerun needs.
+    """Command, commit and times (results.json ``meta``); model, data, packages and machine are in ``provenance``.
 
     ``start`` (:func:`start_record`): the first launch; its command and commit are the ones reported, and
     ``elapsed_s`` counts from it (equal to ``wall_s`` for a study that ran in one go)."""
-    import torch
-
-    versions = {}
-    for pkg in ("torch", "transformers", "ray", "mlflow", "optuna", "scipy", "numpy"):
-        try:
-            from importlib.metadata import version
-
-            versions[pkg] = version(pkg)
-        except Exception:  # not installed
-            versions[pkg] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     here = _commit_state()
     start = start or {"command": command, **here, "date": _now(), "unix": time.time() - wall_s}
     return {"command": start["command"], "commit": start["commit"], "dirty": start["dirty"],
             "report_command": command, "report_commit": here["commit"],
             "date": _now(), "started": start["date"], "wall_s": round(wall_s, 1),
-            "elapsed_s": round(time.time() - start["unix"], 1),
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count(), "gpu": gpu, "torch_threads": torch.get_num_threads()},
-            "versions": versions}
+            "elapsed_s": round(time.time() - start["unix"], 1)}
+
+
+def _run_name(run: dict) -> str:
+    r = run["run"]
+    return f"{r['role']} {r.get('task') or r['method']} seed {r['seed']}"
+
+
+def run_records(spec: SearchSpec, done: list[dict]) -> list[dict[str, Any]]:
+    """Per run: role, method, seed, task, and what its test scores belong to (``test_sha256`` per task,
+    ``formulation``, ``precision``), as the run reported them."""
+    return [{"role": r["run"]["role"], "method": r["run"]["method"], "seed": r["run"]["seed"],
+             "task": r["run"].get("task"), "test_sha256": item_hashes(r["metrics"]),
+             "formulation": r["metrics"].get("formulation") or formulation_of(spec),
+             "precision": precision_of(r["metrics"], spec)} for r in done]
+
+
+def check_comparable(spec: SearchSpec, done: list[dict], splits: dict[str, dict]) -> tuple[str, str]:
+    """(formulation, precision) shared by every run; :class:`ReportError` naming every mismatch otherwise.
+
+    Every run must have recorded the sha256 of the test items of each task it scored, equal to the pools of
+    ``splits`` (which the zero-shot reference and the report's tables describe)."""
+    problems = []
+    records = run_records(spec, done)
+    for run, rec in zip(done, records):
+        scored = [rec["task"]] if rec["role"] == "single_task" else list(splits)
+        missing = [t for t in scored if t not in rec["test_sha256"]]
+        if missing:
+            problems.append(f"{_run_name(run)} recorded no test_sha256 for {', '.join(missing)}")
+        differ = [t for t in scored if t in rec["test_sha256"] and rec["test_sha256"][t] != splits[t]["test_sha256"]]
+        if differ:
+            problems.append(f"{_run_name(run)} was scored on other test items of {', '.join(differ)} than the "
+                            "study's pools")
+    for key in ("formulation", "precision"):
+        values = sorted({rec[key] for rec in records} | ({formulation_of(spec)} if key == "formulation" else set()))
+        if len(values) > 1:
+            problems.append(f"the runs (and the zero-shot reference) use different {key}s: {', '.join(values)}")
+    if problems:
+        raise ReportError("refusing to aggregate runs that are not comparable: " + "; ".join(problems) +
+                          ". Fix: rerun those runs with this study's data, formulation and precision (a new "
+                          "--name, or delete their trials and --resume)")
+    return formulation_of(spec), records[0]["precision"] if records else precision_of(None, spec)
 
 
 def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
-                  splits: dict[str, dict], *, wall_s: float, command: str,
-                  start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every number of the study (the ``results.json`` layout of the module docstring)."""
+                  splits: dict[str, dict], *, wall_s: float, command: str, start: dict[str, Any] | None = None,
+                  provenance_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every number of the study (the ``results.json`` layout of the module docstring).
+
+    ``provenance_record``: ``orchestrator.tuning.provenance.study_provenance`` of the study (model and data
+    hashes, packages, machine); the report adds the runs' common ``precision`` and ``formulation``."""
     s = spec.study
+    formulation, precision = check_comparable(spec, done, splits)
     replicates = [r for r in done if r["run"]["role"] == "replicate"]
     singles = [r for r in done if r["run"]["role"] == "single_task"]
     tasks = list(splits)
@@ -132,10 +176,13 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         "majority_label": {t: splits[t].get("test_majority") for t in tasks},
         "single_task": {t: st.accuracy_interval(ST[t]).as_dict() for t in ST},
         "single_task_method": s.single_task_method if ST else None,
-        "methods": {}, "comparisons": [], "seesaw": {},
+        "methods": {}, "comparisons": [], "seesaw": {}, "runs": run_records(spec, done),
         "statistics": {"confidence": st.CONFIDENCE, "interval": "t over seeds (Wilson over items with one seed)",
-                       "comparison": f"paired bootstrap over seeds and items, {s.n_boot} draws",
-                       "seesaw_threshold": f"delta < -{s.noise_multiple} x bootstrap SE"},
+                       "comparison": "t over the per-seed paired differences, S-1 df (over items with one seed); "
+                                     f"item-level paired bootstrap beside it, {s.n_boot} draws",
+                       "power": f"mdd80: the difference the t-test finds with probability {st.POWER}",
+                       "seesaw_threshold": f"one-sided t at Phi(-{s.noise_multiple}) over seeds: "
+                                           "delta < -t(1 - Phi(-k), df) x SE"},
     }
     if ST:
         out["single_task"]["mean"] = st.mean_over_tasks_interval(ST).as_dict()
@@ -149,7 +196,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
             mat = X[m][t]
             iv = st.accuracy_interval(mat).as_dict()
             ref = ST.get(t) if ST else (np.broadcast_to(zero[t], mat.shape) if zero else None)
-            delta = st.paired_bootstrap({t: mat}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
+            delta = st.compare({t: mat}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
             if delta is not None:
                 deltas[t] = delta
             per_task[t] = {"mean": iv["mean"], "ci95": iv["ci95"], "n_seeds": len(seeds), "n_items": mat.shape[1],
@@ -163,13 +210,12 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
                  "val_mean_acc": float(np.mean([r["metrics"].get("val/mean_acc", np.nan) for r in runs])),
                  "mean": st.mean_over_tasks_interval(X[m]).as_dict(), "per_task": per_task}
         if ST:
-            entry["delta_vs_single_task"] = st.paired_bootstrap(X[m], ST, n_boot=s.n_boot).as_dict()
+            entry["delta_vs_single_task"] = st.compare(X[m], ST, n_boot=s.n_boot).as_dict()
         if zero:
-            # did training teach anything: the same items scored by the base model (one "seed", so the bootstrap
-            # draws items; the replicates' seeds are drawn too), and the plain check that the zero-shot mean lies
-            # below the method's own 95 % interval
+            # did training teach anything: the same items scored by the base model (deterministic, so the same
+            # row for every seed), and the plain check that the zero-shot mean lies below the method's own 95 % CI
             zs = {t: np.broadcast_to(zero[t], X[m][t].shape) for t in tasks}
-            entry["delta_vs_zero_shot"] = st.paired_bootstrap(X[m], zs, n_boot=s.n_boot).as_dict()
+            entry["delta_vs_zero_shot"] = st.compare(X[m], zs, n_boot=s.n_boot).as_dict()
             entry["above_zero_shot_ci"] = bool(entry["mean"]["ci95"][0] > np.mean([zero[t].mean() for t in tasks]))
         out["methods"][m] = entry
         if deltas:
@@ -178,8 +224,10 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
     pairs = [tuple(p.split("-", 1)) for p in s.comparisons] if s.comparisons else [
         p for p in DEFAULT_PAIRS if p[0] in methods and p[1] in methods]
     for a, b in pairs:
-        out["comparisons"].append({"a": a, "b": b, **st.paired_bootstrap(X[a], X[b], n_boot=s.n_boot).as_dict()})
+        out["comparisons"].append({"a": a, "b": b, **st.compare(X[a], X[b], n_boot=s.n_boot).as_dict()})
     out["meta"] = provenance(command, wall_s, start)
+    out["provenance"] = {**(provenance_record or {}), "precision": precision, "formulation": formulation,
+                         "wall_s": round(float(wall_s), 1)}
     return out
 
 
@@ -219,10 +267,13 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(f"{t} {split[t]['test']}" for t in tasks) + f" (split seed {results['split_seed']}).",
             "", *lines, ""]
     if results["comparisons"]:
-        text += ["Paired comparisons of the mean test accuracy (" + results["statistics"]["comparison"] + "):", "",
-                 "| a − b | diff (points) | 95 % CI | p |", "|---|---|---|---|"]
-        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | [{100 * c['ci95'][0]:+.2f}, "
-                 f"{100 * c['ci95'][1]:+.2f}] | {c['p']:.3f} |" for c in results["comparisons"]]
+        text += ["Paired comparisons of the mean test accuracy (" + results["statistics"]["comparison"] + "); "
+                 "MDD: the smallest true difference this test finds with 80 % power at these seeds and items:", "",
+                 "| a − b | diff (points) | 95 % CI (t) | p | df | item bootstrap 95 % CI | bootstrap p | "
+                 "MDD 80 % (points) |", "|---|---|---|---|---|---|---|---|"]
+        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | {_ci(c['seed_t']['ci95'])} | "
+                 f"{c['seed_t']['p']:.3f} | {c['seed_t']['df']} | {_ci(c['bootstrap']['ci95'])} | "
+                 f"{c['bootstrap']['p']:.3f} | {100 * c['mdd80']:.2f} |" for c in results["comparisons"]]
         text.append("")
     if zs:
         above = [m for m, e in results["methods"].items() if e.get("above_zero_shot_ci")]
@@ -232,38 +283,58 @@ def markdown(results: dict[str, Any]) -> str:
     for m, ss in results["seesaw"].items():
         text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
                     f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "
-                    f"noise would give {ss['expected_by_noise']:.2f} ({results['statistics']['seesaw_threshold']}).")
+                    f"noise would give {ss['expected_by_noise']:.2f} on average "
+                    f"({results['statistics']['seesaw_threshold']}, {100 * ss['alpha_one_sided']:.1f} % per task).")
     dirty = " (dirty tree)" if meta["dirty"] else ""
     later = (f" (report written by `{meta['report_command']}` at `{meta['report_commit']}`)"
              if meta.get("report_commit", meta["commit"]) != meta["commit"]
              or meta.get("report_command", meta["command"]) != meta["command"] else "")
     elapsed = meta.get("elapsed_s", meta["wall_s"])
+    prov = results.get("provenance") or {}
     text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{dirty}{later}"
              f"; wall time {meta['wall_s'] / 60:.1f} min ({elapsed / 60:.1f} min since the first launch "
-             f"{meta.get('started', meta['date'])}); machine: {meta['machine']['processor']}, "
-             f"{meta['machine']['cpus']} CPUs, GPU {meta['machine']['gpu'] or 'none'}; {meta['date']}."]
+             f"{meta.get('started', meta['date'])}); {meta['date']}.  ",
+             f"Scored in the {prov.get('formulation')} formulation at {prov.get('precision')} precision; "
+             f"{_machine_line(prov.get('machine'))}; model sha256 {prov.get('model_sha256') or '-'}."]
     return "\n".join(text) + "\n"
+
+
+def _ci(ci: list[float]) -> str:
+    return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
+def _machine_line(machine: dict | None) -> str:
+    """``machine_info()`` in words: CPU model, its recorded flags, logical CPUs, GPUs."""
+    if not machine:
+        return "machine not recorded"
+    cpu = machine.get("cpu") or {}
+    gpus = ", ".join(g["name"] for g in machine.get("gpus") or []) or "none"
+    return (f"machine: {cpu.get('model')} ({cpu.get('logical_cpus')} logical CPUs; "
+            f"{' '.join(cpu.get('flags') or []) or 'no recorded flags'}), GPU {gpus}")
 
 
 def write_csv(results: dict[str, Any], path: Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "task", "mean", "ci95_low", "ci95_high", "n_seeds", "delta", "delta_ci95_low",
-                    "delta_ci95_high", "delta_p"])
+                    "delta_ci95_high", "delta_p", "delta_mdd80"])
         for m, e in results["methods"].items():
             for t, c in e["per_task"].items():
                 d = c.get("delta_vs_single_task") or c.get("delta_vs_zero_shot") or {}
                 w.writerow([m, t, c["mean"], *c["ci95"], c["n_seeds"], d.get("diff"), *(d.get("ci95") or [None, None]),
-                            d.get("p")])
-            w.writerow([m, "mean", e["mean"]["mean"], *e["mean"]["ci95"], e["mean"]["n"], None, None, None, None])
+                            d.get("p"), d.get("mdd80")])
+            w.writerow([m, "mean", e["mean"]["mean"], *e["mean"]["ci95"], e["mean"]["n"], None, None, None, None,
+                        None])
     return path
 
 
 def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
                  splits: dict[str, dict], *, wall_s: float, command: str, out_dir: str | None, uri: str,
-                 parent_id: str, start: dict[str, Any] | None = None) -> dict[str, Any]:
+                 parent_id: str, start: dict[str, Any] | None = None,
+                 provenance_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run."""
-    results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command, start=start)
+    results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command, start=start,
+                            provenance_record=provenance_record)
     dest = out_dir or storage.join(spec.storage_path, f"{spec.name}-study", "results")
     text = markdown(results)
     with storage.local_dir(dest) as folder:  # a URI: written here, uploaded when the block ends

@@ -225,11 +225,12 @@ class StudySpec:
     zero_shot: bool = _f(True)
     """Score the base model on the test pools (reported beside every table)."""
     n_boot: int = _f(10_000, ge=100)
-    """Bootstrap draws of the paired comparisons."""
+    """Draws of the item-level paired bootstrap shown beside each comparison's t-test over seeds."""
     comparisons: tuple[str, ...] | None = _f(None)
     """Paired comparisons as "a-b" (default: malora-molora, malora-lora, molora-lora among the methods present)."""
     noise_multiple: float = _f(2.0, gt=0)
-    """A task counts as regressed only when its Δ vs the single-task reference is below ``-noise_multiple`` SE."""
+    """A task counts as regressed only when its Δ vs the single-task reference is significantly negative in the
+    one-sided t-test over seeds at Φ(-noise_multiple) (2.3 % for 2), so noise alone gives T·Φ(-k) such tasks."""
 
 
 @dataclass(frozen=True)

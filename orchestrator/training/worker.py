@@ -34,6 +34,7 @@ import torch
 
 from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
 from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
+from orchestrator.spec.recorded import scoring_record
 from orchestrator.spec.space import DataSpec, SearchSpec
 
 logger = logging.getLogger(__name__)
@@ -430,7 +431,8 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     """Evaluate on val (sharded over ranks) and build the window's metrics; at the last step also score test.
 
     Val metrics (``val/*``, seesaw, utilisation) are what every choice reads; ``test/acc/<task>``,
-    ``test/mean_acc`` and the per-item ``test_correct/<task>`` appear once, in the final report, and are never
+    ``test/mean_acc``, the per-item ``test_correct/<task>`` and ``test_sha256/<task>`` (the items they were scored
+    on, ``orchestrator.spec.recorded``) appear once, in the final report, and are never
     read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
     ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view).
     """
@@ -444,6 +446,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         test_acc, _, test_correct = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
                                                      device)
         test = test_metrics(test_acc, test_correct)
+        test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
     loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
     if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
         checksum = float(sum(p.detach().double().sum() for p in optim.params))

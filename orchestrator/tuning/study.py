@@ -160,6 +160,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.cluster.runtime import init_ray, prepare_env
     from orchestrator.report import study_report, tracking
     from orchestrator.tuning.plan import concurrency
+    from orchestrator.tuning.provenance import study_provenance
     from orchestrator.tuning.reference import cached_reference
     from orchestrator.tuning.run import run_search
     from orchestrator.tuning.live import study_reporter
@@ -237,10 +238,11 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             return 1
         if spec.study.zero_shot:
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)
+        wall_s = time.perf_counter() - t0
         out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
-                                        study_splits(spec), wall_s=time.perf_counter() - t0,
+                                        study_splits(spec), wall_s=wall_s,
                                         command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
-                                        start=start)
+                                        start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s))
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     print(out["table"])
     print(f"\nresults: {out['dir']}/results.md (and .json, .csv, plots)")

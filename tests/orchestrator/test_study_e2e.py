@@ -6,6 +6,7 @@ references -> zero-shot -> report); a second study is killed with SIGKILL mid-wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -75,16 +76,39 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
     roles = sorted(r.data.tags.get("malora.role") for r in children)
     assert roles == ["replicate"] * 4 + ["single_task"] * 4 + ["zero_shot"]
     assert all(r.info.status == "FINISHED" for r in children)
-    # every per-seed cell equals the test accuracy its own MLflow run logged; the mean is their average
+    # every per-seed cell equals the test accuracy its own MLflow run logged; the mean is their average, the CI
+    # the t-interval of the two (t_0.975 with 1 df = 12.706, from tables), and Δ vs single-task the mean of the
+    # per-seed differences to the single-task runs' logged accuracies
+    def logged(role: str, key: str, **tags: str) -> dict[str, float]:
+        return {r.data.tags["malora.seed"]: r.data.metrics[key] for r in children
+                if r.data.tags.get("malora.role") == role and all(r.data.tags.get(k) == v for k, v in tags.items())}
+
     for m, entry in res["methods"].items():
         for task, cell in entry["per_task"].items():
-            logged = {r.data.tags["malora.seed"]: r.data.metrics[f"test/acc/{task}"] for r in children
-                      if r.data.tags.get("malora.role") == "replicate" and r.data.params["method"] == m}
-            assert cell["per_seed"] == pytest.approx(logged)
-            assert cell["mean"] == pytest.approx(sum(logged.values()) / 2) and cell["n_seeds"] == 2
-            lo, hi = cell["ci95"]
-            assert lo <= cell["mean"] <= hi and "diff" in cell["delta_vs_single_task"]
-        assert entry["trainable_params"] > 0 and entry["mean"]["ci95"][0] <= entry["mean"]["mean"]
+            mine = logged("replicate", f"test/acc/{task}", **{"malora.method": m})
+            assert cell["per_seed"] == pytest.approx(mine)
+            a = [mine["0"], mine["1"]]
+            half = 12.706204736 * abs(a[0] - a[1]) / 2  # sd of 2 values = |a0 - a1| / sqrt(2), over sqrt(2)
+            assert cell["mean"] == pytest.approx(sum(a) / 2) and cell["n_seeds"] == 2
+            assert cell["ci95"] == pytest.approx([max(0.0, sum(a) / 2 - half), min(1.0, sum(a) / 2 + half)])
+            single = logged("single_task", f"test/acc/{task}", **{"malora.task": task})
+            delta = cell["delta_vs_single_task"]
+            assert delta["diff"] == pytest.approx((a[0] - single["0"] + a[1] - single["1"]) / 2)
+            assert delta["seed_t"]["df"] == 1 and set(delta) >= {"bootstrap", "mdd80"}
+        assert entry["trainable_params"] > 0 and 0 < entry["trainable_share"] < 1
+    # every run recorded the items it was scored on: the pools of the report; the provenance is recorded
+    for run in res["runs"]:
+        tasks = [run["task"]] if run["role"] == "single_task" else ["boolq", "arc_e"]
+        assert run["test_sha256"] == {t: res["split"][t]["test_sha256"] for t in tasks}
+    prov = res["provenance"]
+    assert {(r["formulation"], r["precision"]) for r in res["runs"]} == {(prov["formulation"], prov["precision"])}
+    assert prov["wall_s"] > 0
+    assert prov["model_config"]["hidden_size"] == 64 and prov["machine"]["cpu"]["logical_cpus"] >= 1
+    assert prov["data_sha256"]["commonsense/boolq/test.json"] == hashlib.sha256(
+        (shared_data_dir / "commonsense/boolq/test.json").read_bytes()).hexdigest()
+    assert set(prov["packages"]) >= {"torch", "ray", "mlflow", "optuna", "scipy", "malora"}
+    (c,) = res["comparisons"]
+    assert set(c["seed_t"]) >= {"mean", "ci95", "p", "df"} and c["mdd80"] >= 0 and "n_boot" in c["bootstrap"]
     zero = next(r for r in children if r.data.tags.get("malora.role") == "zero_shot")
     assert zero.data.metrics["test/acc/boolq"] == pytest.approx(res["zero_shot"]["boolq"])
     assert "| malora − lora |" in proc.stdout and "Test accuracy (%)" in (out / "results.md").read_text()

@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
+import pytest
 
 from orchestrator.report import study_report
 from orchestrator.spec.space import load_space
@@ -18,13 +20,19 @@ def _spec(tmp_path):
     return dataclasses.replace(spec, methods=methods, study=study, storage_path=str(tmp_path))
 
 
-def _runs(method: str, correct: dict[str, np.ndarray]) -> list[dict]:
-    """One finished replicate per row of each task's (S, I) matrix."""
+def _runs(method: str, correct: dict[str, np.ndarray], role: str = "replicate") -> list[dict]:
+    """One finished run per row of each task's (S, I) matrix, recording the test items it scored (``_split``)."""
     seeds = next(iter(correct.values())).shape[0]
-    return [{"run": {"role": "replicate", "method": method, "seed": s, "task": None},
+    task = next(iter(correct)) if role == "single_task" else None
+    return [{"run": {"role": role, "method": method, "seed": s, "task": task},
              "metrics": {"trainable_params": 10, "trainable_share": 0.01, "test/mean_acc": 0.0,
-                         **{f"test_correct/{t}": correct[t][s].tolist() for t in correct}}}
+                         **{f"test_correct/{t}": correct[t][s].tolist() for t in correct},
+                         **{f"test_sha256/{t}": f"sha-{t}" for t in correct}}}
             for s in range(seeds)]
+
+
+def _split(n: int) -> dict:
+    return {t: {"train": 1, "val": 1, "test": n, "test_sha256": f"sha-{t}", "test_majority": 0.6} for t in TASKS}
 
 
 def test_zero_shot_delta_and_learning_verdict(tmp_path):
@@ -35,7 +43,7 @@ def test_zero_shot_delta_and_learning_verdict(tmp_path):
     lora = {t: np.stack([np.maximum(zero[t], rng.random(n) < 0.3) for _ in range(3)]) for t in TASKS}
     molora = {t: np.stack([zero[t]] * 3) for t in TASKS}
     spec = _spec(tmp_path)
-    splits = {t: {"train": 1, "val": 1, "test": n, "test_sha256": "x", "test_majority": 0.6} for t in TASKS}
+    splits = _split(n)
     configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
     reference = {"test_correct": {t: zero[t].tolist() for t in TASKS}}
     res = study_report.build_results(spec, configs, _runs("lora", lora) + _runs("molora", molora), reference,
@@ -81,3 +89,105 @@ def test_start_record_survives_resume_and_names_the_first_launch(tmp_path):
     # a new study (no --resume) starts a new record
     fresh = study_report.start_record(spec, "other", resume=False)
     assert fresh["command"] == "other"
+
+
+# ------------------------------------------------------------------------------------------ by hand
+# 2 tasks x 4 items x 3 seeds; rows are seeds. Per-seed accuracies in the comments.
+LORA = {"piqa": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]),       # .75 .50 1.0
+        "boolq": np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]])}      # .25 .50 .75
+MOLORA = {"piqa": np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]),     # .25 .50 0
+          "boolq": np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])}    # .50 0 .25
+SINGLE = {"piqa": np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]),     # .50 .75 .25
+          "boolq": np.array([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]])}    # 0 .25 .50
+T_975_DF2 = 4.302652729911275
+LAMBDA_80_DF2 = 5.653489266  # noncentrality of 80 % power, two-sided 5 %, 2 df (nct; 1e-9)
+
+
+def _t_df2(d: list[float]) -> tuple[float, float, float]:
+    """(mean, se, two-sided p) of a 3-value t-test, with the 2-df closed form P(|T| > t) = 1 - t / sqrt(2 + t^2)."""
+    mean = sum(d) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 2 / 3)
+    t = abs(mean) / se
+    return mean, se, 1 - t / math.sqrt(2 + t * t)
+
+
+def _hand_study(tmp_path, *, change=None):
+    spec = dataclasses.replace(_spec(tmp_path), study=dataclasses.replace(_spec(tmp_path).study, single_task=True,
+                                                                          n_boot=500))
+    done = _runs("lora", LORA) + _runs("molora", MOLORA) + [
+        r for t in TASKS for r in _runs("lora", {t: SINGLE[t]}, role="single_task")]
+    if change:
+        change(done)
+    configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
+    return study_report.build_results(spec, configs, done, None, _split(4), wall_s=2.0, command="cmd",
+                                      provenance_record={"model_sha256": "m", "data_sha256": {"f": "d"}})
+
+
+def test_build_results_with_single_task_references_by_hand(tmp_path):
+    res = _hand_study(tmp_path)
+    lora = res["methods"]["lora"]
+    assert lora["per_task"]["piqa"]["per_seed"] == {"0": 0.75, "1": 0.5, "2": 1.0}
+    assert lora["per_task"]["piqa"]["mean"] == pytest.approx(0.75)
+    # mean over tasks per seed: .5 .5 .875 -> .625; its t-interval with 2 df
+    per_seed = [0.5, 0.5, 0.875]
+    mean, se, _ = _t_df2(per_seed)
+    assert lora["mean"]["mean"] == pytest.approx(mean)
+    assert lora["mean"]["ci95"] == pytest.approx([max(0, mean - T_975_DF2 * se), min(1, mean + T_975_DF2 * se)])
+    # the single-task rows: piqa .50 .75 .25, boolq 0 .25 .50; their mean over tasks .25 .5 .375
+    assert res["single_task"]["piqa"]["mean"] == pytest.approx(0.5)
+    assert res["single_task"]["mean"]["mean"] == pytest.approx((0.25 + 0.5 + 0.375) / 3)
+    # lora - single-task on piqa per seed: .25 -.25 .75; on boolq .25 .25 .25 (no spread: exact)
+    d_piqa = lora["per_task"]["piqa"]["delta_vs_single_task"]
+    m, s, p = _t_df2([0.25, -0.25, 0.75])
+    assert (d_piqa["diff"], d_piqa["seed_t"]["p"], d_piqa["seed_t"]["df"]) == pytest.approx((m, p, 2))
+    assert d_piqa["seed_t"]["ci95"] == pytest.approx([m - T_975_DF2 * s, m + T_975_DF2 * s])
+    assert d_piqa["mdd80"] == pytest.approx(LAMBDA_80_DF2 * s, rel=1e-6)
+    d_boolq = lora["per_task"]["boolq"]["delta_vs_single_task"]
+    assert (d_boolq["diff"], d_boolq["seed_t"]["p"], *d_boolq["seed_t"]["ci95"]) == pytest.approx((0.25, 0, .25, .25))
+    # lora - molora: per-seed differences of the task means .125 .25 .75
+    (c,) = res["comparisons"]
+    m, s, p = _t_df2([0.125, 0.25, 0.75])
+    assert (c["a"], c["b"]) == ("molora", "lora")                       # the default pair: molora - lora = -d
+    assert c["seed_t"]["mean"] == pytest.approx(-m) and c["seed_t"]["p"] == pytest.approx(p)
+    assert c["seed_t"]["df"] == 2 and c["mdd80"] == pytest.approx(LAMBDA_80_DF2 * s, rel=1e-6)
+    assert c["bootstrap"]["diff"] == pytest.approx(-m) and c["bootstrap"]["n_boot"] == 500
+    # seesaw of molora vs single-task: piqa -.25 at every seed (an exact drop), boolq .5 -.25 -.25 (mean 0)
+    ss = res["seesaw"]["molora"]
+    assert ss["regressed"] == ["piqa"] and ss["expected_by_noise"] == pytest.approx(2 * 0.022750131948179195)
+    # what the runs recorded, and the provenance with the runs' common formulation and precision
+    assert res["runs"][0]["test_sha256"] == {"piqa": "sha-piqa", "boolq": "sha-boolq"}
+    assert res["runs"][-1] == {"role": "single_task", "method": "lora", "seed": 2, "task": "boolq",
+                               "test_sha256": {"boolq": "sha-boolq"}, "formulation": "label", "precision": "fp32"}
+    prov = res["provenance"]
+    assert prov == {"model_sha256": "m", "data_sha256": {"f": "d"}, "precision": "fp32", "formulation": "label",
+                    "wall_s": 2.0}
+    text = study_report.markdown(res)
+    assert f"| {100 * LAMBDA_80_DF2 * s:.2f} |" in text and "MDD 80 %" in text
+    assert "| lora | 10 (1.00 %) |" in text  # trainable count and share of the model
+
+
+def test_the_report_refuses_runs_scored_on_other_items_or_precisions(tmp_path):
+    def other_items(done):
+        done[4]["metrics"]["test_sha256/boolq"] = "sha-other"
+
+    with pytest.raises(study_report.ReportError, match="replicate molora seed 1 was scored on other test "
+                                                       "items of boolq"):
+        _hand_study(tmp_path, change=other_items)
+
+    def unrecorded(done):
+        del done[-1]["metrics"]["test_sha256/boolq"]
+
+    with pytest.raises(study_report.ReportError, match="single_task boolq seed 2 recorded no test_sha256 for boolq"):
+        _hand_study(tmp_path, change=unrecorded)
+
+    def bf16(done):
+        done[0]["metrics"]["precision"] = "bf16"
+
+    with pytest.raises(study_report.ReportError, match="different precisions: bf16, fp32"):
+        _hand_study(tmp_path, change=bf16)
+
+    def cloze(done):
+        done[0]["metrics"]["formulation"] = "cloze"
+
+    with pytest.raises(study_report.ReportError, match="different formulations: cloze, label"):
+        _hand_study(tmp_path, change=cloze)
