@@ -22,18 +22,29 @@ from orchestrator.tuning.tuner import build_tuner
 logger = logging.getLogger("orchestrator.search")
 
 
-def preflight(spec: SearchSpec) -> str | None:
-    """Why the search cannot start (its model or data files cannot be loaded), as one line; None when it can.
+def preflight(spec: SearchSpec, configs: dict[str, dict] | None = None) -> str | None:
+    """Why the search cannot start (its model or data files cannot be loaded, its methods' budgets differ), as
+    one line; None when it can. ``configs``: a study's fixed Tune-style configs per method (default: every
+    corner of each method's domains is checked, ``tuning.budget``).
 
     Runs in the driver before Ray starts, so bad input costs seconds and no trial, not a traceback per trial.
     """
     from orchestrator.data.schema import DataError
     from orchestrator.models.loading import ModelError, check_model
+    from orchestrator.spec.hparams import trial_hparams
+    from orchestrator.tuning.budget import BudgetError, budget_lines, check_budget, method_counts
 
     try:
         check_model(spec.model.name, spec.model.cache_dir)
     except ModelError as exc:
         return f"model.name: {exc}"
+    given = {m: [trial_hparams(spec.methods, c)[1]] for m, c in (configs or {}).items()} or None
+    counts = method_counts(spec, given)
+    try:
+        check_budget(spec, counts)
+    except BudgetError as exc:
+        return f"search.match_budget: {exc}"
+    logger.info("trainable parameters per method:\n%s", "\n".join(budget_lines(spec, counts)))
     try:
         load_pools(spec)
     except (DataError, OSError, ValueError) as exc:
