@@ -53,6 +53,30 @@ def preflight(spec: SearchSpec, configs: dict[str, dict] | None = None) -> str |
     return None
 
 
+def record_search_plan(spec: SearchSpec, resume: bool) -> str | None:
+    """Write the search's plan at first launch (``tuning.record``); on --resume check the space against it.
+    Returns why the search cannot continue, or None."""
+    from orchestrator.tuning.budget import method_counts
+    from orchestrator.tuning.record import FINGERPRINTED, PlanError, check_resume, read_plan, write_plan
+
+    recorded = read_plan(spec) if resume else None
+    if recorded is not None:
+        try:
+            check_resume(spec, recorded, "search")
+        except PlanError as exc:
+            return str(exc)
+        return None
+    quota = spec.search.num_trials // len(spec.methods)
+    counts = method_counts(spec)
+    write_plan(spec, {"kind": "search", "seeds": {"search": [spec.train.seed]},
+                      "sampler_seeds": {m.kind: spec.search.seed + i for i, m in enumerate(spec.methods)},
+                      "trials_per_method": {m.kind: quota for m in spec.methods},
+                      "trainable_params": {k: [c.low, c.high] for k, c in counts.items()},
+                      "test": "scored after choosing, for the best trial per method and the Pareto front only"},
+               names=tuple(g for g in FINGERPRINTED if g != "study"))  # a study of this search may add seeds
+    return None
+
+
 def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str | None = None,
                    deadline_s: float = 60.0) -> None:
     """The search aborts: end its open nested runs and its parent run with ``status`` (and the reason as a tag),
@@ -84,7 +108,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     from orchestrator.report import outbox, summary, tracking
 
     t0 = time.perf_counter()
-    problem = preflight(spec)
+    problem = preflight(spec) or record_search_plan(spec, resume)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
