@@ -352,6 +352,22 @@ class MLflowSearchCallback(Callback):
                     c.log_artifacts(run_id, str(adapter), "adapter")
 
 
+def log_chosen_test(uri: str, exp_id: str, parent_id: str, trial_id: str, metrics: dict[str, Any], step: int) -> None:
+    """A chosen search trial's test scores (``tuning.chosen``) on its nested run, tagged as scored after choosing,
+    with the per-item hits as ``eval/test_items.json``."""
+    runs = [r for r in find_runs(uri, exp_id, malora__trial_id=trial_id) if r.data.tags.get(PARENT) == parent_id]
+    if not runs:
+        logger.error("trial %s: no MLflow run to log its test scores to", trial_id)
+        return
+    run_id = runs[0].info.run_id
+    log_dict(uri, run_id, metrics={k: v for k, v in metrics.items() if k.startswith("test/")}, step=step,
+             tags={"malora.test": "scored once, after choosing on val"})
+    with tempfile.TemporaryDirectory() as tmp:
+        items = {k[len("test_correct/"):]: v for k, v in metrics.items() if k.startswith("test_correct/")}
+        (Path(tmp) / "test_items.json").write_text(json.dumps(items))
+        client(uri).log_artifact(run_id, str(Path(tmp) / "test_items.json"), "eval")
+
+
 def finite(value: Any) -> bool:
     return _is_number(value) and math.isfinite(value)
 

@@ -77,6 +77,19 @@ def record_search_plan(spec: SearchSpec, resume: bool) -> str | None:
     return None
 
 
+def score_chosen_trials(spec: SearchSpec, rows: list[dict], uri: str, exp_id: str, parent_id: str) -> None:
+    """Test scores of the best trial per method and the Pareto front, into their rows and MLflow runs."""
+    from orchestrator.report import summary, tracking
+    from orchestrator.tuning.chosen import score_chosen
+
+    best, front = summary.choose(spec, rows)
+    chosen = list({r["trial_id"]: r for r in best + front}.values())
+    for trial_id, metrics in score_chosen(spec, chosen).items():
+        row = next(r for r in rows if r["trial_id"] == trial_id)
+        row.update({k: v for k, v in metrics.items() if k.startswith("test/")})
+        tracking.log_chosen_test(uri, exp_id, parent_id, trial_id, metrics, int(row.get("step") or 0))
+
+
 def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str | None = None,
                    deadline_s: float = 60.0) -> None:
     """The search aborts: end its open nested runs and its parent run with ``status`` (and the reason as a tag),
@@ -136,6 +149,8 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         raise
     rows = summary.trial_rows(results, spec)
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
+    if not interrupted:  # choose on val first, then score test for the chosen trials only
+        score_chosen_trials(spec, rows, uri, exp_id, parent_id)
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)

@@ -4,7 +4,6 @@ and the worker loop itself (bare, LocalSession) including resuming from its own 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -135,3 +134,18 @@ def test_worker_loop_bare_and_resumed_from_its_checkpoint(smoke, tmp_path):
     val_only = run_training(smoke, config, LocalSession(), reference={"boolq": 0.5, "arc_e": 0.5}, score_test=False)
     assert [r["step"] for r in val_only] == [2, 4] and not any(k.startswith("test") for r in val_only for k in r)
     assert val_only[-1]["val/mean_acc"] == reports[-1]["val/mean_acc"]  # same seed, same training: same val
+
+
+@pytest.mark.slow  # one tiny training, ~3 s
+def test_chosen_adapter_scored_after_the_search_matches_its_in_training_test_score(smoke, tmp_path):
+    """tuning.chosen loads a trial's saved final adapter into a fresh base model and scores test: the per-item hits
+    equal those the worker scored on the same adapter in training (score_test=True), a separate code path."""
+    from orchestrator.training.worker import LocalSession, run_training
+    from orchestrator.tuning.chosen import adapter_test_scores
+
+    config = {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 5.0e-3}
+    reports = run_training(smoke, config, LocalSession(keep_checkpoints=str(tmp_path)))
+    scores = adapter_test_scores(smoke, {"t": str(tmp_path / "step_000004" / "adapter")})["t"]
+    for task in ("boolq", "arc_e"):
+        assert scores[f"test_correct/{task}"] == reports[-1][f"test_correct/{task}"] and len(scores[f"test_correct/{task}"]) == 8
+    assert scores["test/mean_acc"] == pytest.approx(reports[-1]["test/mean_acc"])
