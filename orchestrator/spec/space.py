@@ -80,7 +80,8 @@ class DataSpec:
     """Validation items per task: scored at every evaluation, the only items any choice (Optuna, ASHA, best
     trial, Pareto front) sees. None: as many as the pool rules allow."""
     test_limit: int | None = _f(DEFAULT_TEST_LIMIT, ge=1)
-    """Held-out test items per task: scored once per trial on its final adapter, reported, never chosen on.
+    """Held-out test items per task: scored once per chosen configuration (a search's best and Pareto trials after
+    choosing, a study's runs at their end), reported, never chosen on.
     None: the whole official test file (or the largest carve the pool rules allow)."""
     num_train_examples: int | None = _f(None, ge=1)
     """Size of the mixed training stream (None: the sum of the capped task sets)."""

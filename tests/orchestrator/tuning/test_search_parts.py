@@ -147,5 +147,6 @@ def test_chosen_adapter_scored_after_the_search_matches_its_in_training_test_sco
     reports = run_training(smoke, config, LocalSession(keep_checkpoints=str(tmp_path)))
     scores = adapter_test_scores(smoke, {"t": str(tmp_path / "step_000004" / "adapter")})["t"]
     for task in ("boolq", "arc_e"):
-        assert scores[f"test_correct/{task}"] == reports[-1][f"test_correct/{task}"] and len(scores[f"test_correct/{task}"]) == 8
+        hits = scores[f"test_correct/{task}"]
+        assert hits == reports[-1][f"test_correct/{task}"] and len(hits) == 8
     assert scores["test/mean_acc"] == pytest.approx(reports[-1]["test/mean_acc"])
