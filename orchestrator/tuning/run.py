@@ -90,6 +90,19 @@ def score_chosen_trials(spec: SearchSpec, rows: list[dict], uri: str, exp_id: st
         tracking.log_chosen_test(uri, exp_id, parent_id, trial_id, metrics, int(row.get("step") or 0))
 
 
+def report_skipped(skipped: list[tuple[str, str]], uri: str, parent_id: str) -> None:
+    """Writes the outbox gave up on (refused, or failing again while the store answered), listed on stderr and as
+    a tag of the parent run, so a missing number in MLflow has a stated reason."""
+    from orchestrator.report import tracking
+
+    if not skipped:
+        return
+    lines = [f"  {what}: {error}" for what, error in skipped]
+    print(f"\nwarning: {len(skipped)} MLflow write(s) skipped (the store refused them, or they failed again while "
+          "it answered):\n" + "\n".join(lines[:20]), file=sys.stderr)
+    tracking.log_dict(uri, parent_id, tags={"malora.mlflow_skipped": "\n".join(lines)})
+
+
 def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str | None = None,
                    deadline_s: float = 60.0) -> None:
     """The search aborts: end its open nested runs and its parent run with ``status`` (and the reason as a tag),
@@ -119,6 +132,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
               "for a new one", file=sys.stderr)
         return 2
     from orchestrator.report import outbox, summary, tracking
+    from orchestrator.report.callback import MLflowSearchCallback
 
     t0 = time.perf_counter()
     problem = preflight(spec) or record_search_plan(spec, resume)
@@ -136,7 +150,9 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         if not reused:
             summary.log_search_params(uri, parent_id, spec, reference, load_pools(spec).splits())
         # trials see the val reference only: their seesaw metrics are on val, like every other choice input
-        callback = tracking.MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"])
+        callback = MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
+                                        journal=tracking.journal_path(spec.storage_path, spec.name, uri),
+                                        replay=resume)
         tuner, restored = build_tuner(spec, reference["val"], callback, concurrency(spec, cluster), resume)
         logger.info("%s search %s: %d trials, %d at a time; MLflow parent run %s", "resuming" if restored
                     else "starting", exp_path, spec.search.num_trials, concurrency(spec, cluster), parent_id)
@@ -154,6 +170,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
+    report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")
     if interrupted:

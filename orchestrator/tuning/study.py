@@ -167,6 +167,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
 
     from orchestrator.cluster.runtime import init_ray, prepare_env
     from orchestrator.report import study_report, tracking
+    from orchestrator.report.callback import MLflowStudyCallback
+    from orchestrator.tuning.run import report_skipped
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.reference import cached_reference
     from orchestrator.tuning.run import run_search
@@ -214,7 +216,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             return code
     cluster = init_ray(address)
     if recorded is not None:  # what the first launch chose and planned, not a fresh choice
-        configs, runs = recorded["configs"], recorded["runs"]
+        configs, runs, plan = recorded["configs"], recorded["runs"], recorded
         logger.info("study plan from %s: %d runs, seeds %s", exp_path, len(runs), recorded["seeds"])
     else:
         try:
@@ -228,15 +230,17 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         search_seeds = sorted((search_plan or {}).get("seeds", {}).get("search", [spec.train.seed])) if searched \
             else []
         runs = plan_runs(spec, configs, search_seeds)
-        write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "configs_from": search_path if searched
+        plan = write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "configs_from": search_path if searched
                           else "study.configs", "seeds": {"search": search_seeds, "replicate": sorted(
                               {r["seed"] for r in runs})}}, name)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
     parent_id, _ = tracking.parent_run(uri, exp_id, exp_path, name, reuse=resume, role="study")
     with tracking.closed_on_failure(uri, parent_id):
+        tracking.log_dict(uri, parent_id, params={f"seeds.{k}": ",".join(map(str, v)) for k, v in plan["seeds"].items()})
         reference = cached_reference(spec)
-        callback = tracking.MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"])
+        callback = MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
+                                       journal=tracking.journal_path(spec.storage_path, name, uri), replay=resume)
         study_spec = dataclasses.replace(spec, name=name)
         trainable = tune.with_resources(
             tune.with_parameters(study_driver, spec=study_spec, reference=reference["val"]),
@@ -276,6 +280,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
                                         start=start)
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     print(out["table"])
+    report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nresults: {out['dir']}/results.md (and .json, .csv, plots)")
     print(f"MLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")
