@@ -41,8 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(spec))
-        return 0
+        from orchestrator.tuning.budget import describe_budget
+
+        text, problem = describe_budget(spec)
+        print(describe(spec) + "\n" + text)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2 if problem else 0
     from orchestrator.tuning.run import run_search  # imports Ray: not needed for --dry-run and bad input
 
     return run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)

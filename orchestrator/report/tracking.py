@@ -196,6 +196,8 @@ def log_chosen_test(uri: str, exp_id: str, parent_id: str, trial_id: str, metric
         logger.error("trial %s: no MLflow run to log its test scores to", trial_id)
         return
     run_id = runs[0].info.run_id
+    if "test/mean_acc" in runs[0].data.metrics:  # a resumed search chose the same trial again: logged once
+        return
     log_dict(uri, run_id, metrics={k: v for k, v in metrics.items() if k.startswith("test/")}, step=step,
              tags={"malora.test": "scored once, after choosing on val"})
     with tempfile.TemporaryDirectory() as tmp:

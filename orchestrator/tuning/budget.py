@@ -108,6 +108,19 @@ def check_budget(spec: SearchSpec, counts: dict[str, MethodCount]) -> int:
     return budget
 
 
+def describe_budget(spec: SearchSpec) -> tuple[str, str | None]:
+    """(the --dry-run lines on budgets, the refusal or None) for the space's model."""
+    counts = method_counts(spec)
+    head = (f"  budget       {budget_method(spec)}'s count, tolerance {spec.search.budget_tolerance:g}"
+            if spec.search.match_budget else "  budget       not matched (search.match_budget: false)")
+    try:
+        check_budget(spec, counts)
+        problem = None
+    except BudgetError as exc:
+        problem = f"search.match_budget: {exc}"
+    return "\n".join([head, *budget_lines(spec, counts)]), problem
+
+
 def budget_lines(spec: SearchSpec, counts: dict[str, MethodCount]) -> list[str]:
     """One line per method: count (range), share of the base model, ratio to the budget."""
     ref = budget_method(spec)

@@ -59,7 +59,10 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
     (tmp_path / "study.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["model"] == "tiny-llama" and res["seeds"] == [0, 1]
+    # the search trained with seed 0 (train.seed): the replicates use the next two seeds, and the plan says so
+    assert res["model"] == "tiny-llama" and res["seeds"] == [1, 2]
+    plan = json.loads((tmp_path / "ray_results" / "smoke-study" / "plan.json").read_text())
+    assert plan["seeds"] == {"search": [0], "replicate": [1, 2]}
     assert set(res["split"]) == {"boolq", "arc_e"} and res["split"]["boolq"]["test"] == 8
     assert set(res["zero_shot"]) == {"boolq", "arc_e"} and set(res["single_task"]) >= {"boolq", "arc_e", "mean"}
     assert set(res["methods"]) == {"lora", "malora"}

@@ -309,8 +309,12 @@ def test_cli_dry_run_prints_the_plan_and_starts_nothing(capsys):
     assert search.main(["--space", str(SPACES / "intra_domain.yaml"), "--smoke-test", "--dry-run",
                         "--num-trials", "8"]) == 0
     out = capsys.readouterr().out
-    assert "search 'intra_domain'" in out and "8 trials, tpe" in out and "max_steps=6" in out
-    assert "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    assert "search 'intra_domain'" in out and "8 trials (2 per method, one study each), tpe" in out
+    assert "max_steps=6" in out and "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    # SmolLM2 (hidden 576, MLP 1536, KV 192, 30 layers), six projections with n + m = 1152 (q), 768 (k, v), 2112
+    # (gate, up, down): LoRA r64 = 30 * 64 * 9024 = 17,326,080; MoLoRA 8 x r8 = the same A/B count plus routers
+    # 30 * 8 * (5 * 576 + 1536) = 1,059,840
+    assert "lora    17,326,080 trainable" in out and "molora  18,385,920 trainable" in out
     assert not ray.is_initialized()
 
 
