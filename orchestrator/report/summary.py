@@ -71,7 +71,8 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
                      "trainable_params": m.get("trainable_params", float("nan")),
                      "trainable_share": m.get("trainable_share", float("nan")), "step": m.get("step", 0),
                      "hparams": hp, "error": tracking.failure_reason(str(res.error)) if res.error else "",
-                     "checkpoint": res.checkpoint.path if res.checkpoint else None,
+                     # the Train run's last checkpoint (forwarded by TuneReportCallback; the Tune trial has none)
+                     "checkpoint": m.get("checkpoint_path") or (res.checkpoint.path if res.checkpoint else None),
                      **{k: v for k, v in m.items() if k.startswith("val/acc/")}})
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))
 

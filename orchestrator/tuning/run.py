@@ -132,7 +132,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
               "for a new one", file=sys.stderr)
         return 2
     from orchestrator.report import outbox, summary, tracking
-    from orchestrator.report.callback import MLflowSearchCallback
+    from orchestrator.report.callback import MLflowSearchCallback, journal_path
 
     t0 = time.perf_counter()
     problem = preflight(spec) or record_search_plan(spec, resume)
@@ -151,7 +151,7 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
             summary.log_search_params(uri, parent_id, spec, reference, load_pools(spec).splits())
         # trials see the val reference only: their seesaw metrics are on val, like every other choice input
         callback = MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
-                                        journal=tracking.journal_path(spec.storage_path, spec.name, uri),
+                                        journal=journal_path(spec.storage_path, spec.name, uri),
                                         replay=resume)
         tuner, restored = build_tuner(spec, reference["val"], callback, concurrency(spec, cluster), resume)
         logger.info("%s search %s: %d trials, %d at a time; MLflow parent run %s", "resuming" if restored

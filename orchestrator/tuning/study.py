@@ -167,7 +167,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
 
     from orchestrator.cluster.runtime import init_ray, prepare_env
     from orchestrator.report import study_report, tracking
-    from orchestrator.report.callback import MLflowStudyCallback
+    from orchestrator.report.callback import MLflowStudyCallback, journal_path
     from orchestrator.tuning.run import report_skipped
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.reference import cached_reference
@@ -240,7 +240,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         tracking.log_dict(uri, parent_id, params={f"seeds.{k}": ",".join(map(str, v)) for k, v in plan["seeds"].items()})
         reference = cached_reference(spec)
         callback = MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
-                                       journal=tracking.journal_path(spec.storage_path, name, uri), replay=resume)
+                                       journal=journal_path(spec.storage_path, name, uri), replay=resume)
         study_spec = dataclasses.replace(spec, name=name)
         trainable = tune.with_resources(
             tune.with_parameters(study_driver, spec=study_spec, reference=reference["val"]),
