@@ -49,12 +49,12 @@ class PerMethodSearch(Searcher):
         self.studies: dict[str, OptunaSearch] = {}
         for i, m in enumerate(spec.methods):
             # own seed per method: the studies' random start-up draws are independent, not the same sequence
-            own = dataclasses.replace(spec, methods=(m,), search=dataclasses.replace(spec.search,
-                                                                                      seed=spec.search.seed + i))
+            own = dataclasses.replace(spec, methods=(m,),
+                                      search=dataclasses.replace(spec.search, seed=spec.search.seed + i))
             points = [p for p in spec.search.points_to_evaluate or () if p["method"] == m.kind]
-            self.studies[m.kind] = OptunaSearch(space=ConditionalSpace((m,)), sampler=build_sampler(own, max_concurrent),
-                                                metric=metric, mode=mode,
-                                                points_to_evaluate=optuna_points((m,), tuple(points)) or None)
+            self.studies[m.kind] = OptunaSearch(
+                space=ConditionalSpace((m,)), sampler=build_sampler(own, max_concurrent), metric=metric, mode=mode,
+                points_to_evaluate=optuna_points((m,), tuple(points)) or None)
         self.method_of: dict[str, str] = {}  # trial id -> method
         self.started = dict.fromkeys(self.order, 0)
         self.pruned: list[str] = []

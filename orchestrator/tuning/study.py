@@ -225,19 +225,20 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         except StudyError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        searched = spec.study.search or from_search
-        search_plan = read_plan(spec, from_search or spec.name) if searched else None
-        search_seeds = sorted((search_plan or {}).get("seeds", {}).get("search", [spec.train.seed])) if searched \
-            else []
+        searched = bool(spec.study.search or from_search)
+        search_plan = (read_plan(spec, from_search or spec.name) or {}) if searched else {}
+        # a search recorded before plans existed trained every trial with train.seed
+        search_seeds = sorted(search_plan.get("seeds", {}).get("search", [spec.train.seed])) if searched else []
         runs = plan_runs(spec, configs, search_seeds)
-        plan = write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "configs_from": search_path if searched
-                          else "study.configs", "seeds": {"search": search_seeds, "replicate": sorted(
-                              {r["seed"] for r in runs})}}, name)
+        seeds = {"search": search_seeds, "replicate": sorted({r["seed"] for r in runs})}
+        plan = write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "seeds": seeds,
+                                 "configs_from": search_path if searched else "study.configs"}, name)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
     parent_id, _ = tracking.parent_run(uri, exp_id, exp_path, name, reuse=resume, role="study")
     with tracking.closed_on_failure(uri, parent_id):
-        tracking.log_dict(uri, parent_id, params={f"seeds.{k}": ",".join(map(str, v)) for k, v in plan["seeds"].items()})
+        tracking.log_dict(uri, parent_id, params={f"seeds.{k}": ",".join(map(str, v))
+                                                  for k, v in plan["seeds"].items()})
         reference = cached_reference(spec)
         callback = MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
                                        journal=journal_path(spec.storage_path, name, uri), replay=resume)

@@ -124,8 +124,9 @@ BAD = [
     ("search.match_budget", True, r"methods\.lora\.r: choice \[4, 8\] is searched while search\.match_budget is "
                                   r"true.*set search\.match_budget: false"),
     ("search.budget_method", "molora", r"search\.budget_method: 'molora' is not a method of this space"),
-    ("search", {"sampler": "nsga2", "match_budget": False}, r"search\.sampler: nsga2 evolves only the parameters every trial has .*"
-                                     r"several methods \(lora, malora\).*Fix: use tpe"),
+    ("search", {"sampler": "nsga2", "match_budget": False},
+     r"search\.sampler: nsga2 evolves only the parameters every trial has .*several methods \(lora, malora\).*"
+     r"Fix: use tpe"),
     ("search.points_to_evaluate", [{"method": "lora", "r": 16}],
      r"points_to_evaluate\[0\]\.r: 16 is not one of the choices \[4, 8\]"),
     ("search.points_to_evaluate", [{"method": "malora", "beta": 2.0}],
