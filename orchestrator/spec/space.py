@@ -224,7 +224,8 @@ class StudySpec:
     """``python -m orchestrator.study``: choose on val, retrain over seeds, compare on test (``tuning.study``)."""
 
     seeds: int = _f(3, ge=1)
-    """Training seeds per chosen configuration: train.seed, train.seed + 1, ... (pools stay fixed)."""
+    """Training seeds per chosen configuration: the first ones from train.seed up that no search trial trained with
+    (so train.seed + 1, ... after a search; recorded in the study's plan.json); the pools stay fixed."""
     search: bool = _f(True)
     """Run the search first and take each method's best completed trial on val; false: use ``configs``."""
     configs: dict | None = _f(None)

@@ -96,6 +96,9 @@ def check_budget(spec: SearchSpec, counts: dict[str, MethodCount]) -> int:
     unless ``search.match_budget`` is false (then the counts are only reported)."""
     ref = budget_method(spec)
     budget, tol = counts[ref].low, spec.search.budget_tolerance
+    if budget <= 0:
+        raise BudgetError(f"{ref} adapts no layer of {spec.model.name} (0 trainable parameters). Fix: its "
+                          "target_modules must name linear layers of the model, e.g. q_proj, v_proj")
     bad = [c for c in counts.values() if max(abs(c.low / budget - 1), abs(c.high / budget - 1)) > tol]
     if bad and spec.search.match_budget:
         listed = "; ".join(f"{c.method} {c.low:,}" + (f"-{c.high:,}" if c.high != c.low else "") +
@@ -129,5 +132,6 @@ def budget_lines(spec: SearchSpec, counts: dict[str, MethodCount]) -> list[str]:
     for c in counts.values():
         span = f"{c.low:,}" + (f"-{c.high:,}" if c.high != c.low else "")
         lines.append(f"    {c.method:7s} {span} trainable ({100 * c.share:.2f} % of the base), "
-                     f"{c.low / budget:.3f}x the budget" + (" (the budget)" if c.method == ref else ""))
+                     + (f"{c.low / budget:.3f}x the budget" if budget else "no budget (0)")
+                     + (" (the budget)" if c.method == ref else ""))
     return lines
