@@ -79,8 +79,9 @@ def configs_from_search(spec: SearchSpec, exp_path: str) -> dict[str, dict[str, 
             best[method] = (value, {"method": method, **{k: v for k, v in trial.config.items() if k != "method"}})
     missing = [m.kind for m in spec.methods if m.kind not in best]
     if missing:
-        raise StudyError(f"the search at {exp_path} has no completed trial for {', '.join(missing)}. Fix: resume "
-                         "or enlarge the search (search.num_trials), or give study.configs with study.search: false")
+        raise StudyError(f"the search at {exp_path} has no completed trial for {', '.join(missing)}. Fix: resume an "
+                         "interrupted search, run a larger one under a new --name (search.num_trials), or give "
+                         "study.configs with study.search: false")
     for method, (value, _) in sorted(best.items()):
         logger.info("chosen on val: %s (%s = %.4f)", method, spec.metric, value)
     return {m: cfg for m, (_, cfg) in best.items()}
