@@ -3,8 +3,9 @@
 Each trial is a Tune function (``trial_driver``, a 0.01-CPU slot) that fits a Ray Train ``TorchTrainer``
 (``workers_per_trial`` DDP workers); Optuna's TPE (multivariate, grouped by method, multi-objective when several
 objectives are given, constant liar under concurrency; ``tuning.tuner``) proposes the conditional
-hyperparameters from the trials' **validation** metrics, ASHA stops weak trials, each trial is scored once on the
-held-out test pool at its end, and MLflow gets one parent run plus a nested run per trial.
+hyperparameters from the trials' **validation** metrics (one Optuna study per method, equal trials each), ASHA
+stops weak trials, and MLflow gets one parent run plus a nested run per trial. Trials score val only; once the
+search has chosen (best per method, Pareto front) the chosen trials' adapters are scored once on test.
 
 Embedded defaults: a local Ray (dashboard on 127.0.0.1, needed to free a stopped trial's placement group) and
 a SQLite MLflow store in the working directory. ``--address``/``RAY_ADDRESS`` joins a cluster and
@@ -40,8 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(spec))
-        return 0
+        from orchestrator.tuning.budget import describe_budget
+
+        text, problem = describe_budget(spec)
+        print(describe(spec) + "\n" + text)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2 if problem else 0
     from orchestrator.tuning.run import run_search  # imports Ray: not needed for --dry-run and bad input
 
     return run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)

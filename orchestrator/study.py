@@ -49,8 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from orchestrator.tuning.budget import describe_budget
+
         st = spec.study
-        print(describe(spec))
+        text, problem = describe_budget(spec)
+        print(describe(spec) + "\n" + text)
         source = "search first" if st.search and not args.from_search else (
             f"search {args.from_search}" if args.from_search else "study.configs")
         single = st.single_task_method if st.single_task else "off"
@@ -64,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  runs         {searched} search trials + {n_runs} study runs ({st.seeds} x {len(spec.methods)} "
               f"methods" + (f" + {st.seeds} x {n_tasks} single-task runs, each with its task's share of the budget)"
                             if st.single_task else ")"))
-        return 0
+        print(f"  seeds        search trials train.seed = {spec.train.seed}; replicates the next {st.seeds} seeds no "
+              "search used (recorded in the study's plan.json)" if st.search or args.from_search else
+              f"  seeds        replicates {spec.train.seed}..{spec.train.seed + st.seeds - 1}")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2 if problem else 0
     from orchestrator.tuning.study import run_study  # imports Ray: not needed for --dry-run and bad input
 
     return run_study(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: val/* is what every choice used; test/* is the held-out score of the trial's final adapter (reported only)
-COLUMNS = ("trial_id", "method", "status", "val/mean_acc", "best val/mean_acc", "test/mean_acc", "trainable_params",
+#: a trial row is val only (what every choice used); test is scored after choosing, for the chosen trials
+COLUMNS = ("trial_id", "method", "status", "val/mean_acc", "best val/mean_acc", "trainable_params",
            "trainable_share", "step", "hparams", "error")
 
 

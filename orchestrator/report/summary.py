@@ -45,7 +45,9 @@ def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[s
 
 
 def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
-    """One dict per trial of a Tune ResultGrid: final val and test values, the best val value over its evaluations.
+    """One dict per trial of a Tune ResultGrid: final val values, the best val value over its evaluations, and its
+    last checkpoint (the adapter scored on test if the trial is chosen, ``tuning.chosen``). Val only: a search
+    trial scores no test items.
 
     status: TERMINATED (ran its whole budget), STOPPED (early-stopped by ASHA), ERROR.
     """
@@ -66,12 +68,42 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
         rows.append({"trial_id": trial_id, "method": method, "status": status,
                      spec.metric: m.get(spec.metric, float("nan")), f"best {spec.metric}": best,
                      "val/mean_acc": m.get("val/mean_acc", float("nan")),
-                     "test/mean_acc": m.get("test/mean_acc", float("nan")),
                      "trainable_params": m.get("trainable_params", float("nan")),
                      "trainable_share": m.get("trainable_share", float("nan")), "step": m.get("step", 0),
                      "hparams": hp, "error": tracking.failure_reason(str(res.error)) if res.error else "",
-                     **{k: v for k, v in m.items() if k.startswith(("val/acc/", "test/acc/"))}})
+                     # the Train run's last checkpoint (forwarded by TuneReportCallback; the Tune trial has none)
+                     "checkpoint": m.get("checkpoint_path") or (res.checkpoint.path if res.checkpoint else None),
+                     **{k: v for k, v in m.items() if k.startswith("val/acc/")}})
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))
+
+
+def choose(spec: SearchSpec, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(best trial per method, Pareto front), chosen on val among the trials that ran their whole budget, each
+    objective in its own mode; with one objective the front is over it and ``trainable_params`` (min)."""
+    objectives = front_objectives(spec)
+    complete = [r for r in rows if r["status"] == "TERMINATED"]
+    return (pareto.best_per_method(complete, spec.metric, spec.objectives[spec.metric]),
+            pareto.pareto_front(complete, objectives))
+
+
+def front_objectives(spec: SearchSpec) -> dict[str, str]:
+    return spec.objectives if len(spec.objectives) > 1 else {spec.metric: spec.objectives[spec.metric],
+                                                             "trainable_params": "min"}
+
+
+def budget_table(rows: list[dict]) -> str:
+    """Per method: its trials, trainable parameters (range over its trials) and their share of the model."""
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method and math.isfinite(r.get("trainable_params", math.nan))]
+        counts = sorted({int(r["trainable_params"]) for r in mine})
+        shares = sorted({r["trainable_share"] for r in mine})
+        out.append({"method": method, "trials": sum(r["method"] == method for r in rows),
+                    "trainable_params": "-".join(f"{c:,}" for c in (counts[:1] + counts[-1:] if len(counts) > 1
+                                                                     else counts)) or "n/a",
+                    "trainable_share": " - ".join(f"{100 * x:.2f} %" for x in (shares[:1] + shares[-1:]
+                                                                                 if len(shares) > 1 else shares))})
+    return pareto.markdown_table(out, ("method", "trials", "trainable_params", "trainable_share"))
 
 
 def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir: str | Path, wall_s: float,
@@ -79,16 +111,14 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
     """Write summary.csv/.md, pareto.json/.png to out_dir (a local folder or a URI) and the parent run; return the
     terminal summary.
 
-    "Best per method" and the Pareto front are chosen on the validation objective among the trials that ran
-    their whole budget (early-stopped ones are listed apart), in each objective's own mode; the tables show the
-    held-out test accuracy of the same trials beside it, never used to choose.
+    "Best per method" and the Pareto front are chosen on the validation objective (:func:`choose`); early-stopped
+    trials are listed apart. Test accuracy appears only in those two tables, for the chosen trials, scored once
+    after choosing (``tuning.chosen``); the table of all trials is val only.
     """
-    objectives = spec.objectives if len(spec.objectives) > 1 else {spec.metric: spec.objectives[spec.metric],
-                                                                    "trainable_params": "min"}
+    objectives = front_objectives(spec)
     complete = [r for r in rows if r["status"] == "TERMINATED"]
     stopped = [r for r in rows if r["status"] == "STOPPED"]
-    front = pareto.pareto_front(complete, objectives)
-    best = pareto.best_per_method(complete, spec.metric, spec.objectives[spec.metric])
+    best, front = choose(spec, rows)
     columns = tuple(dict.fromkeys(("trial_id", "method", "status", spec.metric, *pareto.COLUMNS[3:])))
     cols = tuple(dict.fromkeys(("method", "trial_id", spec.metric, "val/mean_acc", "test/mean_acc",
                                 "trainable_params", "trainable_share", "hparams")))
@@ -96,8 +126,11 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
     text = "\n".join([
         f"\n== search {spec.name}: {len(rows)} trials ({n_err} failed, {len(stopped)} early-stopped) in "
         f"{wall_s:.0f} s ==",
-        "\nAll trials:", pareto.markdown_table(rows, columns),
-        f"\nBest trial per method (chosen on val {spec.metric}; test reported, never chosen on):",
+        "\nTrials and trainable parameters per method (equal trials per method; share = of all parameters):",
+        budget_table(rows),
+        "\nAll trials (val only):", pareto.markdown_table(rows, columns),
+        f"\nBest trial per method (chosen on val {spec.metric}; test scored once, after choosing, on the chosen "
+        "trials only):",
         pareto.markdown_table(best, cols),
         f"\nPareto front of the completed trials ({', '.join(f'{k} {v}' for k, v in objectives.items())}):",
         pareto.markdown_table(front, cols),
@@ -106,7 +139,8 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
         pareto.write_csv(rows, local / "summary.csv", columns)
         (local / "summary.md").write_text(text + "\n")
         (local / "pareto.json").write_text(json.dumps(
-            [{k: r[k] for k in ("trial_id", "method", spec.metric, "trainable_params", "hparams")} for r in front],
+            [{k: r.get(k) for k in ("trial_id", "method", spec.metric, "trainable_params", "hparams",
+                                     "test/mean_acc")} for r in front],
             indent=1, default=str))
         files = [local / "summary.csv", local / "summary.md", local / "pareto.json"]
         if complete:

@@ -218,6 +218,16 @@ def adapter_config(kind: str, hp: dict[str, Any], num_layers: int | None = None)
     return cls(**kwargs)
 
 
+def corner_points(method: Any) -> list[dict[str, Any]]:
+    """All-low, all-high, and each choice value with the rest low (integers rounded)."""
+    doms = dict(method.hparams)
+    corners = [{n: d.low for n, d in doms.items()}, {n: d.high for n, d in doms.items()}]
+    for name, dom in doms.items():
+        if dom.kind == "choice":
+            corners += [{**corners[0], name: v} for v in dom.values]
+    return [{k: (round(v) if doms[k].kind in ("int", "logint") else v) for k, v in hp.items()} for hp in corners]
+
+
 def method_corner_configs(method: Any) -> list[str]:
     """Problems found by building the adapter config at the corners of the method's domains.
 
@@ -230,13 +240,8 @@ def method_corner_configs(method: Any) -> list[str]:
             lo, hi = dom.low, dom.high
             if not (_is_num(lo) and _is_num(hi)) or lo < 0 or (name == "lr" and not 0 < lo <= hi < 1):
                 return [f"methods.{method.kind}.{name}: {dom.describe()} is impossible. Fix: use values in (0, 1)"]
-    corners = [{n: d.low for n, d in doms.items()}, {n: d.high for n, d in doms.items()}]
-    for name, dom in doms.items():
-        if dom.kind == "choice":
-            corners += [{**corners[0], name: v} for v in dom.values]
     problems = []
-    for hp in corners:
-        hp = {k: (round(v) if doms[k].kind in ("int", "logint") else v) for k, v in hp.items()}
+    for hp in corner_points(method):
         try:
             adapter_config(method.kind, hp)
         except (ValueError, TypeError) as exc:

@@ -80,7 +80,8 @@ class DataSpec:
     """Validation items per task: scored at every evaluation, the only items any choice (Optuna, ASHA, best
     trial, Pareto front) sees. None: as many as the pool rules allow."""
     test_limit: int | None = _f(DEFAULT_TEST_LIMIT, ge=1)
-    """Held-out test items per task: scored once per trial on its final adapter, reported, never chosen on.
+    """Held-out test items per task: scored once per chosen configuration (a search's best and Pareto trials after
+    choosing, a study's runs at their end), reported, never chosen on.
     None: the whole official test file (or the largest carve the pool rules allow)."""
     num_train_examples: int | None = _f(None, ge=1)
     """Size of the mixed training stream (None: the sum of the capped task sets)."""
@@ -155,7 +156,8 @@ class SearchOptions:
     """Optuna sampler: TPE (seeded, multivariate over the conditional space, single- or multi-objective, constant
     liar when trials run concurrently), NSGA-II (multi-objective, fixed spaces only: one method), or random."""
     num_trials: int = _f(16, ge=1)
-    """Number of trials."""
+    """Number of trials, a multiple of the number of methods: each method gets ``num_trials / methods`` trials
+    from its own Optuna study (``orchestrator.tuning.searcher``), so no method gets more tuning than another."""
     seed: int = _f(0, ge=0)
     """Sampler seed."""
     objectives: dict | None = _f(None)
@@ -169,6 +171,16 @@ class SearchOptions:
     """ASHA early stopping."""
     points_to_evaluate: tuple | None = _f(None)
     """Trials to run first, e.g. ``[{method: malora, d: 32, beta: 1.25}]`` (unnamed hyperparameters sampled)."""
+    match_budget: bool = _f(True)
+    """Methods are compared at one trainable-parameter budget: every configuration a method can take must have
+    a count within ``budget_tolerance`` of the budget (checked on the model before anything runs), and no
+    method's rank ``r`` may be searched. False: counts may differ on purpose (e.g. a rank sweep); they are still
+    reported."""
+    budget_method: str | None = _f(None)
+    """The method whose trainable count (at its lowest corner) is the budget; None: molora if present, else the
+    first method."""
+    budget_tolerance: float = _f(0.10, gt=0, lt=1)
+    """Largest relative difference |count / budget - 1| allowed when ``match_budget`` is true."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +224,8 @@ class StudySpec:
     """``python -m orchestrator.study``: choose on val, retrain over seeds, compare on test (``tuning.study``)."""
 
     seeds: int = _f(3, ge=1)
-    """Training seeds per chosen configuration: train.seed, train.seed + 1, ... (pools stay fixed)."""
+    """Training seeds per chosen configuration: the first ones from train.seed up that no search trial trained with
+    (so train.seed + 1, ... after a search; recorded in the study's plan.json); the pools stay fixed."""
     search: bool = _f(True)
     """Run the search first and take each method's best completed trial on val; false: use ``configs``."""
     configs: dict | None = _f(None)
@@ -281,7 +294,8 @@ TOP_KEYS = ("name", "storage_path", *GROUPS, "methods", "smoke_test")
 SMOKE_DEFAULTS = {"train": {"max_steps": 8, "epochs": None}, "eval": {"every_n_steps": 4},
                   "data": {"train_limit": 64, "val_limit": 16, "test_limit": 16, "max_length": 128}, "search": {"num_trials": 4}}
 """--smoke-test without a ``smoke_test`` block: cap steps, eval items, train items and trials (values are minima
-with the file's own, except num_trials which becomes max(4, number of methods) capped by the file's)."""
+with the file's own, except num_trials which becomes max(4, number of methods) capped by the file's, then
+rounded down to a multiple of the number of methods)."""
 
 
 #: Keys of earlier versions, with what replaced them (one clear error instead of "unknown key").
@@ -478,6 +492,11 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     declared = ({k: set(v) if isinstance(v, dict) else set() for k, v in raw["methods"].items()}
                 if isinstance(raw.get("methods"), dict) else {})
     search = _check_search(search, declared, problems)
+    if search.match_budget:
+        problems += [f"methods.{m.kind}.r: {dom.describe()} is searched while search.match_budget is true; the "
+                     f"rank sets the method's trainable-parameter budget. Fix: fix it (e.g. r: 64 for LoRA, the "
+                     "rank closest to MoLoRA 8 x r8), or set search.match_budget: false to compare unequal budgets "
+                     "on purpose" for m in methods for name, dom in m.hparams if name == "r" and dom.kind != "const"]
     problems += _check_points(search.points_to_evaluate, methods)
     problems += _check_objectives(search.objectives, data)
     if "study" in raw and methods:  # a search-only space is not held to the study defaults (e.g. a lora reference)
@@ -615,6 +634,17 @@ def _check_search(search: SearchOptions, declared: dict[str, set], problems: lis
                         f"search space); with several methods ({', '.join(declared)}) that is 'method' alone and "
                         "every other hyperparameter would be drawn at random. Fix: use tpe (multi-objective TPE "
                         "models the conditional space), or search one method")
+    from malora.config import CONFIG_CLASSES
+
+    kinds = [k for k in declared if k in CONFIG_CLASSES]
+    if kinds and search.num_trials % len(kinds):
+        n, k = len(kinds), search.num_trials
+        fixes = " or ".join(str(v) for v in (k - k % n, k - k % n + n) if v)
+        problems.append(f"search.num_trials: {k} is not a multiple of the {n} methods ({', '.join(kinds)}); each "
+                        f"method gets the same number of trials. Fix: num_trials: {fixes}")
+    if search.budget_method is not None and declared and search.budget_method not in declared:
+        problems.append(f"search.budget_method: {search.budget_method!r} is not a method of this space "
+                        f"({', '.join(declared)})")
     points = []
     for i, point in enumerate(search.points_to_evaluate or ()):
         where = f"search.points_to_evaluate[{i}]"
@@ -674,10 +704,13 @@ def apply_smoke_overrides(raw: dict, smoke: dict) -> dict:
         merged = dict(out.get(group) or {})
         for key, value in values.items():
             old = merged.get(key)
+            n_methods = max(1, len(raw.get("methods") or {}) if isinstance(raw.get("methods"), dict) else 1)
             if not smoke and key == "num_trials":
-                value = max(value, len(raw.get("methods") or {}))
+                value = max(value, n_methods)
             if not smoke and value is not None and isinstance(old, int) and not isinstance(old, bool):
                 value = min(old, value)
+            if not smoke and key == "num_trials" and isinstance(value, int) and value >= n_methods:
+                value -= value % n_methods  # the same number of trials per method
             merged[key] = value
         out[group] = merged
     return out

@@ -18,8 +18,11 @@ from orchestrator.training.worker import train_worker
 logger = logging.getLogger(__name__)
 
 
-def trial_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, float] | None = None) -> None:
-    """Tune function trainable: build and fit one TorchTrainer; its reports reach Tune via TuneReportCallback."""
+def trial_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, float] | None = None,
+                 score_test: bool = True) -> None:
+    """Tune function trainable: build and fit one TorchTrainer; its reports reach Tune via TuneReportCallback.
+
+    ``score_test``: score the test pool at the last step (study runs); a search's trials do not (val only)."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -34,7 +37,8 @@ def trial_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, 
         # Train's own retries are off: Train V2 retries every worker-group error, also those that will recur
         TorchTrainer(
             train_worker,
-            train_loop_config={"spec": spec, "trial": dict(config), "trial_id": trial_id, "reference": reference},
+            train_loop_config={"spec": spec, "trial": dict(config), "trial_id": trial_id, "reference": reference,
+                               "score_test": score_test},
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial,
                                                    use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker),
             run_config=ray.train.RunConfig(

@@ -117,7 +117,7 @@ def no_buffer_sync() -> dict[str, bool]:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` = {spec, trial (Tune config), trial_id, reference}."""
     run_training(config["spec"], config["trial"], RaySession(), reference=config.get("reference"),
-                 trial_id=config.get("trial_id", ""))
+                 trial_id=config.get("trial_id", ""), score_test=config.get("score_test", True))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -241,12 +241,15 @@ def new_window(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *,
-                 reference: dict[str, float] | None = None, trial_id: str = "") -> list[dict[str, Any]]:
-    """Train one trial and report at every evaluation; returns rank 0's metric dicts (LocalSession: all)."""
+                 reference: dict[str, float] | None = None, trial_id: str = "",
+                 score_test: bool = True) -> list[dict[str, Any]]:
+    """Train one trial and report at every evaluation; returns rank 0's metric dicts (LocalSession: all).
+    ``score_test`` false: no test items are scored (a search trial; tests are scored after choosing)."""
     t_setup = time.perf_counter()
     device = session.device()
     trial = build_trial_model(spec, trial_config, device)
     encoded, pools, notes = build_training_data(spec, trial.tokenizer)
+    pools = pools if score_test else {**pools, "test": {}}
     steps = total_steps(spec, len(encoded), session.world_size)
     optim = build_optimisation(trial, spec, steps)
     progress = restore_progress(session, trial.model, optim, device, trial_id)
@@ -442,7 +445,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     progress.tokens += int(sum(rank_tokens))
     acc, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
     test = {}
-    if done == steps:
+    if done == steps and pools["test"]:
         test_acc, _, test_correct = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
                                                      device)
         test = test_metrics(test_acc, test_correct)

@@ -40,7 +40,8 @@ def describe(spec: SearchSpec, cluster: dict[str, float] | None = None) -> str:
              f"batch={t.batch_size}x{t.grad_accum} lr={t.lr:g} {t.schedule} warmup={t.warmup_ratio} "
              f"wd={t.weight_decay} {t.precision} seed={t.seed}",
              f"  eval         every {spec.eval.every_n_steps} steps, {spec.eval.scoring} scoring ({spec.eval.options})",
-             f"  search       {s.num_trials} trials, {s.sampler} (seed {s.seed}), objectives {spec.objectives}",
+             f"  search       {s.num_trials} trials ({s.num_trials // max(1, len(spec.methods))} per method, one "
+             f"study each), {s.sampler} (seed {s.seed}), objectives {spec.objectives}",
              f"  asha         {'on' if s.asha.enabled else 'off'} (grace {s.asha.grace_period}, "
              f"rf {s.asha.reduction_factor}, max_t {asha_max_t(spec)} evaluations)",
              f"  resources    {r.workers_per_trial} worker(s) x {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; "

@@ -22,24 +22,85 @@ from orchestrator.tuning.tuner import build_tuner
 logger = logging.getLogger("orchestrator.search")
 
 
-def preflight(spec: SearchSpec) -> str | None:
-    """Why the search cannot start (its model or data files cannot be loaded), as one line; None when it can.
+def preflight(spec: SearchSpec, configs: dict[str, dict] | None = None) -> str | None:
+    """Why the search cannot start (its model or data files cannot be loaded, its methods' budgets differ), as
+    one line; None when it can. ``configs``: a study's fixed Tune-style configs per method (default: every
+    corner of each method's domains is checked, ``tuning.budget``).
 
     Runs in the driver before Ray starts, so bad input costs seconds and no trial, not a traceback per trial.
     """
     from orchestrator.data.schema import DataError
     from orchestrator.models.loading import ModelError, check_model
+    from orchestrator.spec.hparams import trial_hparams
+    from orchestrator.tuning.budget import BudgetError, budget_lines, check_budget, method_counts
 
     try:
         check_model(spec.model.name, spec.model.cache_dir)
     except ModelError as exc:
         return f"model.name: {exc}"
+    given = {m: [trial_hparams(spec.methods, c)[1]] for m, c in (configs or {}).items()} or None
+    counts = method_counts(spec, given)
+    try:
+        check_budget(spec, counts)
+    except BudgetError as exc:
+        return f"search.match_budget: {exc}"
+    logger.info("trainable parameters per method:\n%s", "\n".join(budget_lines(spec, counts)))
     try:
         load_pools(spec)
     except (DataError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"data: {type(exc).__name__}: {first} (data_dir {spec.data.data_dir})"
     return None
+
+
+def record_search_plan(spec: SearchSpec, resume: bool) -> str | None:
+    """Write the search's plan at first launch (``tuning.record``); on --resume check the space against it.
+    Returns why the search cannot continue, or None."""
+    from orchestrator.tuning.budget import method_counts
+    from orchestrator.tuning.record import FINGERPRINTED, PlanError, check_resume, read_plan, write_plan
+
+    recorded = read_plan(spec) if resume else None
+    if recorded is not None:
+        try:
+            check_resume(spec, recorded, "search")
+        except PlanError as exc:
+            return str(exc)
+        return None
+    quota = spec.search.num_trials // len(spec.methods)
+    counts = method_counts(spec)
+    write_plan(spec, {"kind": "search", "seeds": {"search": [spec.train.seed]},
+                      "sampler_seeds": {m.kind: spec.search.seed + i for i, m in enumerate(spec.methods)},
+                      "trials_per_method": {m.kind: quota for m in spec.methods},
+                      "trainable_params": {k: [c.low, c.high] for k, c in counts.items()},
+                      "test": "scored after choosing, for the best trial per method and the Pareto front only"},
+               names=tuple(g for g in FINGERPRINTED if g != "study"))  # a study of this search may add seeds
+    return None
+
+
+def score_chosen_trials(spec: SearchSpec, rows: list[dict], uri: str, exp_id: str, parent_id: str) -> None:
+    """Test scores of the best trial per method and the Pareto front, into their rows and MLflow runs."""
+    from orchestrator.report import summary, tracking
+    from orchestrator.tuning.chosen import score_chosen
+
+    best, front = summary.choose(spec, rows)
+    chosen = list({r["trial_id"]: r for r in best + front}.values())
+    for trial_id, metrics in score_chosen(spec, chosen).items():
+        row = next(r for r in rows if r["trial_id"] == trial_id)
+        row.update({k: v for k, v in metrics.items() if k.startswith("test/")})
+        tracking.log_chosen_test(uri, exp_id, parent_id, trial_id, metrics, int(row.get("step") or 0))
+
+
+def report_skipped(skipped: list[tuple[str, str]], uri: str, parent_id: str) -> None:
+    """Writes the outbox gave up on (refused, or failing again while the store answered), listed on stderr and as
+    a tag of the parent run, so a missing number in MLflow has a stated reason."""
+    from orchestrator.report import tracking
+
+    if not skipped:
+        return
+    lines = [f"  {what}: {error}" for what, error in skipped]
+    print(f"\nwarning: {len(skipped)} MLflow write(s) skipped (the store refused them, or they failed again while "
+          "it answered):\n" + "\n".join(lines[:20]), file=sys.stderr)
+    tracking.log_dict(uri, parent_id, tags={"malora.mlflow_skipped": "\n".join(lines)})
 
 
 def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str | None = None,
@@ -71,9 +132,10 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
               "for a new one", file=sys.stderr)
         return 2
     from orchestrator.report import outbox, summary, tracking
+    from orchestrator.report.callback import MLflowSearchCallback, journal_path
 
     t0 = time.perf_counter()
-    problem = preflight(spec)
+    problem = preflight(spec) or record_search_plan(spec, resume)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -88,7 +150,9 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         if not reused:
             summary.log_search_params(uri, parent_id, spec, reference, load_pools(spec).splits())
         # trials see the val reference only: their seesaw metrics are on val, like every other choice input
-        callback = tracking.MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"])
+        callback = MLflowSearchCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
+                                        journal=journal_path(spec.storage_path, spec.name, uri),
+                                        replay=resume)
         tuner, restored = build_tuner(spec, reference["val"], callback, concurrency(spec, cluster), resume)
         logger.info("%s search %s: %d trials, %d at a time; MLflow parent run %s", "resuming" if restored
                     else "starting", exp_path, spec.search.num_trials, concurrency(spec, cluster), parent_id)
@@ -101,9 +165,12 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         raise
     rows = summary.trial_rows(results, spec)
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
+    if not interrupted:  # choose on val first, then score test for the chosen trials only
+        score_chosen_trials(spec, rows, uri, exp_id, parent_id)
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
+    report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")
     if interrupted:

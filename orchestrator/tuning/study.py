@@ -5,8 +5,10 @@ Steps (``python -m orchestrator.study``), all on Ray Tune + Train + MLflow like 
 1. **Choose** -- the search of the same space (``study.search: true``; or ``--from-search NAME`` to reuse a
    finished one): per method, the completed trial (full budget, not early-stopped) with the best final val
    objective. With ``study.search: false``, the configurations of ``study.configs`` (e.g. the papers').
-2. **Replicate** -- each chosen configuration trained with ``study.seeds`` training seeds (``train.seed + i``);
-   the pools stay the same (``data.split_seed``), so every run is scored on the same val and test items.
+2. **Replicate** -- each chosen configuration trained with ``study.seeds`` training seeds, the first ones from
+   ``train.seed`` up that no search trial trained with (``tuning.record.replicate_seeds``): the search winner's
+   luck on val never reappears as a replicate. The pools stay the same (``data.split_seed``), so every run is
+   scored on the same val and test items.
 3. **References** -- per task, the ``study.single_task_method`` configuration trained on that task alone with the
    same per-task examples and seeds as in the mixture (the papers' "(ST)" rows): ``data.num_train_examples`` = the
    task's count in the mixed stream and, for a step budget, ``max_steps · share`` steps; plus the zero-shot base
@@ -15,8 +17,10 @@ Steps (``python -m orchestrator.study``), all on Ray Tune + Train + MLflow like 
 
 Steps 2 and 3 are one Tune experiment ``<storage>/<name>-study`` over a grid of run descriptions
 (``{"run": {role, method, seed, task, config, ...}}``); each trial fits one ``TorchTrainer`` exactly like a search
-trial. ``--resume`` restores it: finished runs are kept, unfinished ones continue from their checkpoint, and the
-MLflow runs are found again by tag (none duplicated).
+trial. The chosen configurations, the run grid and the seeds used where are recorded at first launch in
+``<storage>/<name>-study/plan.json`` (``tuning.record``); ``--resume`` reads them (never recomputes them) and
+refuses a changed space, restores the Tune experiment: finished runs are kept, unfinished ones continue from
+their checkpoint, and the MLflow runs are found again by tag (none duplicated).
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ def configs_from_search(spec: SearchSpec, exp_path: str) -> dict[str, dict[str, 
             best[method] = (value, {"method": method, **{k: v for k, v in trial.config.items() if k != "method"}})
     missing = [m.kind for m in spec.methods if m.kind not in best]
     if missing:
-        raise StudyError(f"the search at {exp_path} has no completed trial for {', '.join(missing)}. Fix: resume "
-                         "or enlarge the search (search.num_trials), or give study.configs with study.search: false")
+        raise StudyError(f"the search at {exp_path} has no completed trial for {', '.join(missing)}. Fix: resume an "
+                         "interrupted search, run a larger one under a new --name (search.num_trials), or give "
+                         "study.configs with study.search: false")
     for method, (value, _) in sorted(best.items()):
         logger.info("chosen on val: %s (%s = %.4f)", method, spec.metric, value)
     return {m: cfg for m, (_, cfg) in best.items()}
@@ -98,10 +103,14 @@ def mixture_counts(spec: SearchSpec) -> dict[str, int]:
     return counts
 
 
-def plan_runs(spec: SearchSpec, configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The grid of the study's Tune experiment: replicates, then single-task references (see the module doc)."""
+def plan_runs(spec: SearchSpec, configs: dict[str, dict[str, Any]],
+              search_seeds: tuple[int, ...] | list[int] = ()) -> list[dict[str, Any]]:
+    """The grid of the study's Tune experiment: replicates, then single-task references (see the module doc),
+    with seeds disjoint from ``search_seeds`` (the training seeds of the search the configurations came from)."""
+    from orchestrator.tuning.record import replicate_seeds
+
     st = spec.study
-    seeds = [spec.train.seed + i for i in range(st.seeds)]
+    seeds = replicate_seeds(spec.train.seed, st.seeds, search_seeds)
     runs = [{"role": REPLICATE, "method": m.kind, "seed": s, "task": None, "config": configs[m.kind]}
             for m in spec.methods for s in seeds]
     if st.single_task:
@@ -159,11 +168,15 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
 
     from orchestrator.cluster.runtime import init_ray, prepare_env
     from orchestrator.report import study_report, tracking
+    from orchestrator.report.callback import MLflowStudyCallback, journal_path
+    from orchestrator.tuning.run import report_skipped
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.provenance import study_provenance
     from orchestrator.tuning.reference import cached_reference
     from orchestrator.tuning.run import run_search
     from orchestrator.tuning.live import study_reporter
+    from orchestrator.tuning.record import PlanError, check_resume, read_plan, write_plan
+    from orchestrator.tuning.run import preflight
     from orchestrator.tuning.tuner import trial_dirname
 
     prepare_env(address)
@@ -184,6 +197,18 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             print(f"error: {search_path} already holds a search. Fix: reuse it with --from-search {spec.name}, or "
                   "pass --resume", file=sys.stderr)
             return 2
+    recorded = read_plan(spec, name) if resume else None
+    if recorded is not None:
+        try:
+            check_resume(spec, recorded, "study")
+        except PlanError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if not spec.study.search and not from_search and recorded is None:
+        problem = preflight(spec, fixed_configs(spec))  # the search's own preflight covers the searched case
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     start = study_report.start_record(spec, command, resume=resume)  # after the checks: they change nothing
     if spec.study.search and not from_search:
         code = run_search(spec, address=address, tracking_uri=tracking_uri, resume=resume)
@@ -192,19 +217,33 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
                   file=sys.stderr)
             return code
     cluster = init_ray(address)
-    try:
-        configs = (configs_from_search(spec, search_path) if spec.study.search or from_search
-                   else fixed_configs(spec))
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    runs = plan_runs(spec, configs)
+    if recorded is not None:  # what the first launch chose and planned, not a fresh choice
+        configs, runs, plan = recorded["configs"], recorded["runs"], recorded
+        logger.info("study plan from %s: %d runs, seeds %s", exp_path, len(runs), recorded["seeds"])
+    else:
+        try:
+            configs = (configs_from_search(spec, search_path) if spec.study.search or from_search
+                       else fixed_configs(spec))
+        except StudyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        searched = bool(spec.study.search or from_search)
+        search_plan = (read_plan(spec, from_search or spec.name) or {}) if searched else {}
+        # a search recorded before plans existed trained every trial with train.seed
+        search_seeds = sorted(search_plan.get("seeds", {}).get("search", [spec.train.seed])) if searched else []
+        runs = plan_runs(spec, configs, search_seeds)
+        seeds = {"search": search_seeds, "replicate": sorted({r["seed"] for r in runs})}
+        plan = write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "seeds": seeds,
+                                 "configs_from": search_path if searched else "study.configs"}, name)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment)
     parent_id, _ = tracking.parent_run(uri, exp_id, exp_path, name, reuse=resume, role="study")
     with tracking.closed_on_failure(uri, parent_id):
+        tracking.log_dict(uri, parent_id, params={f"seeds.{k}": ",".join(map(str, v))
+                                                  for k, v in plan["seeds"].items()})
         reference = cached_reference(spec)
-        callback = tracking.MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"])
+        callback = MLflowStudyCallback(uri, exp_id, parent_id, exp_path, spec, reference["val"],
+                                       journal=journal_path(spec.storage_path, name, uri), replay=resume)
         study_spec = dataclasses.replace(spec, name=name)
         trainable = tune.with_resources(
             tune.with_parameters(study_driver, spec=study_spec, reference=reference["val"]),
@@ -245,6 +284,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
                                         start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s))
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     print(out["table"])
+    report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nresults: {out['dir']}/results.md (and .json, .csv, plots)")
     print(f"MLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")

@@ -1,4 +1,5 @@
-"""The Ray Tune ``Tuner`` of a search: Optuna over the conditional space, ASHA, and restore for --resume."""
+"""The Ray Tune ``Tuner`` of a search: one Optuna study per method (``tuning.searcher``), ASHA, and restore for
+--resume."""
 
 from __future__ import annotations
 
@@ -55,12 +56,13 @@ def build_scheduler(spec: SearchSpec):
 def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, max_concurrent: int, resume: bool):
     """A fresh Tuner, or the restored one when resuming an existing experiment."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.spec.hparams import ConditionalSpace, optuna_points
     from orchestrator.training.driver import trial_driver
+    from orchestrator.tuning.searcher import PerMethodSearch
 
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, spec=spec, reference=reference),
+    # search trials score val only: test is scored after choosing, for the chosen trials (tuning.chosen)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, spec=spec, reference=reference,
+                                                         score_test=False),
                                     {"cpu": spec.resources.trial_driver_cpus})
     exp_path = f"{spec.storage_path}/{spec.name}"
     if resume and tune.Tuner.can_restore(exp_path):
@@ -72,13 +74,8 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
             # Ray restores no scheduler state: a fresh ResumableASHA rebuilds its rungs from the trials' history
             local._tune_config.scheduler = build_scheduler(spec)
         return tuner, True
-    objectives = spec.objectives
     s = spec.search
-    multi = len(objectives) > 1
-    searcher = OptunaSearch(space=ConditionalSpace(spec.methods), sampler=build_sampler(spec, max_concurrent),
-                            metric=list(objectives) if multi else spec.metric,
-                            mode=list(objectives.values()) if multi else objectives[spec.metric],
-                            points_to_evaluate=optuna_points(spec.methods, s.points_to_evaluate) or None)
+    searcher = PerMethodSearch(spec, max_concurrent)  # one Optuna study per method, equal quotas
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(spec), num_samples=s.num_trials,

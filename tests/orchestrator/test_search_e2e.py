@@ -90,8 +90,10 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
         assert m["val/mean_acc"] == pytest.approx((m["val/acc/boolq"] + m["val/acc/arc_e"]) / 2)
         steps = [h.step for h in c.get_metric_history(run.info.run_id, "val/mean_acc")]
         assert steps == sorted(set(steps)) and steps[0] == 2
-        # test: once, at the final step, on the 8 held-out items per task; per item in eval/test_items.json
+        # test: once, after choosing (one trial per method: both are chosen), on the final adapter's 8 held-out
+        # items per task; per item in eval/test_items.json
         assert [h.step for h in c.get_metric_history(run.info.run_id, "test/mean_acc")] == [4]
+        assert run.data.tags["malora.test"] == "scored once, after choosing on val"
         local = c.download_artifacts(run.info.run_id, "eval/test_items.json", str(tmp_path / run.info.run_id))
         items = json.loads(Path(local).read_text())
         assert sorted(items) == ["arc_e", "boolq"] and all(len(v) == 8 and set(v) <= {0, 1} for v in items.values())
@@ -126,6 +128,8 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     parent2, children2 = _runs(tmp_path, "malora-smoke")
     assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"
     assert sorted(r.info.run_id for r in children2) == sorted(r.info.run_id for r in children)
+    for run in children2:  # the resumed search chose the same trials: their test scores are not logged twice
+        assert [h.step for h in c.get_metric_history(run.info.run_id, "test/mean_acc")] == [4]
     assert summary_csv.is_file() and len(summary_csv.read_text().splitlines()) == 3
 
 
@@ -226,6 +230,9 @@ def test_asha_keeps_its_rungs_across_a_sigkill_and_resume(tmp_path, shared_data_
                    search__asha={"enabled": True, "grace_period": 1, "reduction_factor": 2},
                    search__points_to_evaluate=[{"method": "lora", "r": 4}, {"method": "lora", "r": 8}],
                    tracking__experiment="e2e-asha-resume")
+    raw = yaml.safe_load(space.read_text())
+    raw["methods"].pop("malora")  # two LoRA trials: each method's study gets num_trials / methods of them
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = _env(shared_data_dir)
     log_path = tmp_path / "first.log"
     log = log_path.open("w")

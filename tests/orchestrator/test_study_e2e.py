@@ -60,7 +60,10 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
     (tmp_path / "study.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["model"] == "tiny-llama" and res["seeds"] == [0, 1]
+    # the search trained with seed 0 (train.seed): the replicates use the next two seeds, and the plan says so
+    assert res["model"] == "tiny-llama" and res["seeds"] == [1, 2]
+    plan = json.loads((tmp_path / "ray_results" / "smoke-study" / "plan.json").read_text())
+    assert plan["seeds"] == {"search": [0], "replicate": [1, 2]}
     assert set(res["split"]) == {"boolq", "arc_e"} and res["split"]["boolq"]["test"] == 8
     assert set(res["zero_shot"]) == {"boolq", "arc_e"} and set(res["single_task"]) >= {"boolq", "arc_e", "mean"}
     assert set(res["methods"]) == {"lora", "malora"}
@@ -164,3 +167,14 @@ def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_
     meta = res["meta"]
     assert meta["command"].endswith(str(space)) and meta["report_command"].endswith("--resume")
     assert meta["elapsed_s"] >= meta["wall_s"] > 0
+    # the resume read the recorded plan (no seed from the search: replicates from train.seed) ...
+    assert "study plan from" in again.stdout + again.stderr
+    plan = json.loads((tmp_path / "ray_results" / "smoke-study" / "plan.json").read_text())
+    assert plan["seeds"] == {"search": [], "replicate": [0]} and len(plan["runs"]) == 4
+    # ... and refuses a space that is not the one that trained the runs, before anything starts
+    raw = yaml.safe_load(space.read_text())
+    raw["train"]["lr"] = 2.0e-3
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    changed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "the space differs from the one that launched this study (changed: train;" \
+        in changed.stderr, changed.stderr[-2000:]

@@ -76,3 +76,77 @@ def test_search_survives_a_tracking_server_outage(tmp_path, shared_data_dir):
         assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")} >= {"summary/summary.csv"}
     finally:
         stop(server)
+
+
+CHILD = r"""
+import sys, time
+from types import SimpleNamespace
+from orchestrator.report import outbox
+from orchestrator.report.callback import MLflowSearchCallback
+from orchestrator.spec.space import load_space
+
+uri, exp_id, parent_id, journal, space = sys.argv[1:6]
+outbox.bound_http_requests()
+cb = MLflowSearchCallback(uri, exp_id, parent_id, "key", load_space(space), None, journal=journal)
+trial = SimpleNamespace(trial_id="t1", config={"method": "lora", "lora.r": 4, "lora.lr": 0.001},
+                        last_result=None, error_file=None)
+cb.on_trial_start(0, [], trial)
+for step, acc in ((2, 0.25), (4, 0.5)):
+    trial.last_result = {"step": step, "total_steps": 4, "val/mean_acc": acc, "train_loss": 3.0 - step / 4,
+                         "trainable_params": 1792}
+    cb.on_trial_result(0, [], trial, dict(trial.last_result))
+cb.on_trial_complete(0, [], trial)
+print("queued", len(cb._outbox.pending), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # two mlflow server starts, ~40 s; no Ray
+def test_writes_queued_by_a_sigkilled_driver_are_replayed_by_resume(tmp_path, shared_data_dir):
+    """A driver holding MLflow writes queued during an outage is SIGKILLed; its journal keeps them, and the resumed
+    driver's callback replays them once the server is back: the run, its params, every metric at its step, its
+    end, exactly once (a second replay adds nothing)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import outbox
+    from orchestrator.report.callback import MLflowSearchCallback
+    from orchestrator.spec.space import load_space
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port, "server1.log")
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("journal")
+    parent_id = client.create_run(exp_id, tags={"malora.search_key": "key"}).info.run_id
+    stop(server)
+    journal = tmp_path / "storage" / "outbox.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, uri, exp_id, parent_id, str(journal),
+                              str(SPACES / "smoke.yaml")], cwd=tmp_path, env=subprocess_env(shared_data_dir),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        line = child.stdout.readline()
+        while line and not line.startswith("queued"):
+            line = child.stdout.readline()
+        assert line.strip() == "queued 4", line  # the run, two results and the end: none could be written
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert [r["op"] for r in outbox.Journal(journal, replay=True).pending()] == ["start", "result", "result",
+                                                                               "finish"]
+    server = start_mlflow_server(tmp_path, port, "server2.log")
+    try:
+        spec = load_space(SPACES / "smoke.yaml")
+        outbox.bound_http_requests()
+        resumed = MLflowSearchCallback(uri, exp_id, parent_id, "key", spec, None, journal=journal, replay=True)
+        assert resumed.flush(60.0) and resumed.skipped() == []
+        assert MLflowSearchCallback(uri, exp_id, parent_id, "key", spec, None, journal=journal,
+                                    replay=True).replay() == 0
+        runs = [r for r in client.search_runs([exp_id]) if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        assert len(runs) == 1 and runs[0].data.tags["malora.trial_id"] == "t1"
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.params["hp.r"] == "4" and run.data.params["method"] == "lora"
+        assert run.data.params["trainable_params"] == "1792"
+        for key, expected in (("val/mean_acc", [(2, 0.25), (4, 0.5)]), ("train_loss", [(2, 2.5), (4, 2.0)])):
+            assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == expected
+    finally:
+        stop(server)

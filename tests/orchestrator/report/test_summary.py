@@ -37,6 +37,9 @@ def test_best_and_front_follow_val_not_test_and_skip_early_stopped(store, tmp_pa
             _row("d", "malora", 0.95, 0.95, 50, status="STOPPED"),  # early-stopped: listed apart, never chosen
             _row("e", "malora", math.nan, math.nan, 10, status="ERROR")]
     text = summary.finish(uri, parent, spec, rows, tmp_path / "out", 12.0)
+    every = text.split("All trials (val only):")[1].split("Best trial per method")[0]
+    assert "test" not in every and "| a | lora | TERMINATED | 0.7000 |" in every  # trial rows show val only
+    assert "| lora | 2 | 100 | 1.00 % |" in text  # trials, trainable parameters and share per method
     best = text.split("Best trial per method")[1].split("Pareto front")[0]
     assert "| lora | a |" in best and "| b |" not in best and "| malora | c |" in best and "| d |" not in best
     assert "Early-stopped by ASHA (not eligible):" in text and "| malora | d |" in text.split("Early-stopped")[1]

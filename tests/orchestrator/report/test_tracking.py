@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.report import tracking
+from orchestrator.report.callback import MLflowSearchCallback
 from orchestrator.spec.space import load_space
 
 SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
@@ -26,7 +27,7 @@ def store(tmp_path, shared_data_dir, monkeypatch):
 
 
 def _callback(uri, exp_id, parent_id, spec):
-    return tracking.MLflowSearchCallback(uri, exp_id, parent_id, "key", spec, reference=None)
+    return MLflowSearchCallback(uri, exp_id, parent_id, "key", spec, reference=None)
 
 
 TRIAL = SimpleNamespace(trial_id="t0001", config={"method": "lora", "lora.r": 8, "lora.lr": 2.5e-3})

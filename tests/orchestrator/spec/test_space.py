@@ -119,8 +119,14 @@ BAD = [
     ("methods", {}, r"methods: must map at least one adapter kind"),
     ("debug.fail_method", "mosld", r"debug\.fail_method: 'mosld' is not a searched method"),
     ("name", "my search", r"name: 'my search' must be a folder-safe name"),
-    ("search", {"sampler": "nsga2"}, r"search\.sampler: nsga2 evolves only the parameters every trial has .*"
-                                     r"several methods \(lora, malora\).*Fix: use tpe"),
+    ("search.num_trials", 3, r"search\.num_trials: 3 is not a multiple of the 2 methods \(lora, malora\).*"
+                             r"Fix: num_trials: 2 or 4"),
+    ("search.match_budget", True, r"methods\.lora\.r: choice \[4, 8\] is searched while search\.match_budget is "
+                                  r"true.*set search\.match_budget: false"),
+    ("search.budget_method", "molora", r"search\.budget_method: 'molora' is not a method of this space"),
+    ("search", {"sampler": "nsga2", "match_budget": False},
+     r"search\.sampler: nsga2 evolves only the parameters every trial has .*several methods \(lora, malora\).*"
+     r"Fix: use tpe"),
     ("search.points_to_evaluate", [{"method": "lora", "r": 16}],
      r"points_to_evaluate\[0\]\.r: 16 is not one of the choices \[4, 8\]"),
     ("search.points_to_evaluate", [{"method": "malora", "beta": 2.0}],
@@ -167,7 +173,7 @@ def test_fractional_gpus_are_fine_with_one_worker_per_trial():
 def test_nsga2_is_accepted_over_a_fixed_space():
     raw = smoke_raw()
     raw["methods"].pop("malora")
-    raw["search"] = {"sampler": "nsga2", "num_trials": 2}
+    raw["search"] = {"sampler": "nsga2", "num_trials": 2, "match_budget": False}
     spec = spec_from_dict(raw, base_dir=SPACES)
     assert spec.objectives == {"val/mean_acc": "max", "trainable_params": "min"}
 
@@ -302,10 +308,14 @@ def test_cli_dry_run_prints_the_plan_and_starts_nothing(capsys):
     import ray
 
     assert search.main(["--space", str(SPACES / "intra_domain.yaml"), "--smoke-test", "--dry-run",
-                        "--num-trials", "5"]) == 0
+                        "--num-trials", "8"]) == 0
     out = capsys.readouterr().out
-    assert "search 'intra_domain'" in out and "5 trials, tpe" in out and "max_steps=6" in out
-    assert "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    assert "search 'intra_domain'" in out and "8 trials (2 per method, one study each), tpe" in out
+    assert "max_steps=6" in out and "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    # SmolLM2 (hidden 576, MLP 1536, KV 192, 30 layers), six projections with n + m = 1152 (q), 768 (k, v), 2112
+    # (gate, up, down): LoRA r64 = 30 * 64 * 9024 = 17,326,080; MoLoRA 8 x r8 = the same A/B count plus routers
+    # 30 * 8 * (5 * 576 + 1536) = 1,059,840
+    assert "lora    17,326,080 trainable" in out and "molora  18,385,920 trainable" in out
     assert not ray.is_initialized()
 
 

@@ -68,3 +68,24 @@ def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(space, tmp_path, c
     assert len(err) == 1 and err[0].startswith("error: model.name: cannot load model"), err
     assert search.main(["--space", str(write(name="no-such-org/no-such-model"))]) == 2
     assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
+
+
+def test_unequal_budgets_are_refused_naming_methods_counts_and_the_key(space, capsys):
+    """Hand counts (METHODS.md §1.5) on tiny-llama's q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers:
+    LoRA r4 = 2 * 4 * (128 + 96) = 1,792 (the budget: no molora, first method); MALoRA r4, N4 at d = 8 (r_bar 6)
+    = 2 * (2 * (8 * 64 + 4 * 6 * 8 + 4 * 64) + 4 * 6 * (64 + 32)) = 8,448 and at d = 16 (r_bar 4) 9,216."""
+    write, _ = space
+    path = write()
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["match_budget"] = True
+    raw["methods"]["lora"]["r"] = 4
+    raw["search"]["points_to_evaluate"] = [{"method": "malora", "d": 16, "beta": 1.25}]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert search.main(["--space", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: search.match_budget: "), err
+    assert "(lora: 1,792 on tiny-llama)" in err[0] and "malora 8,448-9,216 (+371% to +414%)" in err[0], err
+    assert "lora 1,792" not in err[0]  # the budget method itself is within it
+    raw["methods"]["lora"]["r"] = 20  # 2 * 20 * 224 = 8,960: MALoRA is within -5.7 % .. +2.9 % of it
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert preflight(load_space(path)) is None

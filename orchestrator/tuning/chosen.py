@@ -1,0 +1,74 @@
+"""Test after choosing: a search scores the held-out test pool only for the trials it chose, once it has chosen.
+
+Search trials report val only (``trial_driver(score_test=False)``), so no table, live view or MLflow run shows a
+test number beside a val number a user could choose by eye. Once the search is over, the best trial per method
+and the Pareto front are chosen on val (``report.summary.choose``), and then each chosen trial's final adapter
+(its last checkpoint, saved by the worker) is loaded into the base model and scored on test, once, in one Ray
+task that loads the base model once. Cheaper than retraining, and the same adapter that was chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from orchestrator.cluster import storage
+from orchestrator.spec.space import SearchSpec
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``{trial id: test metrics}`` (``test/acc/<task>``, ``test/mean_acc``, ``test_correct/<task>``) of the adapters
+    saved at ``adapters[trial id]`` (folders on the search's storage), each scored on the test pool."""
+    import torch
+
+    from malora.checkpoint import load_adapter
+    from malora.inject import remove_adapters
+    from orchestrator.evaluation.accuracy import evaluate_tasks
+    from orchestrator.evaluation.metrics import test_metrics
+    from orchestrator.models.loading import load_model
+    from orchestrator.training.worker import load_pools
+
+    if spec.resources.gpus_per_worker == 0:
+        torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
+    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
+    # the base weights the trials trained on (tiny-llama's depend on the seed; search trials use train.seed)
+    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
+                                  cache_dir=spec.model.cache_dir, seed=spec.train.seed)
+    test = load_pools(spec).test
+    out = {}
+    for trial_id, path in adapters.items():
+        with storage.local_copy(path, root=spec.storage_path) as local:
+            if local is None:
+                raise FileNotFoundError(f"trial {trial_id}: no saved adapter at {path}")
+            load_adapter(model, local)
+        model.to(device).eval()
+        with torch.no_grad():
+            scores = evaluate_tasks(model, tokenizer, test, scoring=spec.eval.scoring,
+                                    batch_size=spec.eval.batch_size, template=spec.data.template,
+                                    options=spec.eval.options)
+        out[trial_id] = test_metrics({t: s.accuracy for t, s in scores.items()},
+                                     {t: list(s.correct) for t, s in scores.items()})
+        remove_adapters(model)
+    return out
+
+
+def score_chosen(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Score the chosen ``rows`` (each with its ``checkpoint`` folder) on test in one Ray task; ``{trial id: ...}``."""
+    import ray
+
+    from orchestrator.training.worker import ADAPTER_DIR
+
+    adapters = {r["trial_id"]: storage.join(r["checkpoint"], ADAPTER_DIR) for r in rows if r.get("checkpoint")}
+    if not adapters:
+        return {}
+    r = spec.resources
+    task = ray.remote(num_cpus=max(0.01, r.cpus_per_worker - r.trial_driver_cpus),
+                      num_gpus=r.gpus_per_worker)(adapter_test_scores)
+    t0 = time.perf_counter()
+    scores = ray.get(task.remote(spec, adapters))
+    logger.info("test scored after choosing, for %d chosen trials (%.1f s): %s", len(scores),
+                time.perf_counter() - t0, {k: round(v["test/mean_acc"], 4) for k, v in scores.items()})
+    return scores
