@@ -15,7 +15,9 @@ positions of each row b (``n_b`` = its longest target), ``P = sum_b n_b`` rows o
 ``head(h_P)`` (P, V) and its log-softmax are computed; other models get the last ``max_b n_b`` positions
 (``logits_to_keep``). When all options of an item share the context and differ only in their last token
 (label words such as ``answer1``/``answer2``, ``true``/``false``) one row serves every option: the last
-position's distribution scores all of them. Results do not depend on the batch size beyond floating-point summation order.
+position's distribution scores all of them. When all options share the context but differ in more than their last
+token (the cloze formulation), :func:`shared_context_logprobs` runs the context once and continues every option
+from its key/value cache. Results do not depend on the batch size beyond floating-point summation order.
 """
 from __future__ import annotations
 
@@ -222,6 +224,101 @@ def continuation_logprobs(model, rows: Sequence[Row], *, batch_size: int, pad_id
                 n = len(target)
                 picked = logp[end - n:end].gather(-1, torch.tensor(target).unsqueeze(-1))  # (n, 1)
                 out[req] = float(picked.sum())
+    return out
+
+
+def _shares_context(options: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> bool:
+    ctx = list(options[0][0])
+    return (len(options) > 1 and len(ctx) > 0 and all(list(c) == ctx for c, _ in options)
+            and len(ctx) + max(len(k) for _, k in options) <= max_length + 1)
+
+
+@torch.no_grad()
+def shared_context_logprobs(model, requests: Sequence[Sequence[tuple[list[int], list[int]]]], *, batch_size: int,
+                            pad_id: int, max_length: int) -> dict[int, float]:
+    """``LL(continuation | context)`` per flat request index, with each item's shared context run once.
+
+    The cloze formulation scores K options of an item after one context x (T_x tokens). One row per option runs
+    the context K times; here the context runs once with a key/value cache, the cache is repeated K times, and
+    the K continuations run from it::
+
+        pass 1:  x (B, T_x), left-padded                 -> cache, log p(c_k,1 | x) from the last position
+        pass 2:  c_k,<n_k (B*K, W), right-padded, cache  -> log p(c_k,i | x, c_k,<i), i = 2..n_k
+
+    with ``position_ids`` continuing after each item's real context length, so every log-probability is the one
+    of the row ``x + c_k`` (equal to fp32 summation order; ``tests/orchestrator/evaluation`` checks it against
+    :func:`continuation_logprobs`). Items are grouped by K and sorted by context length, ``batch_size`` items per
+    batch. Items whose options do not share one context (WinoGrande) or that would need truncation take the
+    one-row-per-option path (:func:`build_rows`, :func:`continuation_logprobs`), as do all items of a model whose
+    forward takes no key/value cache.
+    """
+    device = next(model.parameters()).device
+    pos_ok, keep_ok = _accepts(model, "position_ids"), _accepts(model, "logits_to_keep")
+    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"  # transformers >= 5.2x renamed it
+    starts, flat = [], 0
+    for options in requests:
+        starts.append(flat)
+        flat += len(options)
+    cacheable = _accepts(model, "use_cache") and _accepts(model, cache_key)
+    shared = [i for i, options in enumerate(requests) if cacheable and _shares_context(options, max_length)]
+    rest = [i for i in range(len(requests)) if i not in set(shared)]
+    out: dict[int, float] = {}
+    if rest:  # the row path numbers its requests 0.. over the items it gets: map them back
+        sub = continuation_logprobs(model, build_rows([requests[i] for i in rest], max_length),
+                                    batch_size=batch_size, pad_id=pad_id)
+        local = [starts[i] + k for i in rest for k in range(len(requests[i]))]
+        out.update({local[j]: v for j, v in sub.items()})
+    parts = lm_parts(model)
+    by_k: dict[int, list[int]] = {}
+    for i in shared:
+        by_k.setdefault(len(requests[i]), []).append(i)
+    for k, items in sorted(by_k.items()):
+        items.sort(key=lambda i: (-len(requests[i][0][0]), i))
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            ids, mask = _left_pad([requests[i][0][0] for i in batch], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+            if pos_ok:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            if keep_ok:
+                kwargs["logits_to_keep"] = 1
+            first = model(**kwargs)
+            first_logp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1).cpu()       # (B, V)
+            conts = [list(cont) for i in batch for _, cont in requests[i]]                     # B*K, item-major
+            for row, cont in enumerate(conts):
+                out[starts[batch[row // k]] + row % k] = float(first_logp[row // k, cont[0]])
+            width = max(len(c) for c in conts) - 1
+            if width == 0:
+                continue
+            tail = torch.full((len(conts), width), pad_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(conts), width), dtype=torch.long)
+            for row, cont in enumerate(conts):
+                tail[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                tail_mask[row, :len(cont) - 1] = 1
+            tail, tail_mask = tail.to(device), tail_mask.to(device)
+            cache = getattr(first, cache_key)
+            cache.batch_repeat_interleave(k)                                                   # (B*K, ...)
+            lengths = mask.sum(-1).repeat_interleave(k)                                        # (B*K,)
+            kwargs = {"input_ids": tail, cache_key: cache, "use_cache": True,
+                      "attention_mask": torch.cat([mask.repeat_interleave(k, 0), tail_mask], dim=1)}
+            if pos_ok:
+                kwargs["position_ids"] = lengths.unsqueeze(1) + torch.arange(width, device=device)  # (B*K, W)
+            real = tail_mask.bool()
+            if parts is not None:
+                backbone, head = parts
+                nothing = torch.empty(0, dtype=torch.long, device=device)
+                with _capture_output(backbone) as seen:
+                    model(**kwargs, logits_to_keep=nothing)
+                logp = torch.log_softmax(head(seen[-1][real]).float(), dim=-1).cpu()          # (P, V)
+            else:
+                logp = torch.log_softmax(model(**kwargs).logits[real].float(), dim=-1).cpu()   # (P, V)
+            offset = 0
+            for row, cont in enumerate(conts):
+                n = len(cont) - 1
+                picked = logp[offset:offset + n].gather(-1, torch.tensor(cont[1:]).unsqueeze(-1))  # (n, 1)
+                out[starts[batch[row // k]] + row % k] += float(picked.sum())
+                offset += n
     return out
 
 

@@ -247,6 +247,7 @@ class MLflowSearchCallback(Callback):
                        "warmup_ratio": hp.get("warmup_ratio", t.warmup_ratio), "model": self.spec.model.name,
                        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
                        "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
+                       "formulation": self.spec.data.formulation,
                        "workers": self.spec.resources.workers_per_trial, **extra})
         return params
 
@@ -331,10 +332,11 @@ class MLflowSearchCallback(Callback):
                 plots.accuracy_plot(history, self.reference, Path(tmp) / "accuracy_vs_step.png",
                                     f"{trial.trial_id}: per-task validation accuracy")
             last = trial.last_result or {}
-            per_item = {k[len("test_correct/"):]: v for k, v in last.items() if k.startswith("test_correct/")}
-            if per_item:  # the held-out items of the final adapter, 1/0 in pool order: any cell can be re-checked
-                (Path(tmp) / "test_items.json").write_text(json.dumps(per_item))
-                c.log_artifact(run_id, str(Path(tmp) / "test_items.json"), "eval")
+            for prefix, file in (("test_correct/", "test_items.json"), ("test_chosen/", "test_chosen.json")):
+                per_item = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+                if per_item:  # the final adapter's held-out items in pool order (1/0; chosen option): re-checkable
+                    (Path(tmp) / file).write_text(json.dumps(per_item))
+                    c.log_artifact(run_id, str(Path(tmp) / file), "eval")
             util: dict[str, dict[str, list[float]]] = {}
             for key in sorted(latest, key=lambda k: (k.rsplit("/e", 1)[0], int(k.rsplit("/e", 1)[-1]))
                               if k.startswith("util/") else ("", 0)):
@@ -372,7 +374,8 @@ def zero_shot_run(uri: str, exp_id: str, parent_id: str, key: str, spec: Any, re
         values = [a for a in acc.values() if finite(a)]
         if values:
             metrics[f"{pool}/mean_acc"] = sum(values) / len(values)
-    log_dict(uri, run.info.run_id, params={"method": "none", "model": spec.model.name, "role": "zero_shot"},
+    log_dict(uri, run.info.run_id, params={"method": "none", "model": spec.model.name, "role": "zero_shot",
+                                           "formulation": spec.data.formulation},
              metrics=metrics)
     client(uri).set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
