@@ -228,9 +228,12 @@ def continuation_logprobs(model, rows: Sequence[Row], *, batch_size: int, pad_id
 
 
 def _shares_context(options: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> bool:
-    ctx = list(options[0][0])
-    return (len(options) > 1 and len(ctx) > 0 and all(list(c) == ctx for c, _ in options)
-            and len(ctx) + max(len(k) for _, k in options) <= max_length + 1)
+    """The options share one context that fits, and are not label words (options that differ only in their last
+    token: :func:`build_rows` already scores those with one row)."""
+    ctx, conts = list(options[0][0]), [list(k) for _, k in options]
+    label_words = len({len(k) for k in conts}) == 1 and all(k[:-1] == conts[0][:-1] for k in conts)
+    return (len(options) > 1 and len(ctx) > 0 and not label_words and all(list(c) == ctx for c, _ in options)
+            and len(ctx) + max(len(k) for k in conts) <= max_length + 1)
 
 
 @torch.no_grad()
