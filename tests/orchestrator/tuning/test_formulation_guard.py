@@ -54,3 +54,33 @@ def test_means_are_of_the_primary_metric():
     t = metrics.test_metrics(scores, {"arc_e": {"correct": [1, 0], "chosen": [2, 3]}})
     assert t["test/mean_acc"] == pytest.approx(0.65) and t["test/acc/boolq"] == 0.6
     assert t["test_correct/arc_e"] == [1, 0] and t["test_chosen/arc_e"] == [2, 3]
+
+
+def test_training_data_follow_the_formulation(spec):
+    from orchestrator.models.loading import build_tiny_tokenizer
+    from orchestrator.training.worker import build_training_data
+
+    tok = build_tiny_tokenizer()
+    for formulation, marker in (("cloze", "\nAnswer: "), ("label", "### Response:\nthe correct answer is")):
+        s = dataclasses.replace(spec, data=dataclasses.replace(spec.data, formulation=formulation))
+        encoded, _, _ = build_training_data(s, tok)
+        texts = [tok.decode(e["input_ids"], skip_special_tokens=True) for e in encoded]  # (long prompts cut left)
+        assert all(marker in t for t in texts), (formulation, texts[0][:80])
+        assert all(("Answer format" in t) == (formulation == "label") for t in texts)
+        responses = [tok.decode([i for i, lab in zip(e["input_ids"], e["labels"]) if lab != -100]) for e in encoded]
+        labelled = sum(r.startswith("the correct answer is") for r in responses)
+        assert labelled == (len(responses) if formulation == "label" else 0)
+
+
+@pytest.mark.slow  # a tiny training, ~5 s
+def test_a_trial_reports_acc_acc_norm_primary_and_chosen(spec):
+    from orchestrator.training.worker import LocalSession, run_training
+
+    config = {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 1.0e-3}
+    reports = run_training(spec, config, LocalSession(), reference={"boolq": 0.5, "arc_e": 0.5})
+    last = reports[-1]
+    assert last["val/primary/arc_e"] == last["val/acc_norm/arc_e"]  # ARC-E's primary in cloze
+    assert last["val/primary/boolq"] == last["val/acc/boolq"]
+    assert last["val/mean_acc"] == pytest.approx((last["val/primary/arc_e"] + last["val/primary/boolq"]) / 2)
+    assert len(last["test_chosen/arc_e"]) == len(last["test_correct/arc_e"]) == 8
+    assert all(0 <= c < 5 for c in last["test_chosen/arc_e"])
