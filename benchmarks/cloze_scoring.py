@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"model": args.model, "limit": args.limit, "rounds": args.rounds, "threads": args.threads,
                  "clock": args.clock, "tasks": {}}
     paths = {
-        "rows": lambda reqs: sc.continuation_logprobs(model, sc.build_rows(reqs, max_length), batch_size=args.batch_size,
-                                                      pad_id=pad),
+        "rows": lambda reqs: sc.continuation_logprobs(model, sc.build_rows(reqs, max_length),
+                                                      batch_size=args.batch_size, pad_id=pad),
         "cache": lambda reqs: sc.shared_context_logprobs(model, reqs, batch_size=args.batch_size, pad_id=pad,
                                                          max_length=max_length),
     }

@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(f"model {args.model}{' + adapter ' + args.adapter if args.adapter else ''} | suite {suite.name} | "
-          f"scoring {args.scoring} (formulation {args.formulation}, template {args.template}) | {args.split} pool, limit "
-          f"{args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
+          f"scoring {args.scoring} (formulation {args.formulation}, template {args.template}) | {args.split} pool, "
+          f"limit {args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
     print(format_table(scores))
     print(f"time: data {t1 - t0:.1f} s, model {t2 - t1:.1f} s, evaluation {t3 - t2:.1f} s, total {t3 - t0:.1f} s")
     return 0
