@@ -32,7 +32,8 @@ def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[s
         params.update({f"split/{task}/{k}": v for k, v in record.items()})
     metrics = {}
     for pool, accuracy in ((k, v) for k, v in reference.items() if k in ("val", "test")):
-        metrics.update({f"ref/{pool}/acc/{k}": v for k, v in accuracy.items()})
+        scores = reference.get(f"{pool}_scores") or {t: {"acc": a} for t, a in accuracy.items()}  # acc/acc_norm/primary
+        metrics.update({f"ref/{pool}/{m}/{t}": v for t, s in scores.items() for m, v in s.items() if v is not None})
         finite = [v for v in accuracy.values() if not math.isnan(v)]
         if finite:
             metrics[f"ref/{pool}/mean_acc"] = sum(finite) / len(finite)

@@ -325,12 +325,13 @@ class MLflowSearchCallback(Callback):
         c = client(self.uri)
         latest = c.get_run(run_id).data.metrics
         with tempfile.TemporaryDirectory() as tmp:
-            history = {k[len("val/acc/"):]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
-                       for k in latest if k.startswith("val/acc/")}
+            # each task's primary metric, as the reference lines and val/mean_acc (docs/cloze.md)
+            history = {k[len("val/primary/"):]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                       for k in latest if k.startswith("val/primary/")}
             if history:
                 history["mean_acc"] = [(m.step, m.value) for m in c.get_metric_history(run_id, "val/mean_acc")]
                 plots.accuracy_plot(history, self.reference, Path(tmp) / "accuracy_vs_step.png",
-                                    f"{trial.trial_id}: per-task validation accuracy")
+                                    f"{trial.trial_id}: per-task validation accuracy (primary metric)")
             last = trial.last_result or {}
             for prefix, file in (("test_correct/", "test_items.json"), ("test_chosen/", "test_chosen.json")):
                 per_item = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
@@ -369,8 +370,9 @@ def zero_shot_run(uri: str, exp_id: str, parent_id: str, key: str, spec: Any, re
         PARENT: parent_id, SEARCH_KEY: key, "malora.role": "zero_shot", "malora.method": "none"})
     metrics = {}
     for pool in ("val", "test"):
-        acc = reference.get(pool) or {}
-        metrics.update({f"{pool}/acc/{t}": a for t, a in acc.items()})
+        acc = reference.get(pool) or {}  # each task's primary metric
+        scores = reference.get(f"{pool}_scores") or {t: {"acc": a} for t, a in acc.items()}
+        metrics.update({f"{pool}/{k}/{t}": v for t, s in scores.items() for k, v in s.items() if v is not None})
         values = [a for a in acc.values() if finite(a)]
         if values:
             metrics[f"{pool}/mean_acc"] = sum(values) / len(values)

@@ -74,7 +74,8 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of the base model on the search's val and test pools, in ``data.formulation``.
 
     ``val``/``test``: ``{task: primary metric}`` (what the trials' ``val/primary``, ``val/mean_acc`` and
-    ``test/mean_acc`` compare with); ``val_scores``/``test_scores``: ``{task: {acc, acc_norm, primary}}``;
+    ``test/mean_acc`` compare with); ``val_scores``/``test_scores``: ``{task: {acc, acc_norm, primary}}`` (values;
+    ``primary_metric``: ``{task: "acc" | "acc_norm"}``);
     ``test_correct``/``test_chosen``: per test item, 1/0 and the chosen option under the primary metric (the
     study's intervals, paired comparisons and learned-per-item check). The val numbers are the seesaw reference
     of the trials' evaluations. An adapter at initialisation leaves the model unchanged (B = 0), so val is also
@@ -96,8 +97,9 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
                                 batch_size=spec.eval.batch_size, template=spec.data.template,
                                 formulation=spec.data.formulation)
         out[pool] = {task: s.primary_accuracy for task, s in scores.items()}
-        out[f"{pool}_scores"] = {task: {"acc": s.accuracy, "acc_norm": s.accuracy_norm, "primary": s.primary}
+        out[f"{pool}_scores"] = {task: {"acc": s.accuracy, "acc_norm": s.accuracy_norm, "primary": s.primary_accuracy}
                                  for task, s in scores.items()}
+        out["primary_metric"] = {task: s.primary for task, s in scores.items()}
         if pool == "test":  # per item, for the study's intervals, paired comparisons and learned-per-item check
             out["test_correct"] = {task: list(s.primary_correct) for task, s in scores.items()}
             out["test_chosen"] = {task: list(s.primary_chosen) for task, s in scores.items()}

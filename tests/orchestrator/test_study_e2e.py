@@ -78,7 +78,7 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
     # every per-seed cell equals the test accuracy its own MLflow run logged; the mean is their average
     for m, entry in res["methods"].items():
         for task, cell in entry["per_task"].items():
-            logged = {r.data.tags["malora.seed"]: r.data.metrics[f"test/acc/{task}"] for r in children
+            logged = {r.data.tags["malora.seed"]: r.data.metrics[f"test/primary/{task}"] for r in children
                       if r.data.tags.get("malora.role") == "replicate" and r.data.params["method"] == m}
             assert cell["per_seed"] == pytest.approx(logged)
             assert cell["mean"] == pytest.approx(sum(logged.values()) / 2) and cell["n_seeds"] == 2
@@ -86,7 +86,7 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
             assert lo <= cell["mean"] <= hi and "diff" in cell["delta_vs_single_task"]
         assert entry["trainable_params"] > 0 and entry["mean"]["ci95"][0] <= entry["mean"]["mean"]
     zero = next(r for r in children if r.data.tags.get("malora.role") == "zero_shot")
-    assert zero.data.metrics["test/acc/boolq"] == pytest.approx(res["zero_shot"]["boolq"])
+    assert zero.data.metrics["test/primary/boolq"] == pytest.approx(res["zero_shot"]["boolq"])
     assert "| malora − lora |" in proc.stdout and "Test accuracy (%)" in (out / "results.md").read_text()
 
 
