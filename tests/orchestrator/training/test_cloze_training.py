@@ -2,6 +2,7 @@
 item's options improves on the trained items (tiny model, a few dozen steps), measured by plain forwards."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from orchestrator.data.cloze import encode_cloze_example
@@ -28,6 +29,7 @@ def gold_ranks(model, tok, examples) -> list[int]:
     return ranks
 
 
+@pytest.mark.slow  # 20 steps on the tiny model: ~10 s idle, ~35 s on a busy core
 def test_cloze_training_raises_the_gold_options_rank(shared_data_dir):
     torch.manual_seed(0)
     model, tok = build_tiny_llama(seed=0)
