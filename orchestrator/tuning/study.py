@@ -160,7 +160,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.cluster.runtime import init_ray, prepare_env
     from orchestrator.report import study_report, tracking
     from orchestrator.tuning.plan import concurrency
-    from orchestrator.tuning.reference import cached_reference
+    from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
     from orchestrator.tuning.run import run_search
     from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.tuner import trial_dirname
@@ -176,6 +176,12 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     if from_search and not tune.Tuner.can_restore(search_path):
         print(f"error: --from-search {from_search}: no search at {search_path}. Fix: name a finished search under "
               f"{spec.storage_path}", file=sys.stderr)
+        return 2
+    try:  # configurations chosen in one formulation are not replicated and compared in another
+        for name_ in {spec.name, from_search or spec.name}:
+            check_formulation(dataclasses.replace(spec, name=name_))
+    except FormulationMismatch as exc:
+        print(f"error: data.formulation: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     if spec.study.search and not from_search:

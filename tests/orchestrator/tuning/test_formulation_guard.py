@@ -84,3 +84,13 @@ def test_a_trial_reports_acc_acc_norm_primary_and_chosen(spec):
     assert last["val/mean_acc"] == pytest.approx((last["val/primary/arc_e"] + last["val/primary/boolq"]) / 2)
     assert len(last["test_chosen/arc_e"]) == len(last["test_correct/arc_e"]) == 8
     assert all(0 <= c < 5 for c in last["test_chosen/arc_e"])
+
+
+def test_a_study_over_a_reference_of_another_formulation_exits_2(spec, capsys):
+    from orchestrator.tuning.study import run_study
+
+    _store(spec, {"formulation": "label"})
+    code = run_study(spec, address=None, tracking_uri=None, resume=False, from_search=None, out_dir=None,
+                     command="test")
+    assert code == 2
+    assert "error: data.formulation: " in capsys.readouterr().err
