@@ -1,7 +1,7 @@
 """``python -m orchestrator.evaluate``: per-task accuracy of a causal LM, with or without an adapter.
 
-Zero-shot reference of a model: ``--model smollm2-135m-instruct --suite intra_domain --limit 200``. Scoring
-modes and option formulations are described in :mod:`orchestrator.evaluation.accuracy`.
+Zero-shot reference of a model: ``--model smollm2-135m-instruct --suite intra_domain --limit 200`` (cloze by
+default). Scoring modes and the two formulations are described in :mod:`orchestrator.evaluation.accuracy`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 from orchestrator.data.schema import DataError
 from orchestrator.data.tasks import SUITES, default_data_dir, load_suite
 from orchestrator.data.tokenize import TEMPLATES
-from orchestrator.evaluation.accuracy import OPTION_MODES, SCORING_MODES, evaluate_tasks, format_table
+from orchestrator.data.cloze import FORMULATIONS
+from orchestrator.evaluation.accuracy import SCORING_MODES, evaluate_tasks, format_table
 
 logger = logging.getLogger("orchestrator.evaluate")  # not __name__: under `python -m` that is "__main__"
 
@@ -32,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="items per task in that pool (seeded sample; default: the whole pool)")
     p.add_argument("--data-dir", default=None, help="local data folder (default: $MALORA_DATA_DIR or ../shared/data)")
     p.add_argument("--scoring", choices=SCORING_MODES, default="loglik")
-    p.add_argument("--options", choices=("auto", *OPTION_MODES), default="auto",
-                   help="log-likelihood strings: text (cloze), label (trained format); auto = text without "
-                        "--adapter, label with it")
+    p.add_argument("--formulation", choices=FORMULATIONS, default="cloze",
+                   help="cloze: each option's own text after a question (lm-eval/OLMES strings, docs/cloze.md); "
+                        "label: the templated option list and label words. With --adapter: the formulation it "
+                        "was trained in (a search space's data.formulation)")
+    p.add_argument("--options", default=None, help=argparse.SUPPRESS)  # replaced by --formulation
     p.add_argument("--template", choices=TEMPLATES, default="alpaca")
     p.add_argument("--adapter", default=None, help="folder saved by malora.checkpoint.save_adapter")
     p.add_argument("--batch-size", type=int, default=16)
@@ -59,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"--batch-size {args.batch_size} must be at least 1")
         if args.threads:
             torch.set_num_threads(args.threads)
-        options = args.options if args.options != "auto" else ("label" if args.adapter else "text")
+        if args.options is not None:
+            raise DataError("--options was replaced by --formulation (text -> cloze, label -> label): one setting "
+                            "for training and scoring")
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
         t0 = time.perf_counter()
         suite = load_suite(args.suite, data_dir, split_seed=args.seed, **{f"{args.split}_limit": args.limit})
@@ -74,15 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.eval()
         t2 = time.perf_counter()
         scores = evaluate_tasks(model, tokenizer, getattr(suite, args.split), scoring=args.scoring, batch_size=args.batch_size,
-                                template=args.template, options=options, max_new_tokens=args.max_new_tokens)
+                                template=args.template, formulation=args.formulation,
+                                max_new_tokens=args.max_new_tokens)
         t3 = time.perf_counter()
     except (ValueError, OSError) as exc:  # DataError, ModelError, ConfigError are ValueErrors
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2
     print(f"model {args.model}{' + adapter ' + args.adapter if args.adapter else ''} | suite {suite.name} | "
-          f"scoring {args.scoring} (options {options}, template {args.template}) | {args.split} pool, limit "
-          f"{args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
+          f"scoring {args.scoring} (formulation {args.formulation}, template {args.template}) | {args.split} pool, "
+          f"limit {args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
     print(format_table(scores))
     print(f"time: data {t1 - t0:.1f} s, model {t2 - t1:.1f} s, evaluation {t3 - t2:.1f} s, total {t3 - t0:.1f} s")
     return 0

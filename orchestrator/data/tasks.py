@@ -42,16 +42,24 @@ logger = logging.getLogger(__name__)
 
 SCORINGS = ("choice", "number", "letter")
 CLOZE_STYLES = ("qa", "continuation", "blank", "answer")
+METRICS = ("acc", "acc_norm")
 
 
 @dataclass(frozen=True)
 class Task:
     """A benchmark task.
 
-    cloze:         how the "text" log-likelihood formulation shows an item (see ``evaluate.option_requests``):
+    cloze:         how the cloze formulation shows an item (``orchestrator.data.cloze``, ``docs/cloze.md``):
                    ``qa`` = "Question: {q}\\nAnswer:" + " {option}"; ``continuation`` = "{q}" + " {option}";
                    ``blank`` = WinoGrande, the option fills the ``_`` and the rest of the sentence is scored;
                    ``answer`` = "{q}\\nAnswer:" + " {option}" (q already holds the context).
+    cloze_words:   ``((label word, cloze option), ...)`` where the options are label words that the cloze
+                   formulation says differently (BoolQ: true -> " yes", false -> " no", as lm-eval and OLMES).
+    primary:       the metric that names the task's accuracy in the cloze formulation, as OLMES does: ``acc_norm``
+                   (log-likelihood per character of the option) or ``acc`` (unnormalised). The label formulation
+                   always uses ``acc`` (its options are label words of near-equal length).
+    prior_only:    the items here lack what the answer depends on (BoolQ's LLM-Adapters file has no passage), so
+                   training can only teach the task's answer prior, never per-item knowledge.
     label_prefix:  the fixed start of every target before the label word ("the correct answer is").
     source:        folder under the data directory; ``fmt`` says which reader parses it.
     carve_train:   True when the train part must be carved from the eval file.
@@ -66,9 +74,16 @@ class Task:
     carve_train: bool = False
     cloze: str = "qa"
     label_prefix: str = LABEL_PREFIX
+    cloze_words: tuple[tuple[str, str], ...] = ()
+    primary: str = "acc"
+    prior_only: bool = False
 
     def __post_init__(self) -> None:
-        assert self.scoring in SCORINGS and self.cloze in CLOZE_STYLES, self
+        assert self.scoring in SCORINGS and self.cloze in CLOZE_STYLES and self.primary in METRICS, self
+
+    def primary_metric(self, formulation: str) -> str:
+        """``acc`` or ``acc_norm``: the task's own choice in cloze, ``acc`` in the label formulation."""
+        return self.primary if formulation == "cloze" else "acc"
 
 
 def _labels(word: str, k: int) -> tuple[str, ...]:
@@ -77,16 +92,19 @@ def _labels(word: str, k: int) -> tuple[str, ...]:
 
 _CS = "commonsense"
 _TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("boolq", "reading", ("true", "false"), "choice", f"{_CS}/boolq", "choice"),
-    Task("piqa", "physical", _labels("solution", 2), "choice", f"{_CS}/piqa", "choice", carve_train=True),
-    Task("siqa", "social", _labels("answer", 3), "choice", f"{_CS}/social_i_qa", "choice", carve_train=True),
+    Task("boolq", "reading", ("true", "false"), "choice", f"{_CS}/boolq", "choice",
+         cloze_words=(("true", "yes"), ("false", "no")), prior_only=True),
+    Task("piqa", "physical", _labels("solution", 2), "choice", f"{_CS}/piqa", "choice", carve_train=True,
+         primary="acc_norm"),
+    Task("siqa", "social", _labels("answer", 3), "choice", f"{_CS}/social_i_qa", "choice", carve_train=True,
+         primary="acc_norm"),
     Task("hellaswag", "commonsense", _labels("ending", 4), "choice", f"{_CS}/hellaswag", "choice",
-         carve_train=True, cloze="continuation"),
+         carve_train=True, cloze="continuation", primary="acc_norm"),
     Task("winogrande", "commonsense", _labels("option", 2), "choice", f"{_CS}/winogrande", "choice",
          carve_train=True, cloze="blank"),
-    Task("arc_e", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Easy", "choice"),
-    Task("arc_c", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Challenge", "choice"),
-    Task("obqa", "science", _labels("answer", 4), "choice", f"{_CS}/openbookqa", "choice"),
+    Task("arc_e", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Easy", "choice", primary="acc_norm"),
+    Task("arc_c", "science", _labels("answer", 5), "choice", f"{_CS}/ARC-Challenge", "choice", primary="acc_norm"),
+    Task("obqa", "science", _labels("answer", 4), "choice", f"{_CS}/openbookqa", "choice", primary="acc_norm"),
     Task("gsm8k", "math", (), "number", "math/gsm8k", "gsm8k", label_prefix=MATH_PREFIX),
     *(Task(n.lower(), "math", (), "number", f"math/{n}", "math", carve_train=True, label_prefix=MATH_PREFIX)
       for n in ("SVAMP", "AddSub", "MultiArith", "SingleEq", "mawps")),
@@ -114,7 +132,7 @@ _MMLU_DOMAINS = {
 for _subject in MMLU_SUBJECTS:
     _domain = next((d for d, subs in _MMLU_DOMAINS.items() if _subject in subs), "mmlu")
     _TASKS[f"mmlu_{_subject}"] = Task(f"mmlu_{_subject}", _domain, _labels("answer", 4), "choice", "mmlu", "mmlu",
-                                      carve_train=True)
+                                      carve_train=True, primary="acc_norm")
 
 TASK_NAMES = tuple(_TASKS)
 SUITES: dict[str, tuple[str, ...]] = {

@@ -86,6 +86,12 @@ def encode_example(tokenizer, ex: Example, *, template: str = "alpaca", max_leng
                          add_special_tokens=False)["input_ids"]
     if template == "alpaca" and tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
+    return fit_pair(tokenizer, prompt, response, max_length)
+
+
+def fit_pair(tokenizer, prompt: list[int], response: list[int], max_length: int) -> dict | None:
+    """``{"input_ids", "labels", "attention_mask"}`` of ``prompt + response`` with the loss on the response, the
+    prompt cut from the left (keeping a leading BOS) to fit ``max_length``; None when the response cannot fit."""
     if len(response) + 1 > max_length:
         return None
     keep = max_length - len(response)

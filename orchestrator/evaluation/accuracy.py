@@ -1,21 +1,24 @@
 """Per-task evaluation of a causal LM (with or without adapters); the CLI is ``python -m orchestrator.evaluate``.
 
-Which strings are scored (``options=``) for a multiple-choice item:
+Which strings are scored (``formulation=``, one setting for training and scoring, see
+:mod:`orchestrator.data.cloze`) for a multiple-choice item:
 
-- ``"label"``: the trained formulation. Context = the templated prompt (which lists the options) followed by
-  the fixed target prefix ``"the correct answer is"``; continuations = ``" answer1"``, ``" answer2"``, ...
-  exactly the label words a fine-tuned adapter learns to emit. Use it for trained adapters and for their
-  zero-shot reference (same formulation on both sides of a Δ).
-- ``"text"``: the cloze formulation lm-eval uses for base models. Context = the bare question without the option
-  list and without template (``"Question: {q}\\nAnswer:"``; HellaSwag the sentence stem; WinoGrande the
-  sentence up to the blank with the option filled in); continuations = each option's own text. A small base
-  model cannot map "answer3" to the third listed option, but it does know which text is a plausible answer,
-  so this is the meaningful zero-shot number. BoolQ's options are its label words " true" / " false" (the
-  LLM-Adapters file has the question only, no passage).
+- ``"cloze"``: context = the bare question without the option list and without template
+  (``"Question: {q}\\nAnswer:"``; HellaSwag the sentence stem; WinoGrande the sentence up to the blank with the
+  option filled in); continuations = each option's own text, the strings of lm-evaluation-harness and OLMES
+  (``docs/cloze.md``). A model trained in cloze learned exactly these rows; a small base model scores
+  meaningfully here.
+- ``"label"``: context = the templated prompt (which lists the options) followed by the fixed target prefix
+  ``"the correct answer is"``; continuations = ``" answer1"``, ``" answer2"``, ... exactly the label words a
+  model trained in the label formulation learns to emit.
+
+Metrics per task: ``acc`` = argmax_k LL_k hits the gold option; ``acc_norm`` = argmax_k LL_k / len(choice_k)
+(characters of lm-eval's ``doc_to_choice`` string, lm-eval's ``acc_norm`` and OLMES' ``acc_per_char``); the
+task's ``primary`` metric is its OLMES choice in cloze (``Task.primary``) and ``acc`` in the label formulation.
 
 ``scoring="generate"`` instead decodes greedily from the templated prompt and takes the first label word
-(LLM-Adapters' rule). Free-form math (``scoring`` of the task = ``"number"``) is always generated and compared
-numerically. A model's zero-shot accuracy is simply this evaluation without adapters.
+(LLM-Adapters' rule; label formulation only). Free-form math (``scoring`` of the task = ``"number"``) is always
+generated and compared numerically. A model's zero-shot accuracy is simply this evaluation without adapters.
 """
 from __future__ import annotations
 
@@ -28,19 +31,22 @@ from dataclasses import dataclass
 
 
 from orchestrator.evaluation import scoring as sc
+from orchestrator.data.cloze import FORMULATIONS, cloze_item, cloze_requests
 from orchestrator.data.schema import DataError, Example
 from orchestrator.data.tasks import Task, get_task
 from orchestrator.data.tokenize import TEMPLATES, prompt_ids
 
 logger = logging.getLogger(__name__)
 SCORING_MODES = ("loglik", "generate")
-OPTION_MODES = ("label", "text")
 
 
 @dataclass(frozen=True)
 class TaskScore:
-    """accuracy in [0, 1] over n items; accuracy_norm = length-normalised log-likelihood accuracy (None if
-    generated); method = how it was scored; chance = expected accuracy of a uniform random guess."""
+    """accuracy (``acc``) in [0, 1] over n items; accuracy_norm = ``acc_norm`` (None if generated); method = how
+    it was scored; chance = expected accuracy of a uniform random guess; primary = the metric that names the
+    task's accuracy (``acc`` or ``acc_norm``). Per item, in the order of the items scored (paired comparisons,
+    bootstrap CIs and the learned-per-item check need them): ``correct``/``correct_norm`` 1/0 and
+    ``chosen``/``chosen_norm`` the picked option's index (-1 where a generation named none)."""
 
     accuracy: float
     n: int
@@ -48,7 +54,22 @@ class TaskScore:
     method: str = "loglik"
     chance: float = 0.0
     correct: tuple[int, ...] = ()
-    """1/0 per item, in the order of the items scored (paired comparisons and bootstrap CIs need it)."""
+    primary: str = "acc"
+    correct_norm: tuple[int, ...] = ()
+    chosen: tuple[int, ...] = ()
+    chosen_norm: tuple[int, ...] = ()
+
+    @property
+    def primary_accuracy(self) -> float:
+        return self.accuracy_norm if self.primary == "acc_norm" else self.accuracy
+
+    @property
+    def primary_correct(self) -> tuple[int, ...]:
+        return self.correct_norm if self.primary == "acc_norm" else self.correct
+
+    @property
+    def primary_chosen(self) -> tuple[int, ...]:
+        return self.chosen_norm if self.primary == "acc_norm" else self.chosen
 
 
 def chance_level(task: Task, examples: Sequence[Example]) -> float:
@@ -70,48 +91,45 @@ def majority_share(examples: Sequence[Example]) -> float | None:
     return max(Counter(ex.answer_index for ex in examples).values()) / len(examples)
 
 
-def option_requests(task: Task, ex: Example, tokenizer, *, options: str = "label", template: str = "alpaca"
+def _check_formulation(formulation: str) -> None:
+    if formulation not in FORMULATIONS:
+        raise DataError(f"formulation={formulation!r} is unknown; use one of {list(FORMULATIONS)}")
+
+
+def option_requests(task: Task, ex: Example, tokenizer, *, formulation: str = "label", template: str = "alpaca"
                     ) -> list[tuple[list[int], list[int]]]:
     """``[(context_ids, continuation_ids)]`` per option of ``ex`` (see the module docstring for the two modes)."""
+    _check_formulation(formulation)
+    if formulation == "cloze":
+        return cloze_requests(task, ex, tokenizer)
     cont_ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    if options == "label":
-        ctx = prompt_ids(tokenizer, ex.prompt, template) + cont_ids(task.label_prefix)
-        return [(ctx, cont_ids(f" {label}")) for label in ex.labels]
-    choices = ex.choices
-    q = ex.question or ex.prompt
-    ctx_ids = lambda s: tokenizer(s)["input_ids"]  # noqa: E731  (raw text: the tokenizer's own BOS, if any)
-    if task.cloze == "blank" and "_" in q:
-        cut = q.index("_")
-        rest = " " + q[cut + 1:].strip()
-        return [(ctx_ids(q[:cut] + c), cont_ids(rest)) for c in choices]
-    context = {"qa": f"Question: {q}\nAnswer:", "answer": f"{q}\nAnswer:"}.get(task.cloze, q)
-    ctx = ctx_ids(context)
-    return [(ctx, cont_ids(f" {c}")) for c in choices]
+    ctx = prompt_ids(tokenizer, ex.prompt, template) + cont_ids(task.label_prefix)
+    return [(ctx, cont_ids(f" {label}")) for label in ex.labels]
 
 
-def _continuation_bytes(task: Task, ex: Example, options: str) -> list[int]:
-    if options == "label":
-        return [len(f" {lab}".encode()) for lab in ex.labels]
-    q = ex.question or ex.prompt
-    if task.cloze == "blank" and "_" in q:
-        return [len((" " + q[q.index("_") + 1:].strip()).encode())] * len(ex.choices)
-    return [len(f" {c}".encode()) for c in ex.choices]
+def choice_lengths(task: Task, ex: Example, formulation: str) -> list[int]:
+    """Characters of each option's ``doc_to_choice`` string: the divisor of ``acc_norm``."""
+    choices = cloze_item(task, ex).choices if formulation == "cloze" else ex.labels
+    return [max(1, len(c)) for c in choices]
 
 
-def _score_loglik(model, tokenizer, task, examples, *, options, template, batch_size, max_length):
-    requests = [option_requests(task, ex, tokenizer, options=options, template=template) for ex in examples]
-    rows = sc.build_rows(requests, max_length)
+def _score_loglik(model, tokenizer, task, examples, *, formulation, template, batch_size, max_length):
+    requests = [option_requests(task, ex, tokenizer, formulation=formulation, template=template)
+                for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ll = sc.continuation_logprobs(model, rows, batch_size=batch_size, pad_id=pad_id)
-    hits, hits_norm = [], 0
+    if formulation == "cloze":
+        ll = sc.shared_context_logprobs(model, requests, batch_size=batch_size, pad_id=pad_id, max_length=max_length)
+    else:
+        ll = sc.continuation_logprobs(model, sc.build_rows(requests, max_length), batch_size=batch_size,
+                                      pad_id=pad_id)
+    chosen, chosen_norm = [], []
     flat = 0
     for ex, opts in zip(examples, requests):
         scores = [ll[flat + k] for k in range(len(opts))]
         flat += len(opts)
-        nbytes = _continuation_bytes(task, ex, options)
-        hits.append(int(sc.pick(scores) == ex.answer_index))
-        hits_norm += sc.pick([s / max(1, b) for s, b in zip(scores, nbytes)]) == ex.answer_index
-    return hits, hits_norm / len(examples)
+        chosen.append(sc.pick(scores))
+        chosen_norm.append(sc.pick([s / n for s, n in zip(scores, choice_lengths(task, ex, formulation))]))
+    return chosen, chosen_norm
 
 
 def _score_generate(model, tokenizer, task, examples, *, template, batch_size, max_new_tokens):
@@ -122,15 +140,17 @@ def _score_generate(model, tokenizer, task, examples, *, template, batch_size, m
     eos = sorted({tokenizer.eos_token_id, *configured} - {None})
     texts = sc.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         eos_ids=eos)
-    hits = []
+    hits, chosen = [], []
     for ex, text in zip(examples, texts):
         if task.scoring == "number":
             hits.append(int(sc.number_correct(text, ex.gold)))
+            chosen.append(-1)
             continue
         labels = ex.labels or task.label_set
         idx = sc.parse_letter(text, labels) if task.scoring == "letter" else sc.parse_label(text, labels)
         hits.append(int(idx is not None and labels[idx].lower() == ex.gold.lower()))
-    return hits
+        chosen.append(-1 if idx is None else idx)
+    return hits, chosen
 
 
 def evaluate_tasks(
@@ -141,7 +161,7 @@ def evaluate_tasks(
     scoring: str = "loglik",
     batch_size: int = 8,
     template: str = "alpaca",
-    options: str = "label",
+    formulation: str = "label",
     max_new_tokens: int | None = None,
     max_length: int | None = None,
 ) -> dict[str, TaskScore]:
@@ -149,8 +169,10 @@ def evaluate_tasks(
     (context + continuation) to the model's ``max_position_embeddings`` (or 2048)."""
     if scoring not in SCORING_MODES:
         raise DataError(f"scoring={scoring!r} is unknown; use one of {list(SCORING_MODES)}")
-    if options not in OPTION_MODES:
-        raise DataError(f"options={options!r} is unknown; use one of {list(OPTION_MODES)}")
+    _check_formulation(formulation)
+    if scoring == "generate" and formulation == "cloze":
+        raise DataError("scoring='generate' decodes from the templated prompt (the label formulation); use "
+                        "scoring='loglik' with formulation='cloze', or formulation='label'")
     if template not in TEMPLATES:
         raise DataError(f"template={template!r} is unknown; use one of {list(TEMPLATES)}")
     if batch_size < 1:
@@ -169,15 +191,20 @@ def evaluate_tasks(
             chance = chance_level(task, examples)
             loglik_ok = scoring == "loglik" and task.scoring != "number" and all(ex.choices for ex in examples)
             if loglik_ok:
-                hits, acc_norm = _score_loglik(model, tokenizer, task, examples, options=options,
-                                               template=template, batch_size=batch_size, max_length=max_length)
-                results[name] = TaskScore(sum(hits) / len(hits), len(examples), acc_norm, f"loglik/{options}",
-                                          chance, tuple(hits))
+                chosen, chosen_norm = _score_loglik(model, tokenizer, task, examples, formulation=formulation,
+                                                    template=template, batch_size=batch_size,
+                                                    max_length=max_length)
+                hits = tuple(int(c == ex.answer_index) for c, ex in zip(chosen, examples))
+                hits_norm = tuple(int(c == ex.answer_index) for c, ex in zip(chosen_norm, examples))
+                results[name] = TaskScore(sum(hits) / len(hits), len(examples), sum(hits_norm) / len(hits),
+                                          f"loglik/{formulation}", chance, hits, task.primary_metric(formulation),
+                                          hits_norm, tuple(chosen), tuple(chosen_norm))
             else:
                 budget = max_new_tokens or (256 if task.scoring == "number" else 32)
-                hits = _score_generate(model, tokenizer, task, examples, template=template, batch_size=batch_size,
-                                       max_new_tokens=budget)
-                results[name] = TaskScore(sum(hits) / len(hits), len(examples), None, "generate", chance, tuple(hits))
+                hits, chosen = _score_generate(model, tokenizer, task, examples, template=template,
+                                               batch_size=batch_size, max_new_tokens=budget)
+                results[name] = TaskScore(sum(hits) / len(hits), len(examples), None, "generate", chance,
+                                          tuple(hits), chosen=tuple(chosen))
             logger.info("%s: acc %.4f over %d items in %.1f s", name, results[name].accuracy, len(examples),
                         time.perf_counter() - start)
     finally:
@@ -186,16 +213,17 @@ def evaluate_tasks(
 
 
 def format_table(scores: Mapping[str, TaskScore]) -> str:
-    """A plain-text table (also valid Markdown) with a mean row."""
-    lines = ["| task | n | acc | acc_norm | chance | method |", "|---|---:|---:|---:|---:|---|"]
+    """A plain-text table (also valid Markdown) with a mean row; ``primary`` names each task's headline metric."""
+    lines = ["| task | n | acc | acc_norm | primary | chance | method |", "|---|---:|---:|---:|---|---:|---|"]
     for name, s in scores.items():
         norm = f"{s.accuracy_norm:.3f}" if s.accuracy_norm is not None else "-"
-        lines.append(f"| {name} | {s.n} | {s.accuracy:.3f} | {norm} | {s.chance:.3f} | {s.method} |")
+        lines.append(f"| {name} | {s.n} | {s.accuracy:.3f} | {norm} | {s.primary} {s.primary_accuracy:.3f} | "
+                     f"{s.chance:.3f} | {s.method} |")
     valid = [s for s in scores.values() if s.n and not math.isnan(s.accuracy)]
     if valid:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         norms = [s.accuracy_norm for s in valid if s.accuracy_norm is not None]
         norm = f"{mean(norms):.3f}" if len(norms) == len(valid) else "-"
         lines.append(f"| mean | {sum(s.n for s in valid)} | {mean([s.accuracy for s in valid]):.3f} | {norm} | "
-                     f"{mean([s.chance for s in valid]):.3f} | |")
+                     f"{mean([s.primary_accuracy for s in valid]):.3f} | {mean([s.chance for s in valid]):.3f} | |")
     return "\n".join(lines)

@@ -2,10 +2,14 @@
 
 Metric names (what Tune sees and MLflow plots):
 
-* ``val/acc/<task>`` validation accuracy, ``val/mean_acc`` = mean over tasks (the primary objective): every
-  evaluation scores the val pool, and only val metrics feed Optuna, ASHA, "best" and the Pareto front;
-* ``test/acc/<task>``, ``test/mean_acc`` and ``test_correct/<task>`` (1/0 per test item, in pool order): once per
-  trial, on its final adapter (:func:`test_metrics`), reported and never chosen on;
+* ``val/acc/<task>`` validation accuracy (``acc``), ``val/acc_norm/<task>`` (per-character normalised),
+  ``val/primary/<task>`` the task's primary metric (``Task.primary_metric``: OLMES' choice in cloze, ``acc`` in
+  the label formulation), ``val/mean_acc`` = mean over tasks of the primary metric (the default objective):
+  every evaluation scores the val pool, and only val metrics feed Optuna, ASHA, "best" and the Pareto front;
+* ``test/acc/<task>``, ``test/acc_norm/<task>``, ``test/primary/<task>``, ``test/mean_acc`` (mean primary),
+  ``test_correct/<task>`` (1/0 per test item under the primary metric, in pool order) and ``test_chosen/<task>``
+  (the chosen option's index per item): once per trial, on its final adapter (:func:`test_metrics`), reported
+  and never chosen on;
 * ``seesaw/...`` and ``delta/<task>`` from :mod:`orchestrator.evaluation.seesaw` on val against the base model's
   zero-shot val accuracy (opposite-pair fraction over the trial's evaluations), ``seesaw_prev/...`` against the
   previous evaluation;
@@ -78,11 +82,22 @@ def seesaw_block(acc: dict[str, float], reference: dict[str, float] | None,
     return out
 
 
+def _task_metrics(prefix: str, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``<prefix>/acc/<task>``, ``<prefix>/acc_norm/<task>`` and ``<prefix>/primary/<task>``."""
+    out: dict[str, float] = {}
+    for task, s in scores.items():
+        out.update({f"{prefix}/acc/{task}": s["acc"], f"{prefix}/acc_norm/{task}": s["acc_norm"],
+                    f"{prefix}/primary/{task}": s["primary"]})
+    return out
+
+
 def eval_metrics(acc: dict[str, float], util: dict[str, dict[str, torch.Tensor]],
-                 reference: dict[str, float] | None, history: list[dict[str, float]]) -> dict[str, float]:
-    """The metrics of one evaluation (see the module docstring)."""
+                 reference: dict[str, float] | None, history: list[dict[str, float]], *,
+                 scores: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """The metrics of one evaluation (see the module docstring); ``acc`` = each task's primary metric, ``scores``
+    = its acc / acc_norm / primary (without it, ``acc`` is logged as ``val/acc/<task>``)."""
     finite = [a for a in acc.values() if not math.isnan(a)]
-    out: dict[str, float] = {f"val/acc/{t}": a for t, a in acc.items()}
+    out: dict[str, float] = _task_metrics("val", scores) if scores else {f"val/acc/{t}": a for t, a in acc.items()}
     out["val/mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
     out.update(seesaw_block(acc, reference, history))
     for task, fractions in util.items():
@@ -94,10 +109,12 @@ def eval_metrics(acc: dict[str, float], util: dict[str, dict[str, torch.Tensor]]
     return out
 
 
-def test_metrics(acc: dict[str, float], correct: dict[str, list[int]]) -> dict[str, Any]:
-    """The held-out block of a trial's final report: ``test/acc/<task>``, ``test/mean_acc``, ``test_correct/<task>``."""
-    finite = [a for a in acc.values() if not math.isnan(a)]
-    out: dict[str, Any] = {f"test/acc/{t}": a for t, a in acc.items()}
+def test_metrics(scores: dict[str, dict[str, float]], items: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """The held-out block of a trial's final report (see the module docstring); ``scores[task]`` has ``acc``,
+    ``acc_norm`` and ``primary``, ``items[task]`` the per-item ``correct`` and ``chosen`` under the primary."""
+    finite = [s["primary"] for s in scores.values() if not math.isnan(s["primary"])]
+    out: dict[str, Any] = _task_metrics("test", scores)
     out["test/mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
-    out.update({f"test_correct/{t}": list(hits) for t, hits in correct.items()})
+    out.update({f"test_correct/{t}": list(v["correct"]) for t, v in items.items()})
+    out.update({f"test_chosen/{t}": list(v["chosen"]) for t, v in items.items()})
     return out

@@ -15,11 +15,14 @@ positions of each row b (``n_b`` = its longest target), ``P = sum_b n_b`` rows o
 ``head(h_P)`` (P, V) and its log-softmax are computed; other models get the last ``max_b n_b`` positions
 (``logits_to_keep``). When all options of an item share the context and differ only in their last token
 (label words such as ``answer1``/``answer2``, ``true``/``false``) one row serves every option: the last
-position's distribution scores all of them. Results do not depend on the batch size beyond floating-point summation order.
+position's distribution scores all of them. When all options share the context but differ in more than their last
+token (the cloze formulation), :func:`shared_context_logprobs` runs the context once and continues every option
+from its key/value cache. Results do not depend on the batch size beyond floating-point summation order.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 from collections.abc import Sequence
@@ -222,6 +225,135 @@ def continuation_logprobs(model, rows: Sequence[Row], *, batch_size: int, pad_id
                 n = len(target)
                 picked = logp[end - n:end].gather(-1, torch.tensor(target).unsqueeze(-1))  # (n, 1)
                 out[req] = float(picked.sum())
+    return out
+
+
+def _shares_context(options: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> bool:
+    """The options share one context that fits, are not label words (options that differ only in their last
+    token: :func:`build_rows` already scores those with one row), and the context is worth caching: the K - 1
+    context copies it saves are at least the option tokens it runs (PIQA's short goals and long solutions are
+    cheaper as sorted rows, whose padding is smaller than that of an item's options)."""
+    ctx, conts = list(options[0][0]), [list(k) for _, k in options]
+    label_words = len({len(k) for k in conts}) == 1 and all(k[:-1] == conts[0][:-1] for k in conts)
+    return (len(options) > 1 and len(ctx) > 0 and not label_words and all(list(c) == ctx for c, _ in options)
+            and len(ctx) + max(len(k) for k in conts) <= max_length + 1
+            and (len(options) - 1) * len(ctx) >= sum(len(k) - 1 for k in conts))
+
+
+@torch.no_grad()
+def shared_context_logprobs(model, requests: Sequence[Sequence[tuple[list[int], list[int]]]], *, batch_size: int,
+                            pad_id: int, max_length: int) -> dict[int, float]:
+    """``LL(continuation | context)`` per flat request index, with each item's shared context run once.
+
+    The cloze formulation scores K options of an item after one context x (T_x tokens). One row per option runs
+    the context K times; here the context runs once with a key/value cache and the K continuations run from
+    (copies of) that cache::
+
+        pass 1:  x (B, T_x), left-padded                 -> cache, log p(c_k,1 | x) from the last position
+        pass 2:  c_k,<n_k (R, W), right-padded, cache    -> log p(c_k,i | x, c_k,<i), i = 2..n_k
+
+    with ``position_ids`` continuing after each item's real context length, so every log-probability is the one
+    of the row ``x + c_k`` (equal to fp32 summation order; ``tests/orchestrator/evaluation`` checks it against
+    :func:`continuation_logprobs`). Items are grouped by K and sorted by context length, ``batch_size`` items per
+    pass 1; their B*K option rows are sorted by length and run ``batch_size`` rows (R) per pass 2, each chunk from
+    a copy of the cache that holds its rows' contexts. Items whose options do not share one context (WinoGrande),
+    that would need truncation, or whose context is shorter than their options (``_shares_context``) take the
+    one-row-per-option path (:func:`build_rows`, :func:`continuation_logprobs`), as do all items of a model whose
+    forward takes no key/value cache.
+    """
+    device = next(model.parameters()).device
+    pos_ok, keep_ok = _accepts(model, "position_ids"), _accepts(model, "logits_to_keep")
+    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"  # transformers >= 5.2x renamed it
+    starts, flat = [], 0
+    for options in requests:
+        starts.append(flat)
+        flat += len(options)
+    cacheable = _accepts(model, "use_cache") and _accepts(model, cache_key)
+    shared = [i for i, options in enumerate(requests) if cacheable and _shares_context(options, max_length)]
+    rest = [i for i in range(len(requests)) if i not in set(shared)]
+    out: dict[int, float] = {}
+    if rest:  # the row path numbers its requests 0.. over the items it gets: map them back
+        sub = continuation_logprobs(model, build_rows([requests[i] for i in rest], max_length),
+                                    batch_size=batch_size, pad_id=pad_id)
+        local = [starts[i] + k for i in rest for k in range(len(requests[i]))]
+        out.update({local[j]: v for j, v in sub.items()})
+    parts = lm_parts(model)
+    by_k: dict[int, list[int]] = {}
+    for i in shared:
+        by_k.setdefault(len(requests[i]), []).append(i)
+    for k, items in sorted(by_k.items()):
+        items.sort(key=lambda i: (-len(requests[i][0][0]), i))
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            ids, mask = _left_pad([requests[i][0][0] for i in batch], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+            if pos_ok:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            if keep_ok:
+                kwargs["logits_to_keep"] = 1
+            first = model(**kwargs)
+            first_logp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1).cpu()       # (B, V)
+            conts = [list(cont) for i in batch for _, cont in requests[i]]                     # B*K, item-major
+            for row, cont in enumerate(conts):
+                out[starts[batch[row // k]] + row % k] = float(first_logp[row // k, cont[0]])
+            # pass 2 in chunks of batch_size option rows of similar length (little right padding), each from a
+            # copy of the cache holding its rows' contexts
+            order = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: (-len(conts[r]), r))
+            for at in range(0, len(order), batch_size):
+                chunk = order[at:at + batch_size]
+                tails = _continue_from_cache(model, parts, getattr(first, cache_key), cache_key, mask,
+                                             [r // k for r in chunk], [conts[r] for r in chunk], pad_id, pos_ok)
+                for r, value in zip(chunk, tails):
+                    out[starts[batch[r // k]] + r % k] += value
+    return out
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A cache holding batch rows ``rows`` of ``cache`` (repeats allowed); ``cache`` itself is left unchanged
+    (the copy's layers get new tensors from indexing, and a forward replaces them rather than writing into them)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in layers]
+    else:
+        out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    return out
+
+
+def _continue_from_cache(model, parts, cache, cache_key: str, ctx_mask: torch.Tensor, items: list[int],
+                         conts: list[list[int]], pad_id: int, pos_ok: bool) -> list[float]:
+    """``sum_{i>=2} log p(c_i | x, c_<i)`` per continuation ``c = conts[j]`` (at least 2 tokens) after the cached
+    context of batch row ``items[j]`` (``ctx_mask`` (B, T_x) its left-padded mask)."""
+    device = ctx_mask.device
+    width = max(len(c) for c in conts) - 1
+    tail = torch.full((len(conts), width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((len(conts), width), dtype=torch.long)
+    for row, cont in enumerate(conts):
+        tail[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+        tail_mask[row, :len(cont) - 1] = 1
+    tail, tail_mask = tail.to(device), tail_mask.to(device)
+    rows = torch.tensor(items, device=device)
+    mask = ctx_mask[rows]                                                                          # (R, T_x)
+    kwargs = {"input_ids": tail, cache_key: _cache_rows(cache, rows), "use_cache": True,
+              "attention_mask": torch.cat([mask, tail_mask], dim=1)}
+    if pos_ok:
+        kwargs["position_ids"] = mask.sum(-1, keepdim=True) + torch.arange(width, device=device)  # (R, W)
+    real = tail_mask.bool()
+    if parts is not None:
+        backbone, head = parts
+        nothing = torch.empty(0, dtype=torch.long, device=device)
+        with _capture_output(backbone) as seen:
+            model(**kwargs, logits_to_keep=nothing)
+        logp = torch.log_softmax(head(seen[-1][real]).float(), dim=-1).cpu()                      # (P, V)
+    else:
+        logp = torch.log_softmax(model(**kwargs).logits[real].float(), dim=-1).cpu()               # (P, V)
+    out, offset = [], 0
+    for cont in conts:
+        n = len(cont) - 1
+        out.append(float(logp[offset:offset + n].gather(-1, torch.tensor(cont[1:]).unsqueeze(-1)).sum()))
+        offset += n
     return out
 
 

@@ -9,7 +9,6 @@ writes on disk, so ``--resume`` replays what a killed driver had not yet logged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from orchestrator.cluster import storage
 from orchestrator.report import plots
 from orchestrator.report.outbox import Journal, Outbox, is_outage
 from orchestrator.report.tracking import (PARAM_METRICS, PARENT, SEARCH_KEY, TRIAL_KEY, TUNE_KEYS, _sqlite_path,
-                                          client, failure_reason, find_runs, log_dict)
+                                          client, failure_reason, find_runs, log_dict, log_test_items)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +142,7 @@ class MLflowSearchCallback(Callback):
                        "warmup_ratio": hp.get("warmup_ratio", t.warmup_ratio), "model": self.spec.model.name,
                        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
                        "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
+                       "formulation": self.spec.data.formulation,
                        "workers": self.spec.resources.workers_per_trial, **extra})
         return params
 
@@ -228,17 +228,14 @@ class MLflowSearchCallback(Callback):
         c = client(self.uri)
         latest = c.get_run(run_id).data.metrics
         with tempfile.TemporaryDirectory() as tmp:
-            history = {k[len("val/acc/"):]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
-                       for k in latest if k.startswith("val/acc/")}
+            # each task's primary metric, as the reference lines and val/mean_acc (docs/cloze.md)
+            history = {k[len("val/primary/"):]: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                       for k in latest if k.startswith("val/primary/")}
             if history:
                 history["mean_acc"] = [(m.step, m.value) for m in c.get_metric_history(run_id, "val/mean_acc")]
                 plots.accuracy_plot(history, self.reference, Path(tmp) / "accuracy_vs_step.png",
-                                    f"{trial.trial_id}: per-task validation accuracy")
-            last = trial.last_result or {}
-            per_item = {k[len("test_correct/"):]: v for k, v in last.items() if k.startswith("test_correct/")}
-            if per_item:  # the held-out items of the final adapter, 1/0 in pool order: any cell can be re-checked
-                (Path(tmp) / "test_items.json").write_text(json.dumps(per_item))
-                c.log_artifact(run_id, str(Path(tmp) / "test_items.json"), "eval")
+                                    f"{trial.trial_id}: per-task validation accuracy (primary metric)")
+            log_test_items(self.uri, run_id, trial.last_result or {}, Path(tmp))
             util: dict[str, dict[str, list[float]]] = {}
             for key in sorted(latest, key=lambda k: (k.rsplit("/e", 1)[0], int(k.rsplit("/e", 1)[-1]))
                               if k.startswith("util/") else ("", 0)):

@@ -32,6 +32,7 @@ import numpy as np
 
 from orchestrator.cluster import storage
 from orchestrator.evaluation import statistics as st
+from orchestrator.evaluation.changes import item_changes
 from orchestrator.report import plots, tracking
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
@@ -217,6 +218,11 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
             zs = {t: np.broadcast_to(zero[t], X[m][t].shape) for t in tasks}
             entry["delta_vs_zero_shot"] = st.compare(X[m], zs, n_boot=s.n_boot).as_dict()
             entry["above_zero_shot_ci"] = bool(entry["mean"]["ci95"][0] > np.mean([zero[t].mean() for t in tasks]))
+            if reference.get("test_chosen") and all(f"test_chosen/{t}" in r["metrics"] for r in runs for t in tasks):
+                entry["learned_per_item"] = {t: item_changes(  # per task: items moved from zero-shot, and to gold
+                    reference["test_chosen"][t], zero[t], [r["metrics"][f"test_chosen/{t}"] for r in
+                                                           sorted(runs, key=lambda r: r["run"]["seed"])], X[m][t]
+                ).as_dict() for t in tasks}
         out["methods"][m] = entry
         if deltas:
             out["seesaw"][m] = {**st.seesaw_regressions(deltas, s.noise_multiple),
@@ -280,6 +286,11 @@ def markdown(results: dict[str, Any]) -> str:
         below = [m for m in results["methods"] if m not in above]
         text.append(f"- learning visible (the zero-shot mean lies below the method's 95 % CI): "
                     f"{', '.join(above) or 'none'}" + (f"; not: {', '.join(below)}" if below else "") + ".")
+    for m, e in results["methods"].items():
+        if e.get("learned_per_item"):
+            text.append(f"- learned per item, {m} (test items whose answer changed from zero-shot / changed to gold): "
+                        + ", ".join(f"{t} {_pct(c['changed'])} / {_pct(c['to_gold'])} %"
+                                    for t, c in e["learned_per_item"].items()) + ".")
     for m, ss in results["seesaw"].items():
         text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
                     f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "

@@ -22,7 +22,8 @@ def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[s
     params = {"space": spec.source, "model": spec.model.name, "data": d.suite or ",".join(d.tasks),
               "train_limit": d.train_limit, "val_limit": d.val_limit, "test_limit": d.test_limit,
               "split_seed": d.split_seed, "max_length": d.max_length,
-              "mixing": d.mixing, "template": d.template, "max_steps": t.max_steps, "epochs": t.epochs,
+              "mixing": d.mixing, "template": d.template, "formulation": d.formulation,
+              "max_steps": t.max_steps, "epochs": t.epochs,
               "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr, "schedule": t.schedule,
               "sampler": s.sampler, "num_trials": s.num_trials, "objectives": json.dumps(spec.objectives),
               "asha": s.asha.enabled, "methods": ",".join(m.kind for m in spec.methods),
@@ -31,7 +32,8 @@ def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[s
         params.update({f"split/{task}/{k}": v for k, v in record.items()})
     metrics = {}
     for pool, accuracy in ((k, v) for k, v in reference.items() if k in ("val", "test")):
-        metrics.update({f"ref/{pool}/acc/{k}": v for k, v in accuracy.items()})
+        scores = reference.get(f"{pool}_scores") or {t: {"acc": a} for t, a in accuracy.items()}  # acc/acc_norm/primary
+        metrics.update({f"ref/{pool}/{m}/{t}": v for t, s in scores.items() for m, v in s.items() if v is not None})
         finite = [v for v in accuracy.values() if not math.isnan(v)]
         if finite:
             metrics[f"ref/{pool}/mean_acc"] = sum(finite) / len(finite)

@@ -201,9 +201,21 @@ def log_chosen_test(uri: str, exp_id: str, parent_id: str, trial_id: str, metric
     log_dict(uri, run_id, metrics={k: v for k, v in metrics.items() if k.startswith("test/")}, step=step,
              tags={"malora.test": "scored once, after choosing on val"})
     with tempfile.TemporaryDirectory() as tmp:
-        items = {k[len("test_correct/"):]: v for k, v in metrics.items() if k.startswith("test_correct/")}
-        (Path(tmp) / "test_items.json").write_text(json.dumps(items))
-        client(uri).log_artifact(run_id, str(Path(tmp) / "test_items.json"), "eval")
+        log_test_items(uri, run_id, metrics, Path(tmp))
+
+
+# per-item results of the final adapter on its held-out items, in pool order: any cell can be re-checked
+PER_ITEM_FILES = (("test_correct/", "test_items.json"), ("test_chosen/", "test_chosen.json"))
+
+
+def log_test_items(uri: str, run_id: str, result: dict[str, Any], tmp: Path) -> None:
+    """``eval/test_items.json`` (1/0 per item) and ``eval/test_chosen.json`` (chosen option per item) from a
+    result's ``test_correct/<task>`` and ``test_chosen/<task>`` lists, written through ``tmp``."""
+    for prefix, file in PER_ITEM_FILES:
+        per_item = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+        if per_item:
+            (tmp / file).write_text(json.dumps(per_item))
+            client(uri).log_artifact(run_id, str(tmp / file), "eval")
 
 
 def finite(value: Any) -> bool:
@@ -221,12 +233,14 @@ def zero_shot_run(uri: str, exp_id: str, parent_id: str, key: str, spec: Any, re
         PARENT: parent_id, SEARCH_KEY: key, "malora.role": "zero_shot", "malora.method": "none"})
     metrics = {}
     for pool in ("val", "test"):
-        acc = reference.get(pool) or {}
-        metrics.update({f"{pool}/acc/{t}": a for t, a in acc.items()})
+        acc = reference.get(pool) or {}  # each task's primary metric
+        scores = reference.get(f"{pool}_scores") or {t: {"acc": a} for t, a in acc.items()}
+        metrics.update({f"{pool}/{k}/{t}": v for t, s in scores.items() for k, v in s.items() if v is not None})
         values = [a for a in acc.values() if finite(a)]
         if values:
             metrics[f"{pool}/mean_acc"] = sum(values) / len(values)
-    log_dict(uri, run.info.run_id, params={"method": "none", "model": spec.model.name, "role": "zero_shot"},
+    log_dict(uri, run.info.run_id, params={"method": "none", "model": spec.model.name, "role": "zero_shot",
+                                           "formulation": spec.data.formulation},
              metrics=metrics)
     client(uri).set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id

@@ -1,11 +1,9 @@
 """What a run records about how its test scores were made, read in one place by the worker and the report.
 
 A study may aggregate runs only when they were scored on the same items, in the same formulation and at the same
-precision (``orchestrator.report.study_report`` refuses otherwise). Each is read by one small function here, so
-that a field added to the spec later (``data.formulation``, a resolved ``precision``) is picked up in one line:
+precision (``orchestrator.report.study_report`` refuses otherwise). Each is read by one small function here:
 
-- :func:`formulation_of`: ``data.formulation`` (cloze | label) where the spec has it, else the log-likelihood
-  strings of ``eval.options`` (label | text);
+- :func:`formulation_of`: ``data.formulation`` (cloze | label);
 - :func:`precision_of`: the precision a run reports it used (metric ``precision``, the resolved value of
   ``train.precision``), else the spec's ``train.precision``;
 - :func:`scoring_record`: the final report's ``test_sha256/<task>`` (sha256 of the sorted item keys of the test
@@ -24,7 +22,7 @@ TEST_SHA = "test_sha256/"
 
 def formulation_of(spec: Any) -> str:
     """The formulation the spec trains and scores in (see the module docstring)."""
-    return str(getattr(spec.data, "formulation", None) or spec.eval.options)
+    return str(spec.data.formulation)
 
 
 def precision_of(metrics: Mapping[str, Any] | None, spec: Any) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import typing
@@ -33,6 +34,8 @@ import yaml
 
 from orchestrator.data.pools import DEFAULT_TEST_LIMIT, DEFAULT_VAL_LIMIT
 from orchestrator.spec.hparams import DOMAIN_KINDS, Domain, method_corner_configs, parse_domain, valid_hparam_names
+
+logger = logging.getLogger(__name__)
 
 
 class SpaceError(ValueError):
@@ -90,7 +93,13 @@ class DataSpec:
     mixing_temperature: float = _f(2.0, gt=0)
     """T of temperature mixing."""
     template: str = _f("alpaca", choices=("alpaca", "chat"))
-    """Prompt template (LLM-Adapters Alpaca style, or the tokenizer's chat template)."""
+    """Prompt template (LLM-Adapters Alpaca style, or the tokenizer's chat template) of the label formulation and
+    of free-form (math) tasks; the cloze formulation uses no template."""
+    formulation: str = _f("cloze", choices=("cloze", "label"))
+    """How multiple-choice items are trained AND scored (one setting, so the two cannot disagree; the zero-shot
+    reference too): "cloze" = context, then the gold option's own text (lm-eval/OLMES strings, docs/cloze.md);
+    "label" = the LLM-Adapters option list and "the correct answer is answerK". Models below ~1B parameters learn
+    only the label prior in "label" (Robinson & Wingate, ICLR 2023; OLMES, arXiv 2406.08446)."""
     max_length: int = _f(256, ge=8)
     """Maximum tokens per training example (examples whose answer does not fit are dropped and counted)."""
 
@@ -131,9 +140,6 @@ class EvalSpec:
     """Evaluate (and report to Tune/MLflow, checkpoint the adapter) every N optimizer steps and at the end."""
     scoring: str = _f("loglik", choices=("loglik", "generate"))
     """Option log-likelihood (robust default for small models) or LLM-Adapters' greedy generation."""
-    options: str = _f("label", choices=("label", "text"))
-    """Log-likelihood strings: "label" (the trained answer words, also used for the zero-shot reference, so both
-    sides of a Δ use one formulation) or "text" (lm-eval's cloze over the option texts)."""
     batch_size: int = _f(8, ge=1)
     """Evaluation batch size."""
 
@@ -300,7 +306,9 @@ rounded down to a multiple of the number of methods)."""
 
 #: Keys of earlier versions, with what replaced them (one clear error instead of "unknown key").
 RENAMED = {"eval.eval_limit": "use data.val_limit (items scored during training, the only ones choices see) and "
-                              "data.test_limit (held-out items, scored once on the final adapter and reported)"}
+                              "data.test_limit (held-out items, scored once on the final adapter and reported)",
+           "eval.options": "use data.formulation: cloze (was options: text) or label (was options: label); one "
+                           "setting now drives both the training targets and the scoring"}
 
 
 # --------------------------------------------------------------------------------------------- type checks
@@ -470,6 +478,9 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     if data.tasks is not None and not data.tasks:
         problems.append("data.tasks: is empty. Fix: list at least one task or use data.suite")
     problems += _check_tasks(data)
+    if data.formulation == "cloze" and groups["eval"].scoring == "generate":
+        problems.append("eval.scoring: 'generate' decodes from the templated prompt, i.e. the label formulation, "
+                        "but data.formulation is 'cloze'. Fix: eval.scoring: loglik, or data.formulation: label")
     if (train.max_steps is None) == (train.epochs is None):
         problems.append("train: give exactly one of train.max_steps or train.epochs")
     if train.precision == "fp16" and groups["resources"].gpus_per_worker == 0:
@@ -506,10 +517,33 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
         problems.append(f"debug.fail_method: {dbg.fail_method!r} is not a searched method ({', '.join(kinds)})")
     if problems:
         raise SpaceError(problems, source)
+    warn_small_label(groups["model"].name, data.formulation, source)
     return SearchSpec(name=name, storage_path=storage, model=groups["model"], data=data, train=train,
                       eval=groups["eval"], methods=tuple(methods), search=search, resources=res,
                       tracking=groups["tracking"], debug=dbg, smoke_test=smoke, source=source,
                       study=groups["study"])
+
+
+def model_params_hint(name: str) -> float | None:
+    """Parameters of a model from its name (``tiny-llama``; ``...-135m-...``, ``...-1.7B``), None when unknown."""
+    if name == "tiny-llama":
+        return 1e5
+    sizes = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)([mMbB])(?![a-zA-Z])", Path(name).name.replace("_", "-"))
+    if not sizes:
+        return None
+    value, unit = sizes[-1]
+    return float(value) * (1e6 if unit.lower() == "m" else 1e9)
+
+
+def warn_small_label(model: str, formulation: str, source: str) -> None:
+    """A model below ~1B parameters in the label formulation learns only the label prior: say so (logged)."""
+    params = model_params_hint(model)
+    if formulation == "label" and params is not None and params < 1e9:
+        logger.warning("%s: model %s (~%.3gM parameters) with data.formulation: label. Models below ~1B parameters "
+                       "cannot bind option symbols to option texts and learn only the label prior in the label "
+                       "formulation (Robinson & Wingate, ICLR 2023; OLMES, arXiv 2406.08446; issue 20: SmolLM2-135M "
+                       "reached exactly one label's share per task). Use data.formulation: cloze",
+                       source, model, params / 1e6)
 
 
 def _check_study(study: StudySpec, methods: list[MethodSpec]) -> list[str]:

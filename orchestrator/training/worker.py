@@ -141,7 +141,9 @@ def _pools_for(d: DataSpec):
 def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
     """(encoded training examples, ``{"val": {task: items}, "test": {task: items}}``, data notes), the same on
     every rank. ``train.seed`` only shuffles the mixed stream; the pools come from ``data.split_seed``."""
+    from orchestrator.data.cloze import encode_cloze_example
     from orchestrator.data.mixing import mix_examples
+    from orchestrator.data.tasks import get_task
     from orchestrator.data.tokenize import encode_example
 
     d = spec.data
@@ -149,8 +151,11 @@ def build_training_data(spec: SearchSpec, tokenizer: Any) -> tuple[list[dict], d
     mixed = mix_examples(suite.train, d.mixing, temperature=d.mixing_temperature,
                          num_examples=d.num_train_examples, seed=spec.train.seed)
     encoded, dropped = [], 0
-    for _task, ex in mixed:
-        enc = encode_example(tokenizer, ex, template=d.template, max_length=d.max_length)
+    for task, ex in mixed:
+        if d.formulation == "cloze" and ex.choices:  # the scorer's row of the gold option (orchestrator.data.cloze)
+            enc = encode_cloze_example(tokenizer, get_task(task), ex, max_length=d.max_length)
+        else:
+            enc = encode_example(tokenizer, ex, template=d.template, max_length=d.max_length)
         if enc is None:
             dropped += 1
         else:
@@ -443,12 +448,13 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
     window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
     progress.tokens += int(sum(rank_tokens))
-    acc, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+    scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+    acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
     test = {}
     if done == steps and pools["test"]:
-        test_acc, _, test_correct = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
-                                                     device)
-        test = test_metrics(test_acc, test_correct)
+        test_scores, _, test_items = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
+                                                      device)
+        test = test_metrics(test_scores, test_items)
         test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
     loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
     if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
@@ -469,7 +475,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
-        **divergence, **eval_metrics(acc, util, reference, progress.history), **test,
+        **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test,
         "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
     }
     progress.history.append(acc)
@@ -512,44 +518,55 @@ def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, 
 
 def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[str, list], spec: SearchSpec,
                      rank: int, world: int, device: torch.device
-                     ) -> tuple[dict[str, float], dict[str, dict], dict[str, list[int]]]:
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict[str, dict[str, list[int]]]]:
     """Per-task accuracy and routing fractions, each rank scoring items[rank::world], summed over ranks.
 
     Routing: every rank's raw token-slot counts per expert are summed over the ranks and then normalised, so the
     share is exact over all real tokens (not a per-rank share weighted by items).
-    Returns ({task: accuracy}, {task: {layer path: fraction (N,) of token-slots per expert}},
-    {task: 1/0 per item in the order of ``eval_by_task[task]``}).
+    Returns ({task: {"acc", "acc_norm", "primary"}}, {task: {layer path: fraction (N,) of token-slots per
+    expert}}, {task: {"correct": 1/0, "chosen": option index}} per item in the order of ``eval_by_task[task]``,
+    both under the task's primary metric). ``acc_norm`` is NaN where items are generated.
     """
     from malora.inject import reset_routing_stats, routing_stats
+    from orchestrator.data.tasks import get_task
     from orchestrator.evaluation.accuracy import evaluate_tasks
 
     model.eval()
     sizes = {name: frac.numel() for name, frac in routing_stats(model).items()}  # routed layer -> N
     names = sorted(sizes)
+    formulation = spec.data.formulation
     acc, util, per_item = {}, {}, {}
     with torch.no_grad():
         for task, items in eval_by_task.items():
             shard = items[rank::world]
             reset_routing_stats(model)
-            correct, n, counts, hits = 0.0, 0, {}, [0.0] * len(items)
+            correct, correct_norm, n, counts = 0.0, 0.0, 0, {}
+            hits, chosen = [0.0] * len(items), [0.0] * len(items)
+            loglik = spec.eval.scoring == "loglik" and get_task(task).scoring != "number"
+            primary = get_task(task).primary_metric(formulation) if loglik else "acc"
             if shard:
                 score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
                                        batch_size=spec.eval.batch_size, template=spec.data.template,
-                                       options=spec.eval.options)[task]
+                                       formulation=formulation)[task]
                 correct, n = score.accuracy * score.n, score.n
+                correct_norm = (score.accuracy_norm or 0.0) * score.n
                 counts = routing_stats(model, counts=True)
-                hits[rank::world] = [float(h) for h in score.correct]
-            # one vector per rank: [correct, n, token-slot counts of every routed layer, this rank's item hits],
-            # summed over the ranks (every item position is filled by exactly one rank)
-            vec = [correct, float(n)] + [float(x) for name in names
-                                         for x in counts.get(name, torch.zeros(sizes[name])).tolist()] + hits
+                hits[rank::world] = [float(h) for h in score.primary_correct]
+                chosen[rank::world] = [float(c) for c in score.primary_chosen]
+            # one vector per rank: [correct, correct_norm, n, token-slot counts of every routed layer, this rank's
+            # item hits and chosen options], summed over the ranks (every item position is filled by exactly one rank)
+            vec = [correct, correct_norm, float(n)] + [float(x) for name in names for x in counts.get(
+                name, torch.zeros(sizes[name])).tolist()] + hits + chosen
             vec = reduce_sum(vec, device) if world > 1 else vec
-            total, pos, util[task] = vec[1], 2, {}
+            total, pos, util[task] = vec[2], 3, {}
             for name in names:
                 slots = torch.tensor(vec[pos:pos + sizes[name]], dtype=torch.float64)
                 util[task][name] = slots / slots.sum().clamp_min(1.0)
                 pos += sizes[name]
-            per_item[task] = [int(round(h)) for h in vec[pos:]]
-            acc[task] = vec[0] / total if total else float("nan")
+            per_item[task] = {"correct": [int(round(h)) for h in vec[pos:pos + len(items)]],
+                              "chosen": [int(round(c)) for c in vec[pos + len(items):]]}
+            a = vec[0] / total if total else float("nan")
+            a_norm = vec[1] / total if total and loglik else float("nan")
+            acc[task] = {"acc": a, "acc_norm": a_norm, "primary": a_norm if primary == "acc_norm" else a}
     reset_routing_stats(model)
     return acc, util, per_item

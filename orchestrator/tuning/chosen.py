@@ -26,10 +26,10 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
 
     from malora.checkpoint import load_adapter
     from malora.inject import remove_adapters
-    from orchestrator.evaluation.accuracy import evaluate_tasks
     from orchestrator.evaluation.metrics import test_metrics
     from orchestrator.models.loading import load_model
-    from orchestrator.training.worker import load_pools
+    from orchestrator.spec.recorded import scoring_record
+    from orchestrator.training.worker import evaluate_sharded, load_pools
 
     if spec.resources.gpus_per_worker == 0:
         torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
@@ -45,12 +45,9 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
                 raise FileNotFoundError(f"trial {trial_id}: no saved adapter at {path}")
             load_adapter(model, local)
         model.to(device).eval()
-        with torch.no_grad():
-            scores = evaluate_tasks(model, tokenizer, test, scoring=spec.eval.scoring,
-                                    batch_size=spec.eval.batch_size, template=spec.data.template,
-                                    options=spec.eval.options)
-        out[trial_id] = test_metrics({t: s.accuracy for t, s in scores.items()},
-                                     {t: list(s.correct) for t, s in scores.items()})
+        # the trials' own evaluation path: the same formulation, metrics and per-item records as a study run
+        scores, _, items = evaluate_sharded(model, tokenizer, test, spec, 0, 1, torch.device(device))
+        out[trial_id] = {**test_metrics(scores, items), **scoring_record(test, spec)}
         remove_adapters(model)
     return out
 

@@ -39,7 +39,8 @@ def describe(spec: SearchSpec, cluster: dict[str, float] | None = None) -> str:
              f"  train        {'max_steps=' + str(t.max_steps) if t.max_steps else 'epochs=' + str(t.epochs)} "
              f"batch={t.batch_size}x{t.grad_accum} lr={t.lr:g} {t.schedule} warmup={t.warmup_ratio} "
              f"wd={t.weight_decay} {t.precision} seed={t.seed}",
-             f"  eval         every {spec.eval.every_n_steps} steps, {spec.eval.scoring} scoring ({spec.eval.options})",
+             f"  eval         every {spec.eval.every_n_steps} steps, {spec.eval.scoring} scoring "
+             f"({spec.data.formulation})",
              f"  search       {s.num_trials} trials ({s.num_trials // max(1, len(spec.methods))} per method, one "
              f"study each), {s.sampler} (seed {s.seed}), objectives {spec.objectives}",
              f"  asha         {'on' if s.asha.enabled else 'off'} (grace {s.asha.grace_period}, "

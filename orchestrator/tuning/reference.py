@@ -14,20 +14,49 @@ from orchestrator.spec.space import SearchSpec
 logger = logging.getLogger(__name__)
 
 
+class FormulationMismatch(ValueError):
+    """Numbers scored in one formulation compared with numbers of another (refused: they measure different things)."""
+
+
+def _formulation_of(key: dict) -> str | None:
+    """The formulation a cached reference was scored in (earlier versions recorded ``options``: text = cloze)."""
+    return key.get("formulation") or {"text": "cloze", "label": "label"}.get(key.get("options"))
+
+
+def check_formulation(spec: SearchSpec) -> dict | None:
+    """The stored ``reference.json`` of ``spec``'s search (None when there is none); raises FormulationMismatch
+    when it was scored in another formulation than ``data.formulation`` (the search's trials were too)."""
+    path = storage.join(spec.storage_path, spec.name, "reference.json")
+    text = storage.read_text(path)
+    if text is None:
+        return None
+    cached = json.loads(text)
+    before = _formulation_of(cached.get("key") or {})
+    if before is not None and before != spec.data.formulation:
+        raise FormulationMismatch(
+            f"{path} holds the zero-shot reference of {spec.name!r} scored in the {before} formulation, but "
+            f"data.formulation is {spec.data.formulation!r}: a comparison across formulations is refused. Fix: a "
+            f"new search name (--name) or storage_path, or data.formulation: {before} to continue the stored one")
+    return cached
+
+
 def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
-    """Base zero-shot accuracy ``{"val": {task: acc}, "test": {task: acc}, "test_correct": {task: [1/0...]}}``: from
-    ``<storage>/<name>/reference.json`` (a local folder or a URI) or computed once (a Ray task)."""
+    """Base zero-shot accuracy ``{"val": {task: primary}, "test": {task: primary}, "test_correct": {task: [1/0...]},
+    "test_chosen": {task: [option...]}, "formulation": f, ...}`` (see :func:`base_accuracy`): from
+    ``<storage>/<name>/reference.json`` (a local folder or a URI) or computed once (a Ray task).
+
+    A cached reference scored in another formulation is refused (FormulationMismatch), never recomputed over:
+    the trials already stored beside it were scored in that formulation too."""
     import ray
 
     d = spec.data
     key = {"model": spec.model.name, "dtype": spec.model.dtype, "suite": d.suite, "tasks": list(d.tasks or ()),
            "split_seed": d.split_seed, "val_limit": d.val_limit, "test_limit": d.test_limit,
            "train_limit": d.train_limit, "scoring": spec.eval.scoring, "template": d.template,
-           "options": spec.eval.options, "data_dir": d.data_dir}
+           "formulation": d.formulation, "data_dir": d.data_dir}
     path = storage.join(spec.storage_path, spec.name, "reference.json")
-    text = storage.read_text(path)
-    if text is not None:
-        cached = json.loads(text)
+    cached = check_formulation(spec)
+    if cached is not None:
         if cached.get("key") == key:
             logger.info("base zero-shot accuracy from %s", path)
             return cached["accuracy"]
@@ -42,11 +71,15 @@ def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
 
 
 def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
-    """Zero-shot accuracy of the base model on the search's val and test pools (``{"val": ..., "test": ...}``).
+    """Zero-shot accuracy of the base model on the search's val and test pools, in ``data.formulation``.
 
-    The val numbers are the seesaw reference of the trials' evaluations; the test numbers are reported beside the
-    trained ones. An adapter at initialisation leaves the model unchanged (B = 0), so val is also every trial's
-    step-0 score.
+    ``val``/``test``: ``{task: primary metric}`` (what the trials' ``val/primary``, ``val/mean_acc`` and
+    ``test/mean_acc`` compare with); ``val_scores``/``test_scores``: ``{task: {acc, acc_norm, primary}}`` (values;
+    ``primary_metric``: ``{task: "acc" | "acc_norm"}``);
+    ``test_correct``/``test_chosen``: per test item, 1/0 and the chosen option under the primary metric (the
+    study's intervals, paired comparisons and learned-per-item check). The val numbers are the seesaw reference
+    of the trials' evaluations. An adapter at initialisation leaves the model unchanged (B = 0), so val is also
+    every trial's step-0 score.
     """
     from orchestrator.evaluation.accuracy import evaluate_tasks
     from orchestrator.training.worker import load_pools
@@ -58,12 +91,16 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
     suite = load_pools(spec)
-    out = {}
+    out: dict = {"formulation": spec.data.formulation}
     for pool in ("val", "test"):
         scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
                                 batch_size=spec.eval.batch_size, template=spec.data.template,
-                                options=spec.eval.options)
-        out[pool] = {task: s.accuracy for task, s in scores.items()}
-        if pool == "test":  # per item, for the study's intervals and paired comparisons
-            out["test_correct"] = {task: list(s.correct) for task, s in scores.items()}
+                                formulation=spec.data.formulation)
+        out[pool] = {task: s.primary_accuracy for task, s in scores.items()}
+        out[f"{pool}_scores"] = {task: {"acc": s.accuracy, "acc_norm": s.accuracy_norm, "primary": s.primary_accuracy}
+                                 for task, s in scores.items()}
+        out["primary_metric"] = {task: s.primary for task, s in scores.items()}
+        if pool == "test":  # per item, for the study's intervals, paired comparisons and learned-per-item check
+            out["test_correct"] = {task: list(s.primary_correct) for task, s in scores.items()}
+            out["test_chosen"] = {task: list(s.primary_chosen) for task, s in scores.items()}
     return out

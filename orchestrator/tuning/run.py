@@ -16,7 +16,7 @@ from orchestrator.cluster.runtime import init_ray, prepare_env
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.worker import load_pools
 from orchestrator.tuning.plan import concurrency
-from orchestrator.tuning.reference import cached_reference
+from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
 from orchestrator.tuning.tuner import build_tuner
 
 logger = logging.getLogger("orchestrator.search")
@@ -50,6 +50,10 @@ def preflight(spec: SearchSpec, configs: dict[str, dict] | None = None) -> str |
     except (DataError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"data: {type(exc).__name__}: {first} (data_dir {spec.data.data_dir})"
+    try:  # a search continued (or a name reused) in another formulation would compare across formulations
+        check_formulation(spec)
+    except FormulationMismatch as exc:
+        return f"data.formulation: {exc}"
     return None
 
 

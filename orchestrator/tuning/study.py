@@ -172,7 +172,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.tuning.run import report_skipped
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.provenance import study_provenance
-    from orchestrator.tuning.reference import cached_reference
+    from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
     from orchestrator.tuning.run import run_search
     from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.record import PlanError, check_resume, read_plan, write_plan
@@ -190,6 +190,12 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     if from_search and not tune.Tuner.can_restore(search_path):
         print(f"error: --from-search {from_search}: no search at {search_path}. Fix: name a finished search under "
               f"{spec.storage_path}", file=sys.stderr)
+        return 2
+    try:  # configurations chosen in one formulation are not replicated and compared in another
+        for name_ in {spec.name, from_search or spec.name}:
+            check_formulation(dataclasses.replace(spec, name=name_))
+    except FormulationMismatch as exc:
+        print(f"error: data.formulation: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     if spec.study.search and not from_search:

@@ -87,7 +87,7 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
         assert 0 < float(p["trainable_share"]) < 1 and float(p["lr"]) > 0
         assert {"val/acc/boolq", "val/acc/arc_e", "val/mean_acc", "train_loss", "tokens_per_s", "step_time_s",
                 "peak_memory_mb", "seesaw/mean_delta", "delta/boolq"} <= set(m)
-        assert m["val/mean_acc"] == pytest.approx((m["val/acc/boolq"] + m["val/acc/arc_e"]) / 2)
+        assert m["val/mean_acc"] == pytest.approx((m["val/primary/boolq"] + m["val/primary/arc_e"]) / 2)
         steps = [h.step for h in c.get_metric_history(run.info.run_id, "val/mean_acc")]
         assert steps == sorted(set(steps)) and steps[0] == 2
         # test: once, after choosing (one trial per method: both are chosen), on the final adapter's 8 held-out

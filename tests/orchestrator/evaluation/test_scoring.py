@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from orchestrator.evaluation import scoring as sc
-from orchestrator.data.schema import Example
+from orchestrator.data.schema import DataError, Example
+from orchestrator.data.tokenize import ALPACA_PROMPT
 from orchestrator.data.tasks import get_task, load_task
 from orchestrator.evaluate import main
 from orchestrator.evaluation.accuracy import TaskScore, evaluate_tasks, option_requests
@@ -53,30 +54,32 @@ def test_label_scoring_follows_the_logits_on_a_real_item(shared_data_dir, tok):
     _, wrong_last = _last_token(tok, " answer3")
     with torch.no_grad():
         model.table[prev, gold_last] = 5.0
-    assert evaluate_tasks(model, tok, {"arc_e": [ex]}, options="label")["arc_e"].accuracy == 1.0
+    assert evaluate_tasks(model, tok, {"arc_e": [ex]}, formulation="label")["arc_e"].accuracy == 1.0
     with torch.no_grad():
         model.table[prev, wrong_last] = 6.0
-    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, options="label")["arc_e"]
-    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25, (0,))
+    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, formulation="label")["arc_e"]
+    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25, (0,), "acc", (0,), (2,), (2,))
 
 
 def test_sum_and_length_normalised_log_likelihood_by_hand(tok):
     # Uniform logits: every token costs log V, so LL(c) = -len(c) log V.
-    # acc picks the option with the fewest tokens; acc_norm divides by the option's UTF-8 bytes.
-    ex = Example("q", "t", ("the quick brown fox jumps over the lazy dog", "zq"), 0, "answer1",
-                 ("answer1", "answer2"), "Which?")
+    # acc picks the option with the fewest tokens; acc_norm divides by the option's characters (lm-eval).
+    long, short = "the quick brown fox jumps over the lazy dog", "zq"
+    ex = Example("q", "t", (long, short), 0, "answer1", ("answer1", "answer2"), "Which?")
     task = get_task("arc_e")
     model = BigramLM(len(tok))
-    reqs = option_requests(task, ex, tok, options="text")
-    rows = sc.build_rows([reqs], 512)
-    ll = sc.continuation_logprobs(model, rows, batch_size=2, pad_id=0)
-    n_tokens = [len(c) for _, c in reqs]
-    assert [ll[0], ll[1]] == pytest.approx([-n * math.log(len(tok)) for n in n_tokens])
-    nbytes = [len(" the quick brown fox jumps over the lazy dog"), len(" zq")]
-    expect_norm = sc.pick([-n / b for n, b in zip(n_tokens, nbytes)])
-    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, options="text")["arc_e"]
+    reqs = option_requests(task, ex, tok, formulation="cloze")
+    n_tokens = [len(tok("Question: Which?\nAnswer: " + o)["input_ids"]) - len(tok("Question: Which?\nAnswer:")
+                                                                              ["input_ids"]) for o in (long, short)]
+    assert [len(c) for _, c in reqs] == n_tokens
+    for ll in (sc.continuation_logprobs(model, sc.build_rows([reqs], 512), batch_size=2, pad_id=0),
+               sc.shared_context_logprobs(model, [reqs], batch_size=2, pad_id=0, max_length=512)):
+        assert [ll[0], ll[1]] == pytest.approx([-n * math.log(len(tok)) for n in n_tokens])
+    norm = [-n * math.log(len(tok)) / len(o) for n, o in zip(n_tokens, (long, short))]
+    score = evaluate_tasks(model, tok, {"arc_e": [ex]}, formulation="cloze")["arc_e"]
     assert n_tokens[1] < n_tokens[0] and score.accuracy == 0.0  # the short wrong option wins on the sum
-    assert score.accuracy_norm == float(expect_norm == 0)
+    assert score.accuracy_norm == float(norm[0] > norm[1]) == 1.0  # and loses per character
+    assert score.primary == "acc_norm" and score.primary_accuracy == 1.0 and score.chosen_norm == (0,)
 
 
 def test_batched_left_padded_log_likelihood_matches_unpadded(tiny):
@@ -100,22 +103,22 @@ def test_batched_left_padded_log_likelihood_matches_unpadded(tiny):
 def test_label_words_share_one_row(tok):
     ex = Example("p", "t", ("a red apple", "the blue sky", "green"), 0, "answer1",
                  ("answer1", "answer2", "answer3"), "q")
-    reqs = option_requests(get_task("arc_e"), ex, tok, options="label")
+    reqs = option_requests(get_task("arc_e"), ex, tok, formulation="label")
     rows = sc.build_rows([reqs], 512)
     assert len(rows) == 1 and len(rows[0].targets) == 3
-    text_reqs = option_requests(get_task("arc_e"), ex, tok, options="text")
+    text_reqs = option_requests(get_task("arc_e"), ex, tok, formulation="cloze")
     assert len(sc.build_rows([text_reqs], 512)) == 3
 
 
 def test_cloze_contexts(tok):
     wino = Example("p", "t", ("Sarah", "Maria"), 1, "option2", ("option1", "option2"), "Sarah beat Maria so _ won.")
-    reqs = option_requests(get_task("winogrande"), wino, tok, options="text")
+    reqs = option_requests(get_task("winogrande"), wino, tok, formulation="cloze")
     assert [tok.decode(c) for c, _ in reqs] == ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"]
     assert {tok.decode(x) for _, x in reqs} == {" won."}
     boolq = Example("p", "t", ("true", "false"), 0, "true", ("true", "false"), "is it?")
-    reqs = option_requests(get_task("boolq"), boolq, tok, options="text")
+    reqs = option_requests(get_task("boolq"), boolq, tok, formulation="cloze")
     assert tok.decode(reqs[0][0]) == "Question: is it?\nAnswer:"
-    assert [tok.decode(x) for _, x in reqs] == [" true", " false"]
+    assert [tok.decode(x) for _, x in reqs] == [" yes", " no"]  # lm-eval's and OLMES' BoolQ options
 
 
 def test_generation_parsing():
@@ -140,19 +143,56 @@ def test_number_extraction(text, gold, ok):
     assert sc.number_correct(text, gold) is ok
 
 
+def _plain_loglik(model, ctx: list[int], cont: list[int]) -> float:
+    """One unpadded full forward of context + continuation, log-softmax at every position."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
 def test_evaluate_tasks_end_to_end(tiny, shared_data_dir):
     model, tok = tiny
     model.train()
     _, arc = load_task("arc_e", shared_data_dir)
     _, gsm = load_task("gsm8k", shared_data_dir)
-    scores = evaluate_tasks(model, tok, {"arc_e": arc[:3], "gsm8k": gsm[:1]}, batch_size=2, max_new_tokens=2)
-    assert scores["arc_e"].n == 3 and scores["arc_e"].method == "loglik/label" and scores["arc_e"].chance == 0.25
+    scores = evaluate_tasks(model, tok, {"arc_e": arc[:6], "gsm8k": gsm[:1]}, batch_size=2, max_new_tokens=2)
+    assert scores["arc_e"].n == 6 and scores["arc_e"].method == "loglik/label" and scores["arc_e"].chance == 0.25
     assert scores["gsm8k"].n == 1 and scores["gsm8k"].method == "generate" and scores["gsm8k"].accuracy_norm is None
-    gen = evaluate_tasks(model, tok, {"arc_e": arc[:3]}, scoring="generate", max_new_tokens=2)
-    assert gen["arc_e"].method == "generate" and 0.0 <= gen["arc_e"].accuracy <= 1.0
-    again = evaluate_tasks(model, tok, {"arc_e": arc[:3]}, batch_size=3)
-    assert again["arc_e"] == scores["arc_e"]  # deterministic and batch-size independent
+    prefix = tok("the correct answer is", add_special_tokens=False)["input_ids"]
+    for formulation in ("label", "cloze"):
+        got = evaluate_tasks(model, tok, {"arc_e": arc[:6]}, batch_size=4, formulation=formulation)["arc_e"]
+        chosen = []
+        for ex in arc[:6]:  # contexts and continuations written out here, scored one plain forward each
+            if formulation == "label":
+                ctx = tok(ALPACA_PROMPT.format(instruction=ex.prompt))["input_ids"] + prefix
+                lls = [_plain_loglik(model, ctx, tok(f" {lab}", add_special_tokens=False)["input_ids"])
+                       for lab in ex.labels]
+            else:
+                ctx = tok(f"Question: {ex.question}\nAnswer:")["input_ids"]
+                lls = [_plain_loglik(model, ctx, tok(f"Question: {ex.question}\nAnswer: {c}")["input_ids"][len(ctx):])
+                       for c in ex.choices]
+            chosen.append(max(range(len(lls)), key=lambda k: lls[k]))
+        assert got.chosen == tuple(chosen), formulation
+        assert got.accuracy == sum(c == ex.answer_index for c, ex in zip(chosen, arc[:6])) / 6
     assert model.training  # the caller's mode is restored
+
+
+def test_generate_hits_follow_the_generated_text(tiny, shared_data_dir):
+    model, tok = tiny
+    _, arc = load_task("arc_e", shared_data_dir)
+    gen = evaluate_tasks(model, tok, {"arc_e": arc[:3]}, scoring="generate", max_new_tokens=3)["arc_e"]
+    expected = []
+    for ex in arc[:3]:  # one unbatched HF generate per item, parsed by the LLM-Adapters rule written out here
+        ids = torch.tensor([tok(ALPACA_PROMPT.format(instruction=ex.prompt))["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower()
+        found = sorted((text.find(lab), k) for k, lab in enumerate(ex.labels) if lab in text)
+        expected.append(found[0][1] if found else -1)
+    assert gen.method == "generate" and gen.chosen == tuple(expected)
+    assert gen.correct == tuple(int(c == ex.answer_index) for c, ex in zip(expected, arc[:3]))
+    with pytest.raises(DataError, match="formulation='cloze'"):
+        evaluate_tasks(model, tok, {"arc_e": arc[:1]}, scoring="generate", formulation="cloze")
 
 
 def test_generate_is_deterministic(tiny):
@@ -167,6 +207,9 @@ def test_cli_table_and_errors(shared_data_dir, capsys):
                  "--data-dir", str(shared_data_dir)]) == 0
     out = capsys.readouterr().out
     assert "| arc_e | 2 |" in out and "| boolq | 2 |" in out and "| mean | 4 |" in out and "time:" in out
+    assert "formulation cloze" in out and "| acc_norm " in out  # cloze by default; arc_e's primary metric
+    assert main(["--model", "tiny-llama", "--suite", "boolq", "--options", "text"]) == 2
+    assert "--options was replaced by --formulation" in capsys.readouterr().err
     assert main(["--model", "tiny-llama", "--suite", "nope", "--data-dir", str(shared_data_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown suite or task 'nope'") and err.count("\n") == 1

@@ -157,9 +157,9 @@ def test_build_results_with_single_task_references_by_hand(tmp_path):
     # what the runs recorded, and the provenance with the runs' common formulation and precision
     assert res["runs"][0]["test_sha256"] == {"piqa": "sha-piqa", "boolq": "sha-boolq"}
     assert res["runs"][-1] == {"role": "single_task", "method": "lora", "seed": 2, "task": "boolq",
-                               "test_sha256": {"boolq": "sha-boolq"}, "formulation": "label", "precision": "fp32"}
+                               "test_sha256": {"boolq": "sha-boolq"}, "formulation": "cloze", "precision": "fp32"}
     prov = res["provenance"]
-    assert prov == {"model_sha256": "m", "data_sha256": {"f": "d"}, "precision": "fp32", "formulation": "label",
+    assert prov == {"model_sha256": "m", "data_sha256": {"f": "d"}, "precision": "fp32", "formulation": "cloze",
                     "wall_s": 2.0}
     text = study_report.markdown(res)
     assert f"| {100 * LAMBDA_80_DF2 * s:.2f} |" in text and "MDD 80 %" in text
@@ -186,8 +186,8 @@ def test_the_report_refuses_runs_scored_on_other_items_or_precisions(tmp_path):
     with pytest.raises(study_report.ReportError, match="different precisions: bf16, fp32"):
         _hand_study(tmp_path, change=bf16)
 
-    def cloze(done):
-        done[0]["metrics"]["formulation"] = "cloze"
+    def label(done):
+        done[0]["metrics"]["formulation"] = "label"
 
     with pytest.raises(study_report.ReportError, match="different formulations: cloze, label"):
-        _hand_study(tmp_path, change=cloze)
+        _hand_study(tmp_path, change=label)

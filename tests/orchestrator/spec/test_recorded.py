@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from types import SimpleNamespace
 
 from orchestrator.data.schema import Example
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of, scoring_record
@@ -25,17 +24,15 @@ def test_test_record_hashes_the_sorted_item_keys():
     assert rec["test_sha256/boolq"] == hashlib.sha256("\n".join(keys).encode()).hexdigest()
     reversed_ = scoring_record({"boolq": items[::-1]}, spec)
     assert rec["test_sha256/boolq"] == reversed_["test_sha256/boolq"]  # order-free
-    assert rec["test_sha256/arc_e"] != rec["test_sha256/boolq"] and rec["formulation"] == spec.eval.options
+    assert rec["test_sha256/arc_e"] != rec["test_sha256/boolq"] and rec["formulation"] == spec.data.formulation
     assert item_hashes({**rec, "test/mean_acc": 0.5}) == {"boolq": rec["test_sha256/boolq"],
                                                           "arc_e": rec["test_sha256/arc_e"]}
 
 
 def test_formulation_and_precision_prefer_what_is_recorded():
     spec = load_space("search_spaces/smoke.yaml")
-    text = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, options="text"))
-    assert formulation_of(spec) == "label" and formulation_of(text) == "text"
-    later = SimpleNamespace(data=SimpleNamespace(formulation="cloze"), eval=spec.eval)  # issue 20's field
-    assert formulation_of(later) == "cloze"
+    label = dataclasses.replace(spec, data=dataclasses.replace(spec.data, formulation="label"))
+    assert formulation_of(spec) == "cloze" and formulation_of(label) == "label"
     assert precision_of(None, spec) == spec.train.precision == "fp32"
     assert precision_of({"precision": "bf16"}, spec) == "bf16"               # the resolved value a run reports
     assert precision_of({"precision": 1.0}, spec) == "fp32"                  # not a precision name

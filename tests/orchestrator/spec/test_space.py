@@ -13,7 +13,7 @@ import yaml
 from orchestrator import search
 from orchestrator.spec.hparams import (ConditionalSpace, adapter_config, expert_schedule, optuna_points,
                                   schedule_factor, trial_hparams)
-from orchestrator.spec.space import SpaceError, load_space, numeric_string_fix, spec_from_dict
+from orchestrator.spec.space import SpaceError, load_space, model_params_hint, numeric_string_fix, spec_from_dict
 
 SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
 SHIPPED = sorted(SPACES.glob("*.yaml"))
@@ -95,6 +95,10 @@ BAD = [
     ("search.objectives", {"val/acc/piqa": "max"}, r"search\.objectives\.val/acc/piqa: not reported by trials"),
     ("eval.eval_limit", 8, r"eval\.eval_limit was replaced: use data\.val_limit .* and data\.test_limit"),
     ("data.val_limit", 0, r"data\.val_limit: 0 is impossible"),
+    ("eval.options", "text", r"eval\.options was replaced: use data\.formulation: cloze .* one setting now drives"),
+    ("data.formulation", "mc", r"data\.formulation: 'mc' is not allowed\. Fix: use one of cloze, label"),
+    ("eval.scoring", "generate", r"eval\.scoring: 'generate' decodes from the templated prompt.*data\.formulation: "
+                                 r"label"),
     ("study.seeds", 0, r"study\.seeds: 0 is impossible"),
     ("study.single_task_method", "hydra", r"study\.single_task_method: 'hydra' is not a method of this space"),
     ("study.comparisons", ["malora-molora"], r"study\.comparisons\[0\]: 'malora-molora' must be 'a-b'"),
@@ -351,3 +355,35 @@ def test_fixed_study_configs_need_every_searched_hyperparameter():
     ok = _set(_set(smoke_raw(), "study.search", False), "study.configs", {
         "lora": {"r": 4, "lr": 1.0e-3}, "malora": {"d": 16, "beta": 1.25, "lr": 1.0e-3}})
     assert spec_from_dict(ok, base_dir=SPACES).study.configs["malora"]["d"] == 16
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_spaces_below_1b_use_cloze(path, caplog):
+    raw = yaml.safe_load(path.read_text())
+    assert "options" not in (raw.get("eval") or {})
+    params = model_params_hint(raw["model"]["name"])
+    assert params is not None and params < 1e9, "a shipped space with a model of unknown or large size: check it"
+    with caplog.at_level("WARNING", logger="orchestrator.spec.space"):
+        spec = load_space(path)
+    assert spec.data.formulation == "cloze" and not caplog.records
+
+
+@pytest.mark.parametrize(("model", "params"), [("tiny-llama", 1e5), ("smollm2-135m-instruct", 135e6),
+                                               ("HuggingFaceTB/SmolLM2-1.7B", 1.7e9), ("Qwen/Qwen2.5-0.5B", 5e8),
+                                               ("/models/my_llama", None)])
+def test_model_size_from_its_name(model, params):
+    assert model_params_hint(model) == params
+
+
+def test_a_small_model_in_the_label_formulation_is_warned_about(caplog):
+    raw = _set(_set(smoke_raw(), "data.formulation", "label"), "model.name", "smollm2-135m-instruct")
+    with caplog.at_level("WARNING", logger="orchestrator.spec.space"):
+        spec = spec_from_dict(raw, base_dir=SPACES)
+    assert spec.data.formulation == "label"
+    (record,) = caplog.records
+    assert "learn only the label prior" in record.message and "Robinson & Wingate" in record.message
+    assert "arXiv 2406.08446" in record.message and "data.formulation: cloze" in record.message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="orchestrator.spec.space"):
+        spec_from_dict(_set(raw, "model.name", "meta-llama/Llama-2-7b-hf"), base_dir=SPACES)
+    assert not caplog.records

@@ -23,4 +23,4 @@ def test_the_final_report_records_the_test_items_it_scored(shared_data_dir, monk
         keys = sorted(hashlib.sha256(f"{e.prompt}\x1f{e.target}".encode()).hexdigest()[:16] for e in items)
         assert final[f"test_sha256/{task}"] == hashlib.sha256("\n".join(keys).encode()).hexdigest()
         assert len(final[f"test_correct/{task}"]) == len(items)
-    assert final["formulation"] == spec.eval.options
+    assert final["formulation"] == spec.data.formulation
