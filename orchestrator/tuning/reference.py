@@ -51,18 +51,21 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     from orchestrator.evaluation.accuracy import evaluate_tasks
     from orchestrator.training.worker import load_pools
     from orchestrator.models.loading import load_model
+    from orchestrator.models.precision import plan_run
 
     if spec.resources.gpus_per_worker == 0:
         torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
     device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
+    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)  # as the trials
+    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
     suite = load_pools(spec)
     out = {}
     for pool in ("val", "test"):
-        scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
-                                batch_size=spec.eval.batch_size, template=spec.data.template,
-                                options=spec.eval.options)
+        with scoring.context(device):
+            scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
+                                    batch_size=spec.eval.batch_size, template=spec.data.template,
+                                    options=spec.eval.options)
         out[pool] = {task: s.accuracy for task, s in scores.items()}
         if pool == "test":  # per item, for the study's intervals and paired comparisons
             out["test_correct"] = {task: list(s.correct) for task, s in scores.items()}
