@@ -47,7 +47,7 @@ def held_dtype(model_dtype: str, precision: str) -> str:
     return AUTO_HELD[precision] if model_dtype == "auto" else model_dtype
 
 
-def conflict(precision: str, weights: str, key: str = "train.precision") -> str | None:
+def conflict(precision: str, weights: str, key: str = "train.precision", dtype_key: str = "model.dtype") -> str | None:
     """Why base weights held in ``weights`` cannot compute ``precision`` (resolved), or None when they can.
 
     Allowed: float32 weights (any precision; bf16/fp16 then run under autocast) or weights already in the
@@ -55,8 +55,8 @@ def conflict(precision: str, weights: str, key: str = "train.precision") -> str 
     """
     if weights in ("float32", COMPUTE_DTYPE[precision]):
         return None
-    return (f"{key}: {precision} with model.dtype: {weights} -- {weights} base weights cannot compute {precision}. "
-            f"Fix: model.dtype: auto (or float32), or {key}: {'bf16' if weights == 'bfloat16' else 'fp16'}")
+    return (f"{key}: {precision} with {dtype_key}: {weights} -- {weights} base weights cannot compute {precision}. "
+            f"Fix: {dtype_key}: auto (or float32), or {key}: {'bf16' if weights == 'bfloat16' else 'fp16'}")
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,20 @@ class Precision:
 
 
 def plan_precision(requested: str, model_dtype: str, device: torch.device | str, *,
-                   key: str = "train.precision") -> Precision:
+                   key: str = "train.precision", dtype_key: str = "model.dtype") -> Precision:
     """Resolve ``requested`` on ``device`` and the weights it runs on; raise :class:`PrecisionError` on a conflict.
 
     ``model_dtype`` is ``model.dtype`` (``auto`` follows the precision) or, for evaluation, the dtype the
     training already holds the base in.
     """
     if model_dtype not in MODEL_DTYPES:
-        raise PrecisionError(f"model.dtype: {model_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        raise PrecisionError(f"{dtype_key}: {model_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
     name, reason = resolve_precision(requested, device)
     if name == "fp16" and torch.device(device).type == "cpu":
         raise PrecisionError(f"{key}: fp16 needs a GPU (CPUs compute fp16 slowly, without loss scaling support). "
                              f"Fix: {key}: auto, bf16 or fp32")
     weights = held_dtype(model_dtype, name)
-    problem = conflict(name, weights, key)
+    problem = conflict(name, weights, key, dtype_key)
     if problem:
         raise PrecisionError(problem)
     return Precision(name, reason, weights)
