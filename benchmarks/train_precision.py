@@ -25,6 +25,9 @@ step (as ``train_throughput.step_flops``): per real token ``4 N_body + 6 N_adapt
 backward to the input only) plus causal attention ``6 L d_attn t`` at position t, plus ``4 V H`` per response
 position (head forward and backward). ``limit_share``: a variant's model FLOPs per second over the bf16 limit,
 the machine's real ceiling (``limit_share_own``: over its own precision's limit).
+
+The process keeps freed memory mapped (``orchestrator.models.precision.keep_freed_memory``, as the worker does);
+``--glibc-default`` leaves glibc's default (fresh zero-filled pages for large blocks), the loop before this issue.
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ def run(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    if not args.glibc_default:
+        keep_freed_memory()
     names = [n for n in args.variants.split(",") if n in VARIANTS or n == HF] if args.variants != ",".join(
         tt.VARIANTS) else [*VARIANTS, HF]
     t_setup = time.perf_counter()
@@ -166,7 +170,7 @@ def run(args) -> int:
                   "pad_share": summary[names[0]]["pad_share"], "max_length": args.max_length},
         "cpu": {"model": info["model"], "bf16_flags": [f for f in info["flags"] if "bf16" in f or "amx" in f],
                 "flags": info["flags"], "logical_cpus": info["logical_cpus"]},
-        "setup_s": setup_s, "clock": args.clock, "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0],
+        "keep_freed_memory": not args.glibc_default, "setup_s": setup_s, "clock": args.clock, "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0],
         "config": {k: v for k, v in vars(args).items() if k != "json"},
     }
     print_table(result, names)

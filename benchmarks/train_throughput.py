@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--precision", action="store_true",
                    help="the bf16 comparison of issue 19 instead (benchmarks/train_precision.py)")
+    p.add_argument("--glibc-default", action="store_true", help="--precision: leave glibc's allocator settings")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.rounds, args.train_limit = "tiny-llama", 2, 100
