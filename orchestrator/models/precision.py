@@ -119,7 +119,8 @@ def keep_freed_memory() -> bool:
     By default glibc serves blocks above a (dynamic) threshold with ``mmap`` and returns them on ``free``: every
     training step then allocates its activations and gradients afresh and the kernel zero-fills each page on
     first touch. On one SmolLM2 step that page-fault cost made a (64, 49152) log-softmax 45 ms instead of 6 ms
-    (``benchmarks/README.md``, issue 19). ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` (the largest glibc accepts;
+    (profiled; over whole interleaved steps the gain was within the shared machine's noise, ``benchmarks/README.md``,
+    issue 19). ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` (the largest glibc accepts;
     fixing it also stops the threshold from moving) and ``M_TRIM_THRESHOLD`` keep the pages mapped. Returns
     whether glibc took the settings (False on other C libraries: nothing changes there).
     """

@@ -117,6 +117,14 @@ def test_a_bf16_model_on_cpu_uses_the_mixed_attention():
     assert load_model("tiny-llama", dtype="float32")[0].config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("cpu, dtype", [(AMX, torch.bfloat16), (EPYC, torch.float32)])
+def test_load_model_auto_follows_the_cpu(fake_cpu, cpu, dtype):
+    from orchestrator.models.loading import load_model
+    fake_cpu(cpu)
+    model, _ = load_model("tiny-llama", dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
 def test_glibc_keeps_freed_blocks():
     import platform
     if platform.libc_ver()[0] != "glibc":
