@@ -67,6 +67,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 LORA16 = ("lora", {"r": 16, "alpha": 32.0, "dropout": 0.05})
 ADAPTERS = {  # variant -> (malora kind, config fields); all on TARGETS
@@ -115,14 +116,15 @@ def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
 class LoopRunner:
     """One variant of our loop: its adapter on a shared-weight copy, its optimiser, its batch plan."""
 
-    def __init__(self, name: str, base, tokenizer, spec, plan: list[list[int]], encoded: list[dict], clock: Clock):
+    def __init__(self, name: str, base, tokenizer, spec, plan: list[list[int]], encoded: list[dict], clock: Clock,
+                 *, adapter: str | None = None, precision=None):
         from malora.config import CONFIG_CLASSES
         from malora.inject import adapter_layers, inject_adapters
         from orchestrator.data.tokenize import collate
         from orchestrator.training import worker
         from orchestrator.training.loss import ResponseLoss
 
-        kind, fields = ADAPTERS[name]
+        kind, fields = ADAPTERS[adapter or name]
         model = shared_copy(base)
         torch.manual_seed(0)
         cfg = CONFIG_CLASSES[kind](**fields, target_modules=TARGETS)
@@ -130,7 +132,7 @@ class LoopRunner:
         for _, layer in adapter_layers(model):
             layer.fused_input = name not in SEPARATE
         self.name, self.spec, self.clock, self.worker = name, spec, clock, worker
-        self.trial = worker.TrialModel(model, tokenizer, kind, {}, cfg, None)
+        self.trial = worker.TrialModel(model, tokenizer, kind, {}, cfg, None, precision or worker.FP32)
         self.optim = worker.build_optimisation(self.trial, spec, steps=len(plan))
         self.loss = ResponseLoss(model, full_logits=name == "before")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -177,7 +179,7 @@ def memory_tracker(model: torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ HF Trainer
-def hf_trainer(base, tokenizer, plan: list[list[int]], encoded: list[dict], args, callback):
+def hf_trainer(base, tokenizer, plan: list[list[int]], encoded: list[dict], args, callback, *, bf16: bool = False):
     """HF Trainer + peft LoRA r16 (alpha 32, dropout 0.05, TARGETS), grouped by length, our collate."""
     import peft
     from torch.utils.data import SequentialSampler
@@ -205,7 +207,7 @@ def hf_trainer(base, tokenizer, plan: list[list[int]], encoded: list[dict], args
         max_steps=len(plan), learning_rate=4.0e-4, weight_decay=0.01, lr_scheduler_type="cosine",
         warmup_steps=0.1, max_grad_norm=1.0, train_sampling_strategy="group_by_length", logging_strategy="no",
         save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        remove_unused_columns=False)
+        remove_unused_columns=False, bf16=bf16)
     return OrderedTrainer(model=model, args=targs, train_dataset=data, data_collator=collator,
                           callbacks=[callback])
 
@@ -325,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--quick", action="store_true", help="tiny-llama, 1 warm-up + 2 rounds: a smoke test")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--precision", action="store_true",
+                   help="the bf16 comparison of issue 19 instead (benchmarks/train_precision.py)")
+    p.add_argument("--glibc-default", action="store_true", help="--precision: leave glibc's allocator settings")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.rounds, args.train_limit = "tiny-llama", 2, 100
+    if args.precision:
+        import train_precision
+
+        return train_precision.run(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="split seed of the pools (a search's data.split_seed)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="base weights: auto (follows --precision), float32, bfloat16")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp16"), default="auto",
+                   help="auto: bf16 where the device computes it natively, else fp32 (orchestrator.models.precision)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=None, help="converted-model cache (default: $MALORA_CACHE or ~/.cache)")
@@ -71,16 +73,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         t1 = time.perf_counter()
         from orchestrator.models.loading import load_model
 
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+        from orchestrator.models.precision import plan_precision
+
+        precision = plan_precision(args.precision, args.dtype, args.device, key="--precision", dtype_key="--dtype")
+        model, tokenizer = load_model(args.model, dtype=precision.weights, device=args.device,
+                                      cache_dir=args.cache_dir)
         if args.adapter:
             from malora.checkpoint import load_adapter
 
             load_adapter(model, args.adapter)
             model.eval()
         t2 = time.perf_counter()
-        scores = evaluate_tasks(model, tokenizer, getattr(suite, args.split), scoring=args.scoring, batch_size=args.batch_size,
-                                template=args.template, formulation=args.formulation,
-                                max_new_tokens=args.max_new_tokens)
+        with precision.context(torch.device(args.device).type):
+            scores = evaluate_tasks(model, tokenizer, getattr(suite, args.split), scoring=args.scoring,
+                                    batch_size=args.batch_size, template=args.template,
+                                    formulation=args.formulation, max_new_tokens=args.max_new_tokens)
         t3 = time.perf_counter()
     except (ValueError, OSError) as exc:  # DataError, ModelError, ConfigError are ValueErrors
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
@@ -88,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"model {args.model}{' + adapter ' + args.adapter if args.adapter else ''} | suite {suite.name} | "
           f"scoring {args.scoring} (formulation {args.formulation}, template {args.template}) | {args.split} pool, "
-          f"limit {args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads {torch.get_num_threads()}")
+          f"limit {args.limit} | split seed {args.seed} | data {data_dir or 'Hub'} | torch threads "
+          f"{torch.get_num_threads()} | precision {precision.name} ({precision.record()['precision_reason']})")
     print(format_table(scores))
     print(f"time: data {t1 - t0:.1f} s, model {t2 - t1:.1f} s, evaluation {t3 - t2:.1f} s, total {t3 - t0:.1f} s")
     return 0

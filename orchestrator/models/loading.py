@@ -52,9 +52,19 @@ def load_model(
     cache_dir: str | Path | None = None,
     seed: int = 0,
 ):
-    """Load ``(model, tokenizer)``; ``seed`` only matters for ``tiny-llama`` (its random init)."""
+    """Load ``(model, tokenizer)``; ``seed`` only matters for ``tiny-llama`` (its random init).
+
+    ``dtype="auto"``: bfloat16 where ``device`` computes bf16 natively, else float32
+    (:func:`orchestrator.models.hardware.resolve_precision`). A bf16/fp16 model on CPU runs its SDPA attention
+    through :mod:`orchestrator.models.attention` (float32 where a backward follows: the bf16 kernel's is slow).
+    """
+    if dtype == "auto":
+        from orchestrator.models.hardware import resolve_precision
+        from orchestrator.models.precision import held_dtype
+
+        dtype = held_dtype("auto", resolve_precision("auto", device)[0])
     if dtype not in DTYPES:
-        raise ModelError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise ModelError(f"dtype={dtype!r} is not supported; use auto or one of {sorted(DTYPES)}")
     if name_or_path == SMOLLM2:
         model, tokenizer = _load_smollm2(Path(cache_dir) if cache_dir else default_cache_dir())
     elif name_or_path == TINY_LLAMA:
@@ -64,6 +74,10 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=device, dtype=DTYPES[dtype])
+    if dtype != "float32" and torch.device(device).type == "cpu":
+        from orchestrator.models.attention import use_mixed_attention
+
+        use_mixed_attention(model)
     model.eval()
     return model, tokenizer
 

@@ -29,7 +29,8 @@ SEARCH_KEY, TRIAL_KEY, PARENT = "malora.search_key", "malora.trial_id", "mlflow.
 TUNE_KEYS = {"time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "iterations_since_restore",
              "time_since_restore", "pid", "done", "checkpoint_path"}
 PARAM_METRICS = ("trainable_params", "total_params", "trainable_share", "train_examples", "dropped_too_long",
-                 "total_steps", "world_size")
+                 "total_steps", "world_size",
+                 "precision", "precision_reason", "eval_precision", "eval_precision_reason")  # issue 19
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None) -> str:

@@ -59,8 +59,9 @@ def _f(default: Any = None, **check: Any) -> Any:
 class ModelSpec:
     name: str = _f("tiny-llama")
     """Named model of orchestrator.models.loading ("tiny-llama", "smollm2-135m-instruct"), a Hub id or a local path."""
-    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
-    """dtype the frozen base weights are loaded in."""
+    dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """dtype the frozen base weights are held in; auto follows train.precision (bf16 -> bfloat16, else float32;
+    orchestrator.models.precision). float32 with bf16/fp16 runs under autocast."""
     cache_dir: str | None = _f(None)
     """Where converted named models are cached (None: the models module's default)."""
 
@@ -124,8 +125,10 @@ class TrainSpec:
     """AdamW decoupled weight decay."""
     max_grad_norm: float | None = _f(1.0, gt=0)
     """Gradient clipping by global norm (None: no clipping)."""
-    precision: str = _f("fp32", choices=("fp32", "bf16", "fp16"))
-    """Autocast precision of the forward pass (fp16 needs a GPU)."""
+    precision: str = _f("auto", choices=("auto", "bf16", "fp32", "fp16"))
+    """Precision of training: auto = bf16 where the device computes it natively (a bf16 GPU, a CPU with AMX-BF16 or
+    AVX512-BF16), else fp32; resolved once per run and recorded (``precision``, ``precision_reason``). fp16 needs
+    a GPU. Adapter weights and optimizer state stay fp32."""
     seed: int = _f(0, ge=0)
     """Seed of data sampling, adapter init and dropout."""
     group_by_length: bool = _f(True)
@@ -142,6 +145,9 @@ class EvalSpec:
     """Option log-likelihood (robust default for small models) or LLM-Adapters' greedy generation."""
     batch_size: int = _f(8, ge=1)
     """Evaluation batch size."""
+    precision: str = _f("auto", choices=("auto", "bf16", "fp32", "fp16"))
+    """Precision of scoring (as train.precision; the log-softmax is always float32). Must be computable on the
+    base weights training holds (bfloat16 weights cannot score fp32)."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +421,16 @@ def expand_env(text: str) -> str:
     return _ENV.sub(sub, text)
 
 
+def _precision_conflicts(model_dtype: str, train: str, evaluation: str) -> list[str]:
+    """Precision settings that disagree whatever the device (``auto`` ones are checked when resolved)."""
+    from orchestrator.models.precision import conflict, held_dtype
+
+    held = held_dtype(model_dtype, train) if train != "auto" else model_dtype
+    found = [conflict(p, held, key) for key, p in (("train.precision", train), ("eval.precision", evaluation))
+             if p != "auto" and held != "auto"]
+    return [p for p in found if p]
+
+
 def resolve_data_dir(raw: str | None, base_dir: Path) -> tuple[str | None, str | None]:
     """(absolute data dir or None, problem or None); relative paths: the YAML's folder first, then the cwd."""
     if raw is None:
@@ -485,6 +501,7 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
         problems.append("train: give exactly one of train.max_steps or train.epochs")
     if train.precision == "fp16" and groups["resources"].gpus_per_worker == 0:
         problems.append("train.precision: 'fp16' needs a GPU. Fix: use bf16 or fp32, or set resources.gpus_per_worker")
+    problems += _precision_conflicts(groups["model"].dtype, train.precision, groups["eval"].precision)
     res = groups["resources"]
     mct = res.max_concurrent_trials
     if not (mct == "auto" or (isinstance(mct, int) and not isinstance(mct, bool) and mct >= 1)):

@@ -34,6 +34,7 @@ import torch
 
 from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
 from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
+from orchestrator.models.precision import FP32, Precision, keep_freed_memory, plan_run
 from orchestrator.spec.recorded import scoring_record
 from orchestrator.spec.space import DataSpec, SearchSpec
 
@@ -216,6 +217,8 @@ class TrialModel:
     hparams: dict[str, Any]
     adapter: Any          # the malora adapter config
     counts: Any           # malora.params.ParamCounts
+    precision: Precision = FP32        # training's, resolved on the device (orchestrator.models.precision)
+    eval_precision: Precision = FP32   # scoring's, on the weights training holds
 
 
 @dataclass
@@ -299,14 +302,17 @@ def build_trial_model(spec: SearchSpec, trial_config: dict[str, Any], device: to
 
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
+        keep_freed_memory()  # no fresh zero-filled pages for every step's activations
+    precision, eval_precision = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)
+    logger.info("precision: train %s, eval %s (%s)", precision.name, eval_precision.name, precision.reason)
     torch.manual_seed(spec.train.seed)
-    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=str(device),
+    model, tokenizer = load_model(spec.model.name, dtype=precision.weights, device=str(device),
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
     method, hp = trial_hparams(spec.methods, trial_config)
     cfg = adapter_config(method, hp, num_layers=getattr(model.config, "num_hidden_layers", None))
     inject_adapters(model, cfg)
     model.to(device)
-    return TrialModel(model, tokenizer, method, hp, cfg, count_parameters(model))
+    return TrialModel(model, tokenizer, method, hp, cfg, count_parameters(model), precision, eval_precision)
 
 
 def build_optimisation(trial: TrialModel, spec: SearchSpec, steps: int) -> Optimisation:
@@ -390,8 +396,7 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
     from malora.inject import collect_aux_loss
 
     train = spec.train
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if train.precision == "bf16" else torch.float16)
-                if train.precision != "fp32" else contextlib.nullcontext())
+    autocast = trial.precision.context(device.type)  # autocast only over float32-held weights
     fail = spec.debug.fail_method == trial.method
     ddp.train()
     synchronize(device)  # the previous step's kernels are not this step's time
@@ -448,14 +453,15 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
     window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
     progress.tokens += int(sum(rank_tokens))
-    scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
-    acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
-    test = {}
-    if done == steps and pools["test"]:
-        test_scores, _, test_items = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank, world,
-                                                      device)
-        test = test_metrics(test_scores, test_items)
-        test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
+    with trial.eval_precision.context(device.type):
+        scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+        acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
+        test = {}
+        if done == steps and pools["test"]:
+            test_scores, _, test_items = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank,
+                                                          world, device)
+            test = test_metrics(test_scores, test_items)
+            test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
     loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
     if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
         checksum = float(sum(p.detach().double().sum() for p in optim.params))
@@ -476,6 +482,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
         **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test,
+        **trial.precision.record(), **trial.eval_precision.record("eval_"),
         "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
     }
     progress.history.append(acc)

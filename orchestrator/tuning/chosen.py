@@ -28,6 +28,7 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
     from malora.inject import remove_adapters
     from orchestrator.evaluation.metrics import test_metrics
     from orchestrator.models.loading import load_model
+    from orchestrator.models.precision import plan_run
     from orchestrator.spec.recorded import scoring_record
     from orchestrator.training.worker import evaluate_sharded, load_pools
 
@@ -35,7 +36,8 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
         torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
     device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
     # the base weights the trials trained on (tiny-llama's depend on the seed; search trials use train.seed)
-    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
+    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)  # as the trials
+    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
     test = load_pools(spec).test
     out = {}
@@ -46,8 +48,9 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
             load_adapter(model, local)
         model.to(device).eval()
         # the trials' own evaluation path: the same formulation, metrics and per-item records as a study run
-        scores, _, items = evaluate_sharded(model, tokenizer, test, spec, 0, 1, torch.device(device))
-        out[trial_id] = {**test_metrics(scores, items), **scoring_record(test, spec)}
+        with scoring.context(device):
+            scores, _, items = evaluate_sharded(model, tokenizer, test, spec, 0, 1, torch.device(device))
+        out[trial_id] = {**test_metrics(scores, items), **scoring_record(test, spec), **scoring.record("eval_")}
         remove_adapters(model)
     return out
 

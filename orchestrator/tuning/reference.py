@@ -18,6 +18,15 @@ class FormulationMismatch(ValueError):
     """Numbers scored in one formulation compared with numbers of another (refused: they measure different things)."""
 
 
+def pools_sha256(spec: SearchSpec) -> dict[str, dict[str, str]]:
+    """``{pool: {task: sha256 of its item keys}}`` of the val and test pools the reference scores."""
+    from orchestrator.data.pools import pool_sha256
+    from orchestrator.training.worker import load_pools
+
+    pools = load_pools(spec)
+    return {name: {task: pool_sha256(items) for task, items in getattr(pools, name).items()} for name in ("val", "test")}
+
+
 def _formulation_of(key: dict) -> str | None:
     """The formulation a cached reference was scored in (earlier versions recorded ``options``: text = cloze)."""
     return key.get("formulation") or {"text": "cloze", "label": "label"}.get(key.get("options"))
@@ -53,7 +62,10 @@ def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
     key = {"model": spec.model.name, "dtype": spec.model.dtype, "suite": d.suite, "tasks": list(d.tasks or ()),
            "split_seed": d.split_seed, "val_limit": d.val_limit, "test_limit": d.test_limit,
            "train_limit": d.train_limit, "scoring": spec.eval.scoring, "template": d.template,
-           "formulation": d.formulation, "data_dir": d.data_dir}
+           "formulation": d.formulation, "data_dir": d.data_dir,
+           # the settings as written (auto resolves on the trials' device, which the driver may not have; the
+           # reference records what it resolved to) and the items themselves, not only how they were chosen
+           "precision": [spec.train.precision, spec.eval.precision], "pools_sha256": pools_sha256(spec)}
     path = storage.join(spec.storage_path, spec.name, "reference.json")
     cached = check_formulation(spec)
     if cached is not None:
@@ -84,18 +96,21 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     from orchestrator.evaluation.accuracy import evaluate_tasks
     from orchestrator.training.worker import load_pools
     from orchestrator.models.loading import load_model
+    from orchestrator.models.precision import plan_run
 
     if spec.resources.gpus_per_worker == 0:
         torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
     device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(spec.model.name, dtype=spec.model.dtype, device=device,
+    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)  # as the trials
+    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
                                   cache_dir=spec.model.cache_dir, seed=spec.train.seed)
     suite = load_pools(spec)
-    out: dict = {"formulation": spec.data.formulation}
+    out: dict = {"formulation": spec.data.formulation, **scoring.record()}
     for pool in ("val", "test"):
-        scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
-                                batch_size=spec.eval.batch_size, template=spec.data.template,
-                                formulation=spec.data.formulation)
+        with scoring.context(device):
+            scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
+                                    batch_size=spec.eval.batch_size, template=spec.data.template,
+                                    formulation=spec.data.formulation)
         out[pool] = {task: s.primary_accuracy for task, s in scores.items()}
         out[f"{pool}_scores"] = {task: {"acc": s.accuracy, "acc_norm": s.accuracy_norm, "primary": s.primary_accuracy}
                                  for task, s in scores.items()}

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 COMMANDS = {"search", "study", "evaluate", "submit", "k8s"}
 ALLOWED = {
     "data": set(),
-    "spec": {"data"},
+    "spec": {"data", "models"},  # models: the precision rules (which base dtype can compute which precision)
     "models": {"data"},
     "cluster": set(),
     "evaluation": {"data", "models"},

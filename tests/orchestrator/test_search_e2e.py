@@ -85,6 +85,7 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
         assert run.info.status == "FINISHED"
         assert int(p["trainable_params"]) > 0 and int(p["total_params"]) > int(p["trainable_params"])
         assert 0 < float(p["trainable_share"]) < 1 and float(p["lr"]) > 0
+        assert p["precision"] in ("bf16", "fp32") and p["precision_reason"].startswith("auto: ")  # issue 19
         assert {"val/acc/boolq", "val/acc/arc_e", "val/mean_acc", "train_loss", "tokens_per_s", "step_time_s",
                 "peak_memory_mb", "seesaw/mean_delta", "delta/boolq"} <= set(m)
         assert m["val/mean_acc"] == pytest.approx((m["val/primary/boolq"] + m["val/primary/arc_e"]) / 2)

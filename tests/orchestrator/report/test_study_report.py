@@ -25,7 +25,7 @@ def _runs(method: str, correct: dict[str, np.ndarray], role: str = "replicate") 
     seeds = next(iter(correct.values())).shape[0]
     task = next(iter(correct)) if role == "single_task" else None
     return [{"run": {"role": role, "method": method, "seed": s, "task": task},
-             "metrics": {"trainable_params": 10, "trainable_share": 0.01, "test/mean_acc": 0.0,
+             "metrics": {"trainable_params": 10, "trainable_share": 0.01, "test/mean_acc": 0.0, "precision": "fp32",
                          **{f"test_correct/{t}": correct[t][s].tolist() for t in correct},
                          **{f"test_sha256/{t}": f"sha-{t}" for t in correct}}}
             for s in range(seeds)]

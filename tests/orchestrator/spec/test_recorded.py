@@ -33,6 +33,6 @@ def test_formulation_and_precision_prefer_what_is_recorded():
     spec = load_space("search_spaces/smoke.yaml")
     label = dataclasses.replace(spec, data=dataclasses.replace(spec.data, formulation="label"))
     assert formulation_of(spec) == "cloze" and formulation_of(label) == "label"
-    assert precision_of(None, spec) == spec.train.precision == "fp32"
+    assert precision_of(None, spec) == spec.train.precision == "auto"      # as written when nothing was reported
     assert precision_of({"precision": "bf16"}, spec) == "bf16"               # the resolved value a run reports
-    assert precision_of({"precision": 1.0}, spec) == "fp32"                  # not a precision name
+    assert precision_of({"precision": 1.0}, spec) == "auto"                  # not a precision name
