@@ -27,18 +27,11 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
     from malora.checkpoint import load_adapter
     from malora.inject import remove_adapters
     from orchestrator.evaluation.metrics import test_metrics
-    from orchestrator.models.loading import load_model
-    from orchestrator.models.precision import plan_run
     from orchestrator.spec.recorded import scoring_record
     from orchestrator.training.worker import evaluate_sharded, load_pools
+    from orchestrator.tuning.reference import scoring_model
 
-    if spec.resources.gpus_per_worker == 0:
-        torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
-    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
-    # the base weights the trials trained on (tiny-llama's depend on the seed; search trials use train.seed)
-    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)  # as the trials
-    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
-                                  cache_dir=spec.model.cache_dir, seed=spec.train.seed)
+    model, tokenizer, scoring, device = scoring_model(spec)
     test = load_pools(spec).test
     out = {}
     for trial_id, path in adapters.items():

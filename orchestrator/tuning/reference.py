@@ -82,6 +82,22 @@ def cached_reference(spec: SearchSpec) -> dict[str, dict[str, float]]:
     return accuracy
 
 
+def scoring_model(spec: SearchSpec):
+    """(model, tokenizer, scoring precision, device) to score the way the trials do, outside a trial: the base
+    weights the trials trained on (tiny-llama's depend on the seed; search trials use ``train.seed``), held and
+    computed at the trials' resolved evaluation precision, on the device and threads a worker gets."""
+    from orchestrator.models.loading import load_model
+    from orchestrator.models.precision import plan_run
+
+    if spec.resources.gpus_per_worker == 0:
+        torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
+    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
+    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)
+    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
+                                  cache_dir=spec.model.cache_dir, seed=spec.train.seed)
+    return model, tokenizer, scoring, device
+
+
 def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of the base model on the search's val and test pools, in ``data.formulation``.
 
@@ -95,15 +111,8 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     """
     from orchestrator.evaluation.accuracy import evaluate_tasks
     from orchestrator.training.worker import load_pools
-    from orchestrator.models.loading import load_model
-    from orchestrator.models.precision import plan_run
 
-    if spec.resources.gpus_per_worker == 0:
-        torch.set_num_threads(max(1, int(round(spec.resources.cpus_per_worker))))
-    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
-    _, scoring = plan_run(spec.model.dtype, spec.train.precision, spec.eval.precision, device)  # as the trials
-    model, tokenizer = load_model(spec.model.name, dtype=scoring.weights, device=device,
-                                  cache_dir=spec.model.cache_dir, seed=spec.train.seed)
+    model, tokenizer, scoring, device = scoring_model(spec)
     suite = load_pools(spec)
     out: dict = {"formulation": spec.data.formulation, **scoring.record()}
     for pool in ("val", "test"):
