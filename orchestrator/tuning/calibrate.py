@@ -2,7 +2,8 @@
 
 For each method of the space, with the real model at the space's precision, batch and threads: build the run
 (``worker.build_trial_model`` + ``build_training_data``), one warm-up and ``steps`` timed optimizer steps of
-``worker.train_step`` on the real length-grouped stream, then ``items`` val items per task scored by
+``worker.train_step`` on the real length-grouped stream, then ``items`` val items per task (16 by default: one full
+scoring batch of ``eval.batch_size`` rows or more, as in a run's long pools) scored by
 ``worker.evaluate_sharded`` under the run's eval precision. Mean real tokens per training example per task come
 from the same encoding. The zero-shot reference is scored at the rate of ``lora`` (the base model plus an
 adapter whose update starts at zero: the closest measured thing to the base model), else of the first method.
@@ -60,7 +61,7 @@ def cache_path(key: dict) -> Path:
     return CACHE_DIR / f"{digest}.json"
 
 
-def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int = 3, items: int = 6,
+def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int = 3, items: int = 16,
                  refresh: bool = False) -> tuple[Rates, dict]:
     """(rates, {"path", "cached", "measured_at", "calibration_s"}): from the cache, else measured and stored."""
     key = calibration_key(spec, configs, steps=steps, items=items)
