@@ -61,3 +61,19 @@ def test_study_shapes_from_the_shipped_space():
     assert rep.tasks == {"boolq": 100, "piqa": 200} and rep.test_items == {"boolq": 300, "piqa": 200}
     assert (single.steps, single.tasks, single.val_items, single.test_items) == (50, {"boolq": 100}, {"boolq": 50},
                                                                                  {"boolq": 300})
+
+
+def test_calibration_cache_key_names_the_machine_and_the_setting():
+    from orchestrator.models.hardware import cpu_info
+    from orchestrator.tuning.calibrate import cache_path, calibration_key
+    from orchestrator.tuning.study import fixed_configs
+
+    spec = load_space("search_spaces/intra_domain_cpu.yaml")
+    configs = fixed_configs(spec)
+    key = calibration_key(spec, configs, steps=3, items=16)
+    assert key["cpu"]["model"] == cpu_info()["model"] and key["cpu"]["flags"] == cpu_info()["flags"]
+    assert (key["model"], key["batch_size"], key["threads"]) == ("smollm2-135m-instruct", 32, 1)
+    other_cpu = {**key, "cpu": {**key["cpu"], "flags": []}}
+    other_configs = calibration_key(spec, {**configs, "lora": {**configs["lora"], "lora.r": 16}}, steps=3, items=16)
+    paths = {cache_path(key), cache_path(other_cpu), cache_path(other_configs)}
+    assert len(paths) == 3 and cache_path(dict(key)) == cache_path(key)
