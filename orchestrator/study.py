@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the finished search <storage_path>/NAME instead of running one")
     p.add_argument("--seeds", type=int, default=None, help="override study.seeds")
     p.add_argument("--out", default=None, help="also write results.md/.json/.csv and plots to this folder")
+    p.add_argument("--no-estimate", action="store_true", help="--dry-run without the wall-time estimate (which "
+                   "measures this machine once, a few minutes, then reads its cache)")
+    p.add_argument("--recalibrate", action="store_true", help="--dry-run: measure this machine's rates again")
     return p
 
 
@@ -72,7 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"  seeds        replicates {spec.train.seed}..{spec.train.seed + st.seeds - 1}")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-        return 2 if problem else 0
+            return 2
+        if args.no_estimate or st.search or args.from_search:
+            print("  estimate     " + ("skipped (--no-estimate)" if args.no_estimate else
+                                     "needs fixed configurations (study.search: false): a search chooses them"))
+        else:
+            from orchestrator.tuning.calibrate import study_estimate_text
+
+            print(study_estimate_text(spec, refresh=args.recalibrate))
+        return 0
     from orchestrator.tuning.study import run_study  # imports Ray: not needed for --dry-run and bad input
 
     return run_study(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,

@@ -24,6 +24,12 @@ with T tasks the headline is the mean over tasks.
   above finds with probability 0.8, given its standard error ``se = sd(d)/sqrt(S)`` and ``df``:
   ``MDD = λ* · se`` where λ* solves ``P(|T'| > t_{1-α/2, df}) = 0.8`` for ``T'`` noncentral t with ``df`` degrees
   of freedom and noncentrality λ (scipy's ``nct``). λ* = 5.65 at df = 2 (S = 3), 2.80 for large df.
+- Sizing from a pilot (:func:`change_rate_mdd`, :func:`items_for_mdd`): if a share ``q`` of the pooled test items
+  changes correctness between two runs, each changed item moving a run's accuracy by ±1/I in a balanced direction,
+  then ``Var(a_s − a_s') = q / I`` and one run's between-seed variance is ``q / (2I)``. A Δ against a fixed
+  reference (the zero-shot model) has ``sd(d) = sqrt(q / (2I))``, a difference of two trained methods
+  ``sqrt(q / I)``; with S seeds ``se = sd / sqrt(S)`` and the MDD is ``λ*_{S−1} · se``, so the pooled items needed
+  for a target MDD ``δ`` are ``I = q · λ*² / (k · S · δ²)`` (k = 2 against a fixed reference, 1 between methods).
 - Seesaw regressions (:func:`seesaw_regressions`): a task regresses only when its Δ against the reference is
   significantly negative in the one-sided t-test of the same model, at ``α₁ = Φ(−k)`` (k = ``noise_multiple``, 2:
   as rare as a 2-sigma normal drop, 2.3 %): ``Δ < −t_{1−α₁, df} · se``. Because the test is calibrated, pure
@@ -197,6 +203,25 @@ def _noncentrality(df: int, power: float, confidence: float) -> float:
 def mdd80(se: float, df: int, *, power: float = POWER, confidence: float = CONFIDENCE) -> float:
     """Minimum detectable difference of the two-sided t-test: ``λ* · se`` (module docstring)."""
     return _noncentrality(int(df), power, confidence) * float(se)
+
+
+def change_rate_mdd(change_rate: float, items: int, seeds: int, *, vs_fixed: bool, power: float = POWER,
+                    confidence: float = CONFIDENCE) -> float:
+    """MDD of the t-test over ``seeds`` seeds on ``items`` pooled test items when a share ``change_rate`` of items
+    changes correctness between runs (module docstring); ``vs_fixed``: against a fixed reference (zero-shot)."""
+    if seeds < 2:
+        raise ValueError("the t-test over seeds needs at least 2 seeds")
+    variance = change_rate / (2 * items) * (1 if vs_fixed else 2)   # of one per-seed difference d_s
+    return mdd80(math.sqrt(variance / seeds), seeds - 1, power=power, confidence=confidence)
+
+
+def items_for_mdd(delta: float, change_rate: float, seeds: int, *, vs_fixed: bool, power: float = POWER,
+                  confidence: float = CONFIDENCE) -> int:
+    """Smallest pooled test-item count whose :func:`change_rate_mdd` is at most ``delta``."""
+    if seeds < 2:
+        raise ValueError("the t-test over seeds needs at least 2 seeds")
+    lam = _noncentrality(seeds - 1, power, confidence)
+    return max(1, math.ceil(change_rate * lam ** 2 / ((2 if vs_fixed else 1) * seeds * delta ** 2) - 1e-9))
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
