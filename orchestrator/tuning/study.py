@@ -284,10 +284,16 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         if spec.study.zero_shot:
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)
         wall_s = time.perf_counter() - t0
-        out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
-                                        study_splits(spec), wall_s=wall_s,
-                                        command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
-                                        start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s))
+        try:
+            out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
+                                            study_splits(spec), wall_s=wall_s,
+                                            command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
+                                            start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s))
+        except study_report.ReportError as exc:  # runs that cannot share a table: one line, the parent run FAILED
+            tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": str(exc)[:1000]})
+            tracking.client(uri).set_terminated(parent_id, "FAILED")
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     tracking.client(uri).set_terminated(parent_id, "FINISHED")
     print(out["table"])
     report_skipped(callback.skipped(), uri, parent_id)
