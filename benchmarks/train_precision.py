@@ -31,7 +31,6 @@ The process keeps freed memory mapped (``orchestrator.models.precision.keep_free
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
