@@ -115,6 +115,10 @@ class TrainSpec:
     """Examples per micro-batch per worker."""
     grad_accum: int = _f(1, ge=1)
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * workers)."""
+    max_batch_tokens: int | None = _f(None, ge=8)
+    """Cap on the padded positions (rows x longest row) of one forward: a micro-batch above it runs as row chunks
+    whose losses are weighted by their share of the response tokens, so the gradient is the whole micro-batch's
+    (``orchestrator.training.chunks``). Bounds activation memory on the rare long length-grouped batch; None: no cap."""
     lr: float = _f(4.0e-4, gt=0, lt=1)
     """Peak AdamW learning rate (MALoRA intra-domain: 4e-4); a method's ``lr`` hyperparameter overrides it."""
     schedule: str = _f("cosine", choices=("cosine", "linear", "constant"))

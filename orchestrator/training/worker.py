@@ -34,6 +34,7 @@ import torch
 
 from orchestrator.spec.hparams import adapter_config, schedule_factor, trial_hparams
 from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
+from orchestrator.training.chunks import token_chunks
 from orchestrator.models.precision import FP32, Precision, keep_freed_memory, plan_run
 from orchestrator.spec.recorded import scoring_record
 from orchestrator.spec.space import DataSpec, SearchSpec
@@ -391,7 +392,9 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
                step: int, window: dict[str, Any], device: torch.device) -> int:
     """One optimizer step over ``grad_accum`` micro-batches of ``L = CE + balance loss``; returns the data epoch.
 
-    DDP all-reduces only on the last micro-batch (``no_sync`` before); ``window`` accumulates losses and tokens.
+    A micro-batch above ``train.max_batch_tokens`` padded positions runs as row chunks with token-share weights
+    (``orchestrator.training.chunks``: the same gradient, a bounded activation peak). DDP all-reduces only on the
+    last forward of the step (``no_sync`` before); ``window`` accumulates losses and tokens.
     """
     from malora.inject import collect_aux_loss
 
@@ -404,26 +407,28 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
     epoch = 0
     for micro in range(train.grad_accum):
         epoch, batch = next(stream)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync = world == 1 or micro == train.grad_accum - 1
-        with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
-            out = ddp(**batch)
-            lm_loss = out if torch.is_tensor(out) else out.loss  # ResponseLoss returns L, a bare HF model an output
-            aux = collect_aux_loss(trial.model)
-            loss = lm_loss + aux
-            if fail and step + 1 == spec.debug.fail_at_step:
-                if spec.debug.fail_mode == "raise":
-                    raise RuntimeError(f"debug.fail_method={trial.method!r}: failing on purpose at step {step + 1}")
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} "
-                                         f"(lm {lm_loss.item():.4g}, balance {aux.item():.4g}); lower the lr")
-            optim.scaler.scale(loss / train.grad_accum).backward()
-        window["loss"] += lm_loss.item()
-        window["aux"] += aux.item()
+        pieces = token_chunks(batch, train.max_batch_tokens)  # one piece unless the batch is above the cap
+        for i, (piece, weight) in enumerate(pieces):
+            piece = {k: v.to(device) for k, v in piece.items()}
+            sync = world == 1 or (micro == train.grad_accum - 1 and i == len(pieces) - 1)
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                out = ddp(**piece)
+                lm_loss = out if torch.is_tensor(out) else out.loss  # ResponseLoss: L; a bare HF model: an output
+                aux = collect_aux_loss(trial.model)
+                loss = lm_loss + aux
+                if fail and step + 1 == spec.debug.fail_at_step:
+                    if spec.debug.fail_mode == "raise":
+                        raise RuntimeError(f"debug.fail_method={trial.method!r}: failing on purpose at step {step + 1}")
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} "
+                                             f"(lm {lm_loss.item():.4g}, balance {aux.item():.4g}); lower the lr")
+                optim.scaler.scale(loss * (weight / train.grad_accum)).backward()
+            window["loss"] += weight * lm_loss.item()
+            window["aux"] += weight * aux.item()
+            window["tokens"] += int(piece["attention_mask"].sum())
+            window["positions"] = window.get("positions", 0) + piece["attention_mask"].numel()
         window["micro"] += 1
-        window["tokens"] += int(batch["attention_mask"].sum())
-        window["positions"] = window.get("positions", 0) + batch["attention_mask"].numel()
     if train.max_grad_norm:
         optim.scaler.unscale_(optim.optimizer)
         torch.nn.utils.clip_grad_norm_(optim.params, train.max_grad_norm)
