@@ -27,6 +27,7 @@ import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import weakref
 
@@ -290,10 +291,14 @@ def shared_context_logprobs(model, requests: Sequence[Sequence[tuple[list[int], 
             kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
             if pos_ok:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            if keep_ok:
-                kwargs["logits_to_keep"] = 1
-            first = model(**kwargs)
-            first_logp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1).cpu()       # (B, V)
+            if parts is not None:  # the head on (B, H) rows: one GEMM (see _last_position_logits)
+                first, last = _last_position_logits(model, parts, kwargs)
+            else:
+                if keep_ok:
+                    kwargs["logits_to_keep"] = 1
+                first = model(**kwargs)
+                last = first.logits[:, -1, :]
+            first_logp = torch.log_softmax(last.float(), dim=-1).cpu()                         # (B, V)
             conts = [list(cont) for i in batch for _, cont in requests[i]]                     # B*K, item-major
             for row, cont in enumerate(conts):
                 out[starts[batch[row // k]] + row % k] = float(first_logp[row // k, cont[0]])
@@ -307,6 +312,21 @@ def shared_context_logprobs(model, requests: Sequence[Sequence[tuple[list[int], 
                 for r, value in zip(chunk, tails):
                     out[starts[batch[r // k]] + r % k] += value
     return out
+
+
+def _last_position_logits(model, parts, kwargs: dict) -> tuple[Any, torch.Tensor]:
+    """``(model output with its cache, logits (B, V) at the last position)`` of a left-padded batch.
+
+    The head runs on the 2-D ``(B, H)`` rows of the backbone's last position. HF's own ``logits_to_keep=1`` hands
+    the head the 3-D slice ``h[:, -1:, :]`` (strides ``(T H, H, 1)``), which ``torch.matmul`` can only fold into one
+    GEMM when autograd needs it; with a frozen head under ``no_grad`` it broadcasts the (V, H) head to ``(B, H, V)``
+    and runs ``bmm`` on that copy: 1.2 s per batch for SmolLM2's 49152 x 576 head, 7x the whole zero-shot item.
+    """
+    backbone, head = parts
+    nothing = torch.empty(0, dtype=torch.long, device=kwargs["input_ids"].device)
+    with _capture_output(backbone) as seen:
+        out = model(**kwargs, logits_to_keep=nothing)
+    return out, head(seen[-1][:, -1, :])
 
 
 def _cache_rows(cache, rows: torch.Tensor):

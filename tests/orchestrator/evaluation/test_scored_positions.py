@@ -84,3 +84,29 @@ def test_a_model_that_caps_its_logits_after_the_head_is_not_split():
     model = build_tiny_llama(seed=0)[0]
     model.config.final_logit_softcapping = 30.0  # a model that caps its logits after the head
     assert sc.lm_parts(model) is None
+
+
+class _Bmm(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operand shapes of every ``aten.bmm`` dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[list[tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.shapes.append([tuple(a.shape) for a in args])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [lambda: build_tiny_llama(seed=0)[0], gpt2], ids=["tiny_llama", "gpt2"])
+def test_a_frozen_head_runs_as_one_gemm_not_a_broadcast_bmm(make):
+    """Trained adapters leave the head frozen: under no_grad, a 3-D slice ``h[:, -1:]`` of the backbone output
+    would make torch.matmul broadcast the (V, H) head to (B, H, V) per batch row and bmm on that copy (7x the
+    zero-shot item time at SmolLM2's 49152-token head). No bmm may carry the vocabulary as its last dimension."""
+    model = make().eval().requires_grad_(False)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    requests = [options for options in _requests(shared_only=True)]
+    with torch.no_grad(), _Bmm() as seen:
+        sc.shared_context_logprobs(model, requests, batch_size=4, pad_id=0, max_length=64)
+    assert not [s for s in seen.shapes if s[1][-1] == vocab], seen.shapes
