@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency; keep the
 
 FUSABLE_BASES = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)  # exact types: no subclass forwards
 
-# choose_dispatch thresholds (tuned by benchmarks/adapter_speed.py; see choose_dispatch)
-DENSE_MAX_COST_RATIO = 0.25
+# choose_dispatch thresholds (benchmarks/adapter_speed.py, benchmarks/dispatch_threshold.py; see choose_dispatch)
+DENSE_MAX_COST_RATIO = 1.0
 MIN_SLOTS_PER_EXPERT = 128
 
 
@@ -203,9 +203,11 @@ def choose_dispatch(num_tokens: int, num_experts: int, top_k: int, expert_macs: 
 
     ``expert_macs``: multiply-adds per token of one expert's own matrices (MoLoRA r(n+m), MALoRA r_bar(d+m),
     MoSLD r m); ``base_macs``: the frozen matmul's n m. Rule:
-    - "dense" when running every expert on every token costs at most DENSE_MAX_COST_RATIO (1/4) of the frozen
-      matmul (true for the papers' shapes: MoLoRA 8 x r8 or MALoRA (12, 32) on 4096-wide layers are ~3%): two
-      wide GEMMs beat the sort, gather, N small GEMMs and scatter of the sparse path;
+    - "dense" when running every expert on every token costs at most DENSE_MAX_COST_RATIO (1) of the frozen
+      matmul (the papers' shapes: MoLoRA 8 x r8 or MALoRA (12, 32) on 4096-wide layers are ~3%; SmolLM2's
+      576 -> 192 k/v projections put MoLoRA 8 x r8 at 0.44): two wide GEMMs beat the sort, gather, N small GEMMs
+      and scatter of the sparse path. At 1/4 those k/v layers went sparse and MoLoRA trained 1.75x slower on a
+      bf16 Xeon (benchmarks/README.md); on an H200 the grouped sparse path was 1.3-2.3x slower than dense;
     - "dense" when experts would get fewer than MIN_SLOTS_PER_EXPERT token-slots on average (launch-bound);
     - "sparse" otherwise (many experts or wide experts relative to the layer, enough tokens).
     """

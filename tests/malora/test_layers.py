@@ -429,4 +429,6 @@ def test_choose_dispatch_rule():
     assert choose_dispatch(16384, 8, 2, 8 * (n + m), n * m) == "dense"    # MoLoRA 8 x r8: ~3% of the base
     assert choose_dispatch(16384, 8, 2, 12 * (32 + m), n * m) == "dense"  # MALoRA (12, 32)
     assert choose_dispatch(16384, 64, 2, 64 * (n + m), n * m) == "sparse"  # many wide experts
+    assert choose_dispatch(800, 8, 2, 8 * (576 + 192), 576 * 192) == "dense"  # SmolLM2 k_proj: 0.44 of the base
+    assert choose_dispatch(800, 8, 2, 8 * 8 * (576 + 192), 576 * 192) == "sparse"  # 8 x r64 there: 3.6x the base
     assert choose_dispatch(16, 64, 2, 64 * (n + m), n * m) == "dense"      # too few tokens per expert
