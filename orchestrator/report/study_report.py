@@ -243,7 +243,7 @@ def markdown(results: dict[str, Any]) -> str:
     ref_name = "single-task" if results["single_task"] else "zero-shot"
     zs = bool(results["zero_shot"])
     both = zs and bool(results["single_task"])  # then zero-shot gets a Δ column of its own
-    head = ["method", "trainable params", *tasks, "mean", f"Δ mean vs {ref_name}",
+    head = ["method", "trainable params (% of all)", *tasks, "mean", f"Δ mean vs {ref_name}",
             *(["Δ mean vs zero-shot"] if both else [])]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m, e in results["methods"].items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
-COMMANDS = {"search", "study", "evaluate", "submit", "k8s"}
+COMMANDS = {"search", "study", "rerun", "evaluate", "submit", "k8s"}
 ALLOWED = {
     "data": set(),
     "spec": {"data", "models"},  # models: the precision rules (which base dtype can compute which precision)
