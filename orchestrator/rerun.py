@@ -7,6 +7,8 @@ accuracy, the rerun's and their difference. With ``--storage-path`` (the study's
 per-item answers from its trial and counts the items whose correctness changed. The configuration is the study's
 own (``plan.json`` under the storage path when given, else the space's fixed configuration), and it must equal the
 one results.json records; the space is the one in results.json's recorded command unless ``--space`` names it.
+Without ``--results`` (a study still running, its cell already done) the recorded run's own answers under
+``--storage-path`` are the record, and ``--space`` names the space.
 
 Bit-for-bit agreement is not expected in bf16: oneDNN's blocking and the order of summation make per-item
 log-likelihoods differ in the last bits, so near-ties can flip. The difference is reported, not judged.
@@ -81,7 +83,7 @@ def study_config(spec: Any, method: str, storage_path: str | None, results: dict
     if config is None:
         raise RerunError(f"--method {method!r}: not a method of the space {spec.name}")
     _, hp = trial_hparams(spec.methods, config)
-    recorded = results["methods"][method].get("config")
+    recorded = results["methods"][method].get("config") if results else None
     if recorded is not None and json.loads(json.dumps(hp)) != recorded:
         keys = sorted(k for k in set(hp) | set(recorded) if json.loads(json.dumps(hp.get(k))) != recorded.get(k))
         raise RerunError(f"the space's {method} configuration differs from results.json's in {keys}. Fix: pass "
@@ -134,7 +136,8 @@ def table(method: str, seed: int, rows: dict[str, dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.rerun", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, required=True, help="the study's results.json")
+    p.add_argument("--results", type=Path, default=None,
+                   help="the study's results.json (optional with --space and --storage-path: the trial's record)")
     p.add_argument("--method", required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--space", default=None, help="the study's space (default: from results.json meta.command)")
@@ -149,13 +152,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.spec.space import SpaceError, load_space
 
     try:
-        results = read_results(args.results)
+        if args.results is None and not (args.space and args.storage_path):
+            raise RerunError("nothing to compare with. Fix: pass --results (a study's results.json), or --space and "
+                             "--storage-path of a study whose cell has finished")
+        results = read_results(args.results) if args.results else {}
         space = space_of(results, args.space)
         try:
             spec = load_space(space)
         except SpaceError as exc:
             raise RerunError(str(exc)) from None
-        recorded = recorded_cell(results, args.method, args.seed)
+        items = recorded_items(args.storage_path, spec, args.method, args.seed)
+        if results:
+            recorded = recorded_cell(results, args.method, args.seed)
+        elif items:
+            recorded = {t: sum(v) / len(v) for t, v in items.items()}
+        else:
+            raise RerunError(f"--storage-path {args.storage_path}: no finished replicate {args.method} seed "
+                             f"{args.seed} of {spec.name}. Fix: wait until it has finished, or pass --results")
         config = study_config(spec, args.method, args.storage_path, results)
     except RerunError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -170,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the rerun failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     rerun = {t: final[f"test_correct/{t}"] for t in recorded}
-    rows = compare(recorded, rerun, recorded_items(args.storage_path, spec, args.method, args.seed))
+    rows = compare(recorded, rerun, items)
     print(table(args.method, args.seed, rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

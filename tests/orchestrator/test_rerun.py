@@ -85,3 +85,18 @@ def test_a_missing_results_file_and_a_changed_configuration_are_refused(study, t
     path.write_text(json.dumps(results))
     assert rerun.main(["--results", str(path), "--method", "lora", "--seed", "1"]) == 2
     assert "differs from results.json's in ['r']" in capsys.readouterr().err
+
+
+def test_while_a_study_runs_the_trial_under_storage_is_the_record(study, tmp_path, capsys):
+    path, storage, acc = study
+    space = tmp_path / "space.yaml"
+    out = tmp_path / "rerun.json"
+    assert rerun.main(["--space", str(space), "--storage-path", str(storage), "--method", "lora", "--seed", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["tasks"]
+    assert {t: r["recorded"] for t, r in rows.items()} == acc
+    assert all(r["items_changed"] == 0 for r in rows.values())
+    assert rerun.main(["--space", str(space), "--storage-path", str(storage), "--method", "lora", "--seed", "0"]) == 2
+    assert "no finished replicate lora seed 0 of rerun_check" in capsys.readouterr().err
+    assert rerun.main(["--method", "lora", "--seed", "1"]) == 2
+    assert "nothing to compare with" in capsys.readouterr().err
