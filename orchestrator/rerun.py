@@ -84,8 +84,9 @@ def study_config(spec: Any, method: str, storage_path: str | None, results: dict
         raise RerunError(f"--method {method!r}: not a method of the space {spec.name}")
     _, hp = trial_hparams(spec.methods, config)
     recorded = results["methods"][method].get("config") if results else None
-    if recorded is not None and json.loads(json.dumps(hp)) != recorded:
-        keys = sorted(k for k in set(hp) | set(recorded) if json.loads(json.dumps(hp.get(k))) != recorded.get(k))
+    hp = json.loads(json.dumps(hp))  # as results.json holds it: tuples become lists
+    if recorded is not None and hp != recorded:
+        keys = sorted(k for k in set(hp) | set(recorded) if hp.get(k) != recorded.get(k))
         raise RerunError(f"the space's {method} configuration differs from results.json's in {keys}. Fix: pass "
                          "the --space (and --storage-path) the study ran with")
     return config

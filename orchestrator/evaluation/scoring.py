@@ -179,10 +179,16 @@ def final_hidden(model: nn.Module, backbone: nn.Module, **inputs: torch.Tensor) 
     """
     if _accepts(model, "use_cache"):
         inputs["use_cache"] = False  # no KV cache object is built for a single forward
+    return _forward_without_head(model, backbone, **inputs)[1]
+
+
+def _forward_without_head(model: nn.Module, backbone: nn.Module, **inputs: Any) -> tuple[Any, torch.Tensor]:
+    """``(model output, final hidden states (B, T, H))`` of ``model(**inputs)`` with ``logits_to_keep`` an empty
+    index tensor (the head runs on no position); the output keeps the KV cache when ``inputs`` ask for one."""
     nothing = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
     with _capture_output(backbone) as seen:
-        model(**inputs, logits_to_keep=nothing)
-    return seen[-1]
+        out = model(**inputs, logits_to_keep=nothing)
+    return out, seen[-1]
 
 
 @torch.no_grad()
@@ -323,10 +329,8 @@ def _last_position_logits(model, parts, kwargs: dict) -> tuple[Any, torch.Tensor
     and runs ``bmm`` on that copy: 1.2 s per batch for SmolLM2's 49152 x 576 head, 7x the whole zero-shot item.
     """
     backbone, head = parts
-    nothing = torch.empty(0, dtype=torch.long, device=kwargs["input_ids"].device)
-    with _capture_output(backbone) as seen:
-        out = model(**kwargs, logits_to_keep=nothing)
-    return out, head(seen[-1][:, -1, :])
+    out, hidden = _forward_without_head(model, backbone, **kwargs)
+    return out, head(hidden[:, -1, :])
 
 
 def _cache_rows(cache, rows: torch.Tensor):
@@ -363,10 +367,8 @@ def _continue_from_cache(model, parts, cache, cache_key: str, ctx_mask: torch.Te
     real = tail_mask.bool()
     if parts is not None:
         backbone, head = parts
-        nothing = torch.empty(0, dtype=torch.long, device=device)
-        with _capture_output(backbone) as seen:
-            model(**kwargs, logits_to_keep=nothing)
-        logp = torch.log_softmax(head(seen[-1][real]).float(), dim=-1).cpu()                      # (P, V)
+        _, hidden = _forward_without_head(model, backbone, **kwargs)
+        logp = torch.log_softmax(head(hidden[real]).float(), dim=-1).cpu()                        # (P, V)
     else:
         logp = torch.log_softmax(model(**kwargs).logits[real].float(), dim=-1).cpu()               # (P, V)
     out, offset = [], 0
