@@ -25,23 +25,30 @@ from orchestrator.spec.space import load_space  # noqa: E402
 from orchestrator.training import worker  # noqa: E402
 
 
-def tokens_per_s(method: str, spec, ratios: list[float], steps: int, rounds: int) -> dict[float, float]:
+def alternating_tokens_per_s(method: str, spec, settings: dict, steps: int, rounds: int) -> dict:
+    """Training tokens/s of ``method`` under each setting (name -> a function that applies it), the settings in
+    alternating order over ``rounds`` on the same batches (one warm-up step each time); the best round of each."""
     session, device = worker.LocalSession(), torch.device("cpu")
     trial = worker.build_trial_model(spec, {"method": method}, device)
     encoded, _, _ = worker.build_training_data(spec, trial.tokenizer)
-    optim = worker.build_optimisation(trial, spec, 10 * steps * rounds * len(ratios))
+    optim = worker.build_optimisation(trial, spec, 10 * steps * rounds * len(settings))
     loss = session.prepare(worker.training_loss(trial.model))
-    best: dict[float, float] = {}
-    for _ in range(rounds):
-        for ratio in ratios:
-            layer_base.DENSE_MAX_COST_RATIO = ratio
+    best: dict = {}
+    for r in range(rounds):
+        for name, apply in list(settings.items())[:: 1 if r % 2 == 0 else -1]:
+            apply()
             stream = worker.resume_stream(encoded, spec, session, trial.tokenizer, 5)  # the same batches each time
             worker.train_step(loss, trial, optim, stream, spec, 1, 0, worker.new_window(device), device)  # warm-up
             window = worker.new_window(device)
             for step in range(steps):
                 worker.train_step(loss, trial, optim, stream, spec, 1, step, window, device)
-            best[ratio] = max(best.get(ratio, 0.0), window["tokens"] / window["time"])
+            best[name] = max(best.get(name, 0.0), window["tokens"] / window["time"])
     return best
+
+
+def tokens_per_s(method: str, spec, ratios: list[float], steps: int, rounds: int) -> dict[float, float]:
+    settings = {ratio: (lambda ratio=ratio: setattr(layer_base, "DENSE_MAX_COST_RATIO", ratio)) for ratio in ratios}
+    return alternating_tokens_per_s(method, spec, settings, steps, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

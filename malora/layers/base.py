@@ -15,6 +15,8 @@ Four exact implementations of that sum, chosen per layer by ``dispatch`` (or ``c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,35 @@ FUSABLE_BASES = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)  # exact
 # choose_dispatch thresholds (benchmarks/adapter_speed.py, benchmarks/dispatch_threshold.py; see choose_dispatch)
 DENSE_MAX_COST_RATIO = 1.0
 MIN_SLOTS_PER_EXPERT = 128
+
+
+class LowRank(NamedTuple):
+    """A delta held as its two factors, ``delta = h up^T``: h (T, R) with the scaling and any gates folded in,
+    up (m, R). The layer adds it to the frozen output with one GEMM that accumulates into that output
+    (``y.addmm_(h, up^T)``, BLAS beta = 1) instead of writing a fresh (T, m) delta and adding it in a second
+    pass. On a bf16 AMX core a (T, m) add right after the frozen GEMM is memory-bound and costs more than the
+    GEMM itself (SmolLM2's MLP up, T = 1600: 2.2 ms frozen GEMM, 3.0 ms up-projection + add, 0.6 ms as one
+    ``addmm_``; benchmarks/README.md)."""
+
+    h: torch.Tensor
+    up: torch.Tensor
+
+
+Delta = torch.Tensor | LowRank    # a (T, m) delta, or its factors
+
+
+def materialise(delta: Delta) -> torch.Tensor:
+    """The (T, m) tensor of a :data:`Delta`."""
+    return F.linear(delta.h, delta.up) if isinstance(delta, LowRank) else delta
+
+
+def add_delta_(y: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """``y += delta`` in place for y (T, m); a :class:`LowRank` delta as one GEMM into y. Autograd-safe where
+    nothing else holds y (a linear's backward never reads its own output); beta = 1, so the backward hands y's
+    gradient through untouched."""
+    if isinstance(delta, LowRank):
+        return y.addmm_(delta.h.to(y.dtype), delta.up.to(y.dtype).T)
+    return y.add_(delta.to(y.dtype))
 
 
 def plain_call(module: nn.Module) -> bool:
@@ -116,12 +147,12 @@ class AdapterLayer(nn.Module):
         return None
 
     def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
-                   logits: torch.Tensor | None) -> torch.Tensor:
-        """delta (T, m) from x (T, n), z = D dropout(x) (T, q) and, where already computed, the router's
-        logits (T, N)."""
+                   logits: torch.Tensor | None) -> Delta:
+        """delta (T, m), or its :class:`LowRank` factors, from x (T, n), z = D dropout(x) (T, q) and, where
+        already computed, the router's logits (T, N)."""
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> Delta:
         z = self.dropout(x)                                         # drawn before D: MoSLD's D draws too
         return self.delta_from(x, F.linear(z, self.down_weight(x.dtype)), rows, None)
 
@@ -162,20 +193,19 @@ class AdapterLayer(nn.Module):
         self._state = state = row_state(self.routing_context, x.shape) if self.ROUTED else NO_CONTEXT
         self._aux_now = None
         x2 = x.reshape(-1, self.in_features)                        # (T, n)
-        # Accumulate in place where nothing else holds the base's output: a linear's backward never reads its
-        # own output, so this is autograd-safe and saves an output-sized temporary (the sum) per adapted layer
-        # and step; alpha = 1, so the backward passes the gradient through without a (T, m) multiply.
+        # Accumulate in place where nothing else holds the base's output (add_delta_): no output-sized sum per
+        # adapted layer and step, and a low-rank delta goes straight into y as one GEMM.
+        shape = (*x.shape[:-1], self.out_features)
         if self.fused_input_applies(x2):
             y, logits, z = self.fused_input_forward(x2)             # (T, m), (T, N) or None, (T, q)
-            delta = self.delta_from(x2, z, state.rows, logits)      # (T, m), scaled
             # add before the view: in place on a view of the node's output would make autograd copy the
             # (T, m) gradient in and out (CopySlices) on every backward
-            y = y.add_(delta.to(y.dtype)).view(*x.shape[:-1], self.out_features)
-        else:
+            y = add_delta_(y, self.delta_from(x2, z, state.rows, logits)).view(shape)
+        elif plain_call(self.base):
+            y = add_delta_(self.base(x2), self.delta(x2, state.rows)).view(shape)
+        else:  # a hook (or a replaced forward) on the base may keep y or expect x's shape: never change y under it
             y = self.base(x)                                        # (..., m)
-            delta = self.delta(x2, state.rows).view(y.shape).to(y.dtype)   # (..., m), scaled
-            # a hook (or a replaced forward) on the base may have kept y: never change it under it
-            y = y.add_(delta) if plain_call(self.base) else y + delta
+            y = y + materialise(self.delta(x2, state.rows)).view(y.shape).to(y.dtype)
         if not self.ROUTED:
             return y
         aux, self._aux_now = self._aux_now, None
@@ -251,11 +281,12 @@ def sparse_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: 
 
 
 def dense_mixture(u: torch.Tensor, gate_matrix: torch.Tensor,
-                  up: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
-    """All experts on all tokens, weighted by gate_matrix (T, N) (zeros for unselected experts) -> (T, m).
+                  up: torch.Tensor, down: torch.Tensor | None = None) -> LowRank:
+    """All experts on all tokens, weighted by gate_matrix (T, N) (zeros for unselected experts) -> the
+    :class:`LowRank` factors of the (T, m) delta.
 
     Cost per token N r (q + m) MACs as two wide GEMMs: ``h = u D_cat^T`` (T, N r), then the gates are folded
-    into h so that B is applied once as (T, N r) @ (N r, m). No host sync.
+    into h so that B is applied once as (T, N r) @ (N r, m), by the layer into its output. No host sync.
     """
     N, m, r = up.shape
     T = u.shape[0]
@@ -265,7 +296,7 @@ def dense_mixture(u: torch.Tensor, gate_matrix: torch.Tensor,
         h = F.linear(u, down.reshape(N * r, -1)).view(T, N, r)      # (T, N, r)
     h = (h * gate_matrix.unsqueeze(-1)).reshape(T, N * r)           # (T, N*r) gates folded in
     up_cat = up.permute(1, 0, 2).reshape(m, N * r)                  # (m, N*r)
-    return F.linear(h, up_cat)                                      # (T, m)
+    return LowRank(h, up_cat)                                       # delta = h up_cat^T (T, m)
 
 
 def loop_mixture(u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
@@ -292,8 +323,9 @@ def gate_matrix(gates: torch.Tensor, idx: torch.Tensor, num_experts: int,
 
 
 def mixture(mode: str, u: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
-            down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop" | "grouped") on top-k routing output.
+            down: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> Delta:
+    """Run one of the exact dispatch paths ("sparse" | "dense" | "loop" | "grouped") on top-k routing output:
+    the (T, m) delta, or for "dense" its :class:`LowRank` factors.
 
     ``rows`` (T,) bool: padded rows (False) get a zero delta (the sparse and loop paths skip them).
     """

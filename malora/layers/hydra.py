@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from malora.layers.base import AdapterLayer, adapter_dtype, dense_mixture
+from malora.layers.base import AdapterLayer, LowRank, adapter_dtype, dense_mixture
 from malora.layers.router import Router
 
 
@@ -42,7 +42,7 @@ class HydraLoRALinear(AdapterLayer):
         return self.lora_A.to(dtype)                                    # (r, n)
 
     def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
-                   logits: torch.Tensor | None) -> torch.Tensor:
+                   logits: torch.Tensor | None) -> LowRank:
         route = self.route(x, rows, logits)                             # gates = probs (T, N), 0 on padding
         return dense_mixture(z, route.gates * self.scaling, up=self.lora_B.to(x.dtype))  # (T, m), scaled gates
 

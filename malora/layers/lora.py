@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from malora.layers.base import AdapterLayer
+from malora.layers.base import AdapterLayer, LowRank
 
 
 class LoRALinear(AdapterLayer):
@@ -35,9 +34,9 @@ class LoRALinear(AdapterLayer):
         return self.lora_A.to(dtype)                                  # (r, n)
 
     def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
-                   logits: torch.Tensor | None) -> torch.Tensor:
-        # z = A dropout(x) (T, r): scaled at width r, not m
-        return F.linear(z * self.scaling, self.lora_B.to(x.dtype))    # (T, m)
+                   logits: torch.Tensor | None) -> LowRank:
+        # z = A dropout(x) (T, r): scaled at width r, not m; the layer adds (z s) B^T into its output
+        return LowRank(z * self.scaling, self.lora_B.to(x.dtype))     # delta = (z s) B^T (T, m)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from malora.config import ConfigError
-from malora.layers.base import AdapterLayer, adapter_dtype, choose_dispatch, mixture
+from malora.layers.base import AdapterLayer, Delta, adapter_dtype, choose_dispatch, mixture
 from malora.layers.router import Router
 
 
@@ -86,7 +86,7 @@ class MALoRALinear(AdapterLayer):
         return self.lora_S_A.to(dtype)                                  # (d, n)
 
     def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
-                   logits: torch.Tensor | None) -> torch.Tensor:
+                   logits: torch.Tensor | None) -> Delta:
         route = self.route(x, rows, logits)                             # gates, idx (T, k)
         # z = S_A dropout(x) (T, d): once per token, shared by every expert
         P, B = self.lora_P.to(x.dtype), self.lora_B.to(x.dtype)

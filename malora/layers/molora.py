@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from malora.layers.base import AdapterLayer, adapter_dtype, choose_dispatch, mixture
+from malora.layers.base import AdapterLayer, Delta, adapter_dtype, choose_dispatch, mixture
 from malora.layers.router import Router
 
 
@@ -48,7 +48,7 @@ class MoLoRALinear(AdapterLayer):
         n, m = self.in_features, self.out_features
         return choose_dispatch(num_tokens, self.num_experts, self.top_k, self.r * (n + m), n * m)
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> Delta:
         route = self.route(x, rows)                                    # gates, idx (T, k)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return mixture(self.resolve_dispatch(x.shape[0]), self.dropout(x), route.gates * self.scaling, route.idx,

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from malora.layers.base import AdapterLayer, adapter_dtype, choose_dispatch, mixture
+from malora.layers.base import AdapterLayer, Delta, adapter_dtype, choose_dispatch, mixture
 from malora.layers.router import Router
 
 
@@ -63,7 +63,7 @@ class MoSLDLinear(AdapterLayer):
         return self.shared_A(dtype)                                     # (r, n), DropConnect in training
 
     def delta_from(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None,
-                   logits: torch.Tensor | None) -> torch.Tensor:
+                   logits: torch.Tensor | None) -> Delta:
         route = self.route(x, rows, logits)                             # gates, idx (T, k)
         return mixture(self.resolve_dispatch(x.shape[0]), z, route.gates * self.scaling, route.idx,
                        up=self.lora_B.to(x.dtype), rows=rows)           # (T, m)

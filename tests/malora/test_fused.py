@@ -124,15 +124,45 @@ def test_saves_x_and_positions_not_a_dropped_copy():
     assert torch.all(x.grad.reshape(-1)[pos] == 0)
 
 
-def test_output_graph_has_no_copyslices():
-    """The delta is added to the node's (T, m) output before it is viewed as (..., m): in place on the view
-    would put a CopySlices node in the graph, which copies the (T, m) gradient in and out at every backward."""
-    layer = _layer(CONFIGS["malora"], False, False)
-    y = layer(torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True))
+def _graph_names(y: torch.Tensor) -> set[str]:
     names, todo = set(), [y.grad_fn]
     while todo:
         fn = todo.pop()
         if fn is not None and type(fn).__name__ not in names:
             names.add(type(fn).__name__)
             todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+
+def test_output_graph_has_no_copyslices():
+    """The delta is added to the node's (T, m) output before it is viewed as (..., m): in place on the view
+    would put a CopySlices node in the graph, which copies the (T, m) gradient in and out at every backward."""
+    layer = _layer(CONFIGS["malora"], False, False)
+    names = _graph_names(layer(torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True)))
     assert "FrozenRouterDownBackward" in names and "CopySlices" not in names, names
+
+
+LOW_RANK = {  # layers whose delta is h up^T: LoRA, HydraLoRA and the dense mixtures
+    "lora": CONFIGS["lora"],
+    "hydra": CONFIGS["hydra"],
+    "malora_dense": MALoRAConfig(d=6, r_bar=3, num_experts=4, top_k=2, alpha=6.0, dropout=0.3, dispatch="dense"),
+    "mosld_dense": MoSLDConfig(r=4, num_experts=3, top_k=2, alpha=8.0, dropout=0.3, dispatch="dense"),
+    "molora_dense": MoLoRAConfig(r=4, num_experts=3, top_k=2, alpha=8.0, dropout=0.3, dispatch="dense"),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", sorted(LOW_RANK))
+def test_low_rank_delta_is_one_gemm_into_the_frozen_output(kind, fused):
+    """A low-rank delta is accumulated into the frozen output by the up-projection GEMM itself (``addmm_``, BLAS
+    beta = 1), not written to a fresh (T, m) tensor and added in a second pass (an ``AddBackward0`` in the graph):
+    on a bf16 AMX core that add cost more than the frozen GEMM. The sparse path keeps its (T, m) scatter-add."""
+    layer = _layer(LOW_RANK[kind], False, True)
+    layer.fused_input = fused
+    names = _graph_names(layer(torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True)))
+    assert "AddmmBackward0" in names and "AddBackward0" not in names, names
+    assert ("FrozenRouterDownBackward" in names) == (fused and kind != "molora_dense"), names
+    sparse = _layer(CONFIGS["malora_sparse"], False, True)
+    sparse.fused_input = fused
+    assert "AddBackward0" in _graph_names(sparse(torch.randn(3, T, N_IN, dtype=torch.float64, requires_grad=True)))
