@@ -3,6 +3,7 @@
     python benchmarks/compile_probe.py --mode regional --rounds 6      # RMSNorm and SiLU x up compiled
     python benchmarks/compile_probe.py --mode layers --rounds 4        # every decoder layer, adapters inside
     python benchmarks/compile_probe.py --mode layers-mask-dropout      # the same, dropout as F.dropout when compiled
+    python benchmarks/compile_probe.py --mode layers-no-dropout        # the same, no adapter dropout when compiled
 
 Two copies of one variant of ``benchmarks/train_throughput.py`` (LoRA r16 unless ``--adapter``) on the base held in
 bf16 train on the same batches of the study (``search_spaces/intra_domain_cpu.yaml``, 32 rows, the longest row at
@@ -13,7 +14,9 @@ thread, process CPU clock. Modes:
 - ``layers``: ``layer.compile()`` on every decoder layer, the adapters as they are (the drop positions' host read
   splits the graph at every adapted linear);
 - ``layers-mask-dropout``: the same, with the adapters' input dropout as ``F.dropout`` while compiling and the fused
-  input node off, so that nothing breaks the graph (a different but equally distributed dropout draw).
+  input node off, so that nothing breaks the graph (a different but equally distributed dropout draw);
+- ``layers-no-dropout``: the same without the adapters' input dropout in the compiled copy (the eager copy keeps
+  it): not a valid training configuration, a bound on what compiling gains once dropout costs nothing extra.
 
 Prints the compile time, each step's seconds, tokens/s of both and Dynamo's graph and graph-break counts. A probe
 for issue 19's 3x target, not a library path: nothing in ``malora`` or ``orchestrator`` compiles.
@@ -59,7 +62,8 @@ def compile_regional(model: torch.nn.Module) -> None:
             module.forward = lambda x, m=module: m.down_proj(act(m.gate_proj(x), m.up_proj(x)))
 
 
-def mask_dropout_when_compiling(model: torch.nn.Module) -> None:
+def replace_dropout_when_compiling(model: torch.nn.Module, drop: bool) -> None:
+    """While compiling, the adapters' input dropout becomes ``F.dropout`` (``drop``) or nothing; fused node off."""
     from malora.inject import adapter_layers
     from malora.layers.dropout import InputDropout
 
@@ -67,7 +71,7 @@ def mask_dropout_when_compiling(model: torch.nn.Module) -> None:
 
     def forward(self, x):
         if torch.compiler.is_compiling():
-            return F.dropout(x, self.p, training=self.training)
+            return F.dropout(x, self.p, training=self.training) if drop else x
         return eager(self, x)
 
     InputDropout.forward = forward                                       # this process only
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.models.precision import Precision, keep_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("regional", "layers", "layers-mask-dropout"), default="regional")
+    p.add_argument("--mode", choices=("regional", "layers", "layers-mask-dropout", "layers-no-dropout"),
+                   default="regional")
     p.add_argument("--adapter", default="ours", help=f"of {sorted(tt.ADAPTERS)}")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--json", action="store_true")
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "regional":
         compile_regional(model)
     else:
-        if args.mode == "layers-mask-dropout":
-            mask_dropout_when_compiling(model)
+        if args.mode != "layers":
+            replace_dropout_when_compiling(model, drop=args.mode == "layers-mask-dropout")
         for layer in model.model.layers:
             layer.compile(dynamic=True)
     start = time.perf_counter()
