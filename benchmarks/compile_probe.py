@@ -11,10 +11,10 @@ most 90 tokens), one eager and one with ``--mode`` compiled (Inductor, ``dynamic
 thread, process CPU clock. Modes:
 
 - ``regional``: each RMSNorm and each MLP's ``act(gate) * up`` through one compiled function (no adapters inside);
-- ``layers``: ``layer.compile()`` on every decoder layer, the adapters as they are (the drop positions' host read
-  splits the graph at every adapted linear);
-- ``layers-mask-dropout``: the same, with the adapters' input dropout as ``F.dropout`` while compiling and the fused
-  input node off, so that nothing breaks the graph (a different but equally distributed dropout draw);
+- ``layers``: ``layer.compile()`` on every decoder layer, the adapters as they are (their input dropout through the
+  ``malora::drop_mask`` op, the fused input node off while tracing: one graph per layer for LoRA);
+- ``layers-mask-dropout``: the same, with the adapters' input dropout as ``F.dropout`` while compiling (a per-element
+  draw inside the compiled kernels; equally distributed);
 - ``layers-no-dropout``: the same without the adapters' input dropout in the compiled copy (the eager copy keeps
   it): not a valid training configuration, a bound on what compiling gains once dropout costs nothing extra.
 

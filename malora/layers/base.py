@@ -168,10 +168,12 @@ class AdapterLayer(nn.Module):
         one node): on CPU with autograd on and autocast off (the node's backward runs its GEMMs in the forward's
         dtypes), around a frozen ``nn.Linear``/``Conv1D`` of exactly that type whose call would run nothing but
         its class ``forward`` (:func:`plain_call`: the node reads the weight and never calls the base), for
-        layers with a D. ``fused_input = False`` on a layer keeps the separate ops (the reference path)."""
+        layers with a D; not while ``torch.compile`` traces it (the node's drop positions read a tensor on the host,
+        and the compiler fuses the separate ops itself). ``fused_input = False`` on a layer keeps the separate ops
+        (the reference path)."""
         base = self.base
         return (self.fused_input and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and type(base) in FUSABLE_BASES and plain_call(base) and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
                 and type(self).down_weight is not AdapterLayer.down_weight)

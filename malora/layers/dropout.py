@@ -18,10 +18,17 @@ The uniforms are float32 from the default generator of x's device (``torch.manua
 their 2^-24 resolution perturbs the gap probabilities by at most ~2^-24 each, far below any sampling noise. The
 drop probability is p itself (no rounding). Off CPU the fused ``F.dropout`` kernel is already one pass and is used
 as is.
+
+Under ``torch.compile`` the loop above would split the compiled graph at every adapted linear (``int(pos[-1])``
+reads a tensor on the host), and the alternative, ``F.dropout``, draws one random number per element inside the
+compiled kernel (most of a compiled step's time on CPU). There the same positions come from :func:`drop_mask`, a
+custom op that the compiler calls as one opaque kernel returning a 1-byte keep mask; the multiply by it fuses with
+the neighbouring passes.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -51,6 +58,29 @@ def drop_positions(numel: int, p: float, device: torch.device | str = "cpu", *,
         last = int(pos[-1])
     pos = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
     return pos[: int(torch.searchsorted(pos, numel))]               # positions < numel (pos is sorted)
+
+
+def _keep_mask(numel: int, p: float, device: torch.device) -> torch.Tensor:
+    """(numel,) bool keep mask, False at the positions :func:`drop_positions` draws (the same exact process)."""
+    keep = torch.ones(numel, dtype=torch.bool, device=device)
+    return keep.index_fill_(0, drop_positions(numel, p, device), False)
+
+
+def _register_drop_mask():
+    """:func:`_keep_mask` as the custom op ``malora::drop_mask``, so that ``torch.compile`` calls it as one opaque
+    kernel: its host read stays inside, the graph does not break, the mask's use (one multiply) fuses with its
+    neighbours, and the ``nondeterministic_seeded`` tag keeps the compiler from recomputing it (a second draw) for
+    the backward. None on a torch whose ``custom_op`` takes no tags (< 2.5): compiled code then takes the
+    positions path, correct but split at each adapter."""
+    if "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        return None
+    op = torch.library.custom_op("malora::drop_mask", _keep_mask, mutates_args=(),
+                                 tags=(torch.Tag.nondeterministic_seeded,))
+    op.register_fake(lambda numel, p, device: torch.empty(numel, dtype=torch.bool, device=device))
+    return op
+
+
+drop_mask = _register_drop_mask()
 
 
 def zero_positions_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -92,6 +122,8 @@ class InputDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" and self.training and self.p > 0.0:
             return F.dropout(x, self.p, training=True)
+        if drop_mask is not None and torch.compiler.is_compiling() and self.training and self.p > 0.0:
+            return x * drop_mask(x.numel(), self.p, x.device).view(x.shape) * (1.0 / (1.0 - self.p))
         positions = self.positions(x)
         return x if positions is None else _DropPositions.apply(x, positions, 1.0 / (1.0 - self.p))
 

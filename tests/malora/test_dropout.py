@@ -81,3 +81,54 @@ def test_gradient_is_the_mask_and_eval_is_identity():
     assert d(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
         InputDropout(1.0)
+
+
+def test_drop_mask_op_is_the_positions_process():
+    """The custom op behind the compiled path keeps exactly the complement of the positions the same seed draws."""
+    from malora.layers.dropout import drop_mask
+
+    if drop_mask is None:
+        pytest.skip("torch.library.custom_op takes no tags on this torch (< 2.5)")
+    torch.manual_seed(5)
+    mask = drop_mask(100_000, 0.05, torch.device("cpu"))
+    torch.manual_seed(5)
+    pos = drop_positions(100_000, 0.05)
+    assert mask.dtype == torch.bool and mask.shape == (100_000,)
+    assert torch.equal((~mask).nonzero().flatten(), pos)
+
+
+@pytest.mark.slow
+def test_compiled_lora_layer_has_one_graph_and_reuses_its_mask_in_backward():
+    """Under torch.compile an adapted linear with input dropout traces into one graph (the drop positions' host read
+    stays inside the ``malora::drop_mask`` op; the fused input node steps aside), drops about p of the elements
+    with the unbiased scale, and its backward applies the very mask of its forward (a recomputed second draw
+    would zero other elements of the gradient)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from malora import LoRAConfig
+    from malora.layers import build_adapter_layer
+    from malora.layers.dropout import drop_mask
+
+    if drop_mask is None:
+        pytest.skip("torch.library.custom_op takes no tags on this torch (< 2.5)")
+    n, p, scaling = 16, 0.3, 2.0
+    base = nn.Linear(n, n, bias=False)
+    nn.init.zeros_(base.weight)                                        # y = scaling * B A dropout(x) alone
+    layer = build_adapter_layer(base, LoRAConfig(r=n, alpha=scaling * n, dropout=p)).train()
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(n))
+        layer.lora_B.copy_(torch.eye(n))                               # y = scaling * dropout(x)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, dynamic=True)
+    x = (torch.rand(600, n) + 1.0).requires_grad_()                    # no zeros of its own
+    y = compiled(x)
+    y.backward(torch.ones_like(y))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    dropped = y == 0
+    sd = math.sqrt(p * (1 - p) / y.numel())
+    assert abs(dropped.double().mean().item() - p) < 5 * sd
+    torch.testing.assert_close(y[~dropped], (scaling / (1 - p)) * x.detach()[~dropped])
+    assert torch.equal(x.grad == 0, dropped)                           # the forward's mask, not a new draw
+    torch.testing.assert_close(x.grad[~dropped], torch.full_like(x.grad[~dropped], scaling / (1 - p)))
