@@ -134,7 +134,6 @@ def _graph_names(y: torch.Tensor) -> set[str]:
     return names
 
 
-
 def test_output_graph_has_no_copyslices():
     """The delta is added to the node's (T, m) output before it is viewed as (..., m): in place on the view
     would put a CopySlices node in the graph, which copies the (T, m) gradient in and out at every backward."""
