@@ -97,6 +97,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         _restore_flags(model, flags)
         raise
     ctx = RoutingContext(config=cfg, mask_position=mask_position_of(model), requires_grad=flags)
+    ctx.routed = [layer for _, layer in built if layer.ROUTED]
     for name, layer in built:
         layer.routing_context = ctx
         model.set_submodule(name, layer)  # keeps the model's train/eval mode (set above)
@@ -152,8 +153,7 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     """
     terms, reductions = [], set()
     for _, layer in adapter_layers(model):
-        ctx = layer.routing_context
-        if layer.last_aux_loss is None or (ctx is not None and layer.aux_generation != ctx.generation):
+        if layer.last_aux_loss is None:                 # not run in the latest forward (RoutingContext.routed)
             continue
         reductions.add(layer.lora_router.balance_reduction)
         terms.append(deferred_aux(layer.last_aux_loss, layer.aux_box) if layer.aux_deferred else layer.last_aux_loss)

@@ -62,6 +62,12 @@ def graph_task() -> int:
     return -1 if task_id is None else task_id()
 
 
+def checkpointing_on(model: nn.Module) -> bool:
+    """True when a module of ``model`` has transformers' gradient checkpointing on (its ``gradient_checkpointing``
+    flag, which ``gradient_checkpointing_enable`` sets on the blocks)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def refuse_replica(module: nn.Module) -> None:
     """Raise on an ``nn.DataParallel`` replica (``replicate`` marks each copy ``_is_replica``)."""
     if getattr(module, "_is_replica", False):
@@ -178,6 +184,11 @@ class RoutingContext:
     """(graph task id, generation) of the latest backward that reached a forward's outputs."""
     ambiguous_task: int | None = None
     """A backward that reached two forwards with different masks: recomputing in it raises."""
+    routed: list[nn.Module] = field(default_factory=list, repr=False)
+    """The routed adapter layers of the model; each model forward clears their ``last_aux_loss`` first, so that
+    after it a layer holds a balance loss only if it ran in it."""
+    compiled: bool = False
+    """A routed layer of this model has run under ``torch.compile`` (see :func:`row_state`)."""
     _rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -189,8 +200,15 @@ class RoutingContext:
         mask = kwargs.get("attention_mask")
         if mask is None and self.mask_position is not None and len(args) > self.mask_position:
             mask = args[self.mask_position]
+        if self.compiled and checkpointing_on(module):
+            raise RuntimeError(
+                "malora: routed adapter layers compiled with torch.compile cannot be recomputed by gradient "
+                "checkpointing (a recomputation would count its tokens again and replace the balance loss). Fix: "
+                "model.gradient_checkpointing_disable(), or do not compile the decoder layers.")
         self.mask = self._read_mask(mask)
         self._rows = {}
+        for layer in self.routed:
+            layer.last_aux_loss = None
         self.grad_at_entry = torch.is_grad_enabled()
         self.generation += 1
         if self.grad_at_entry:
@@ -283,6 +301,13 @@ def row_state(ctx: RoutingContext | None, shape: torch.Size) -> RowState:
     """How a routed layer with context ``ctx`` treats an input of ``shape``."""
     if ctx is None:
         return NO_CONTEXT
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: no host-side bookkeeping (the graph-task id is not traceable and an int read
+        # here would be a guard, recompiling at every forward). Checkpoint recomputation is refused instead (the
+        # pre-hook, once ``compiled`` is set); the rows are sliced from the mask inside the graph.
+        ctx.compiled = True
+        return RowState(rows=None if ctx.mask is None else rows_of(ctx.mask, shape), recompute=False,
+                        defer_aux=False)
     if in_backward():
         generation = ctx.recomputed_generation()
         mask = None if generation is None else ctx.saved_masks[generation]

@@ -119,7 +119,6 @@ class AdapterLayer(nn.Module):
         self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.last_aux_loss: torch.Tensor | None = None
         self.routing_context: RoutingContext | None = None   # set by inject_adapters; not a module
-        self.aux_generation = -1                              # context generation of last_aux_loss
         self.aux_box = AuxGradBox()                           # of last_aux_loss
         self.aux_boxes: dict[int, AuxGradBox] = {}            # generation -> box of a deferred loss (see forward)
         self._state = NO_CONTEXT
@@ -220,7 +219,6 @@ class AdapterLayer(nn.Module):
                 "gradient checkpointing it flows through the recomputation that the LM loss triggers. Fix: call "
                 "(lm_loss + collect_aux_loss(model)).backward() in one call, or use use_reentrant=False.")
         self.last_aux_loss, self.aux_deferred = aux, state.defer_aux and aux is not None
-        self.aux_generation = ctx.generation if (ctx := self.routing_context) is not None else -1
         self.aux_box = AuxGradBox()
         if self.aux_deferred:  # kept for the recomputation of this forward, even if others run before backward
             self.aux_boxes[state.generation] = self.aux_box

@@ -1,0 +1,60 @@
+"""``torch.compile`` for an adapted model, one decoder block at a time.
+
+    from malora.compile import compile_blocks
+    inject_adapters(model, MALoRAConfig())
+    compile_blocks(model)                        # every decoder block, adapters inside, through Inductor
+    loss = model(**batch).loss + collect_aux_loss(model)
+    with torch.compiler.set_stance("force_eager"):   # e.g. scoring: no second compilation under no_grad
+        model(**eval_batch)
+
+Why blocks, not the model: the blocks are identical modules, so Dynamo traces one and every other block reuses its
+graph (parameters are graph inputs); the embedding, the loss and the model's own Python (masks, caches, the
+routing context's hooks) stay eager. Why it pays on CPU: a bf16 step's GEMMs run on the matrix units, and what
+is left is memory-bound elementwise work (norms, SiLU x up, casts, the adapters' dropout and routing), which
+Inductor fuses into a few loops per block (benchmarks/README.md, "compiled blocks").
+
+Every adapter traces whole: the input dropout draws its positions through one opaque op
+(:mod:`malora.layers.dropout`), the fused input node steps aside, and a routed layer reads its padding rows from
+the routing context inside the graph (:func:`malora.routing.row_state`). What compilation cannot do is gradient
+checkpointing around routed layers (a recomputation inside a compiled graph cannot tell it is one), so it is
+refused here and at every forward after. The sparse dispatch reads its largest expert load on the host (a
+graph break per layer); the dense and grouped paths do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from malora.config import ConfigError
+from malora.routing import checkpointing_on
+
+
+def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the repeated blocks of a transformers model: the classes its ``_no_split_modules`` names
+    (Llama's ``LlamaDecoderLayer``, GPT-2's ``GPT2Block``), found through wrappers (DDP, a loss module)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [(path, module) for path, module in model.named_modules() if type(module).__name__ in names]
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
+    """``block.compile(**compile_kwargs)`` (default ``dynamic=True``: batch shapes vary) on every decoder block of
+    ``model``; returns their paths. Raises ConfigError when the model has no blocks to find or has gradient
+    checkpointing on."""
+    if checkpointing_on(model):
+        raise ConfigError(
+            "compile_blocks: the model has gradient checkpointing on, which compiled routed adapters cannot be "
+            "recomputed under. Fix: model.gradient_checkpointing_disable() before compiling, or do not compile.")
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise ConfigError(
+            f"compile_blocks: found no decoder blocks in {type(model).__name__} (no module whose class its "
+            "_no_split_modules names). Fix: compile the model's repeated layers yourself with module.compile().")
+    compile_kwargs.setdefault("dynamic", True)
+    for _, block in blocks:
+        block.compile(**compile_kwargs)
+    return [path for path, _ in blocks]
