@@ -141,7 +141,7 @@ class MLflowSearchCallback(Callback):
         params.update({"lr": hp.get("lr", t.lr), "weight_decay": hp.get("weight_decay", t.weight_decay),
                        "warmup_ratio": hp.get("warmup_ratio", t.warmup_ratio), "model": self.spec.model.name,
                        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_steps": t.max_steps,
-                       "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed,
+                       "epochs": t.epochs, "schedule": t.schedule, "seed": t.seed, "compile": t.compile,
                        "formulation": self.spec.data.formulation,
                        "workers": self.spec.resources.workers_per_trial, **extra})
         return params

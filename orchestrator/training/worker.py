@@ -313,6 +313,10 @@ def build_trial_model(spec: SearchSpec, trial_config: dict[str, Any], device: to
     cfg = adapter_config(method, hp, num_layers=getattr(model.config, "num_hidden_layers", None))
     inject_adapters(model, cfg)
     model.to(device)
+    if spec.train.compile:
+        from malora.compile import compile_blocks
+
+        logger.info("torch.compile: %d decoder blocks (compiled at the first step)", len(compile_blocks(model)))
     return TrialModel(model, tokenizer, method, hp, cfg, count_parameters(model), precision, eval_precision)
 
 
@@ -442,6 +446,12 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
     return epoch
 
 
+def eager_scoring() -> contextlib.AbstractContextManager:
+    """Scoring runs compiled blocks (``train.compile``) eagerly: under no_grad they would compile a second time,
+    for a few hundred items a window; a no-op on a model without compiled modules."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
                     pools: dict[str, dict[str, list]], window: dict[str, Any], progress: Progress, *,
                     reference: dict[str, float] | None, notes: dict[str, Any], done: int, steps: int, epoch: int,
@@ -458,7 +468,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
     window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
     progress.tokens += int(sum(rank_tokens))
-    with trial.eval_precision.context(device.type):
+    with trial.eval_precision.context(device.type), eager_scoring():
         scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
         acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
         test = {}

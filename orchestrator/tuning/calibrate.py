@@ -50,6 +50,7 @@ def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, ste
     return {"version": 1, "cpu": cpu_info(), "gpus": [g["name"] for g in gpu_info()], "torch": torch.__version__,
             "model": spec.model.name, "precision": [train.name, score.name, str(train.weights)],
             "threads": max(1, int(round(spec.resources.cpus_per_worker))), "batch_size": spec.train.batch_size,
+            "compile": spec.train.compile,
             "eval_batch_size": spec.eval.batch_size, "scoring": spec.eval.scoring,
             "data": {"suite": d.suite, "tasks": list(d.tasks or ()), "data_dir": d.data_dir, "split_seed": d.split_seed,
                      "max_length": d.max_length, "formulation": d.formulation, "template": d.template},
@@ -113,13 +114,15 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
         optim = worker.build_optimisation(trial, spec, steps + 1)
         loss = worker.training_loss(trial.model)
         stream = worker.resume_stream(encoded, spec, session, trial.tokenizer, 0)
-        worker.train_step(loss, trial, optim, stream, spec, 1, 0, worker.new_window(device), device)  # warm-up
+        warm = worker.new_window(device)
+        worker.train_step(loss, trial, optim, stream, spec, 1, 0, warm, device)  # warm-up (and compilation)
         window = worker.new_window(device)
         for step in range(1, steps + 1):
             worker.train_step(loss, trial, optim, stream, spec, 1, step, window, device)
         train_rate[kind] = window["tokens"] / window["time"]
+        setup[kind] += max(0.0, warm["time"] - window["time"] / steps)      # train.compile: its compilation
         score[kind] = {}
-        with trial.eval_precision.context(device.type):
+        with trial.eval_precision.context(device.type), worker.eager_scoring():
             first = next(iter(pools["val"]))
             worker.evaluate_sharded(trial.model, trial.tokenizer, {first: pools["val"][first][:1]}, spec, 0, 1,
                                     device)  # warm-up
