@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py --variants lora_r64,malora --steps 2 --json
     python benchmarks/step_profile.py --variants ours --fp32                       # LoRA r16, bf16 and fp32
+    python benchmarks/step_profile.py --variants lora_r64,malora --compile         # compiled decoder blocks
 
 Each variant of ``benchmarks/train_throughput.py`` (its adapters, its loop: ``worker.train_step``) trains on the
 study's cloze batches (``search_spaces/intra_domain_cpu.yaml``, ``--batch`` rows, batches whose longest row has
@@ -48,10 +49,15 @@ def kind_of(op: str) -> str:
     return next((k for k, ops in KINDS.items() if op in ops), "other")
 
 
-def profile_variant(name: str, base, tokenizer, spec, plan, encoded, precision, steps: int, rows: int) -> dict:
+def profile_variant(name: str, base, tokenizer, spec, plan, encoded, precision, steps: int, rows: int,
+                    compiled: bool = False) -> dict:
     runner = tt.LoopRunner(name, base, tokenizer, spec, plan, encoded, tt.Clock("cpu"), adapter=name,
                            precision=precision)
-    runner.run(1, 0)                                                    # warm-up: allocations, oneDNN kernels
+    if compiled:
+        from malora.compile import compile_blocks
+
+        compile_blocks(runner.trial.model)
+    runner.run(2 if compiled else 1, 0)                                 # warm-up: allocations, kernels, compilation
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         runner.run(steps, 1)
     events = prof.key_averages(group_by_input_shape=True)
@@ -59,7 +65,7 @@ def profile_variant(name: str, base, tokenizer, spec, plan, encoded, precision, 
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total / 1e3         # ms
     total = sum(by_kind.values())
-    timed = runner.records[1:]
+    timed = [r for r in runner.records if r["round"] == 1]
     slowest = sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]
     return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["clock_s"] for r in timed),
             "step_s": [r["clock_s"] for r in timed], "total_ms": total,
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--fp32", action="store_true", help="also profile each variant on the float32 base")
+    p.add_argument("--compile", action="store_true", help="decoder blocks through malora.compile.compile_blocks")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -90,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     base_bf16 = load_model(data.model, dtype="bfloat16")[0]
     lengths = [len(e["input_ids"]) for e in encoded]
     plan = [b for b in epoch_batches(lengths, args.batch, 0, 1, spec.train.seed, 0, True)
-            if 40 <= max(lengths[i] for i in b) <= 90][: args.steps + 1]
+            if 40 <= max(lengths[i] for i in b) <= 90][: args.steps + 2]
     held = Precision("bf16", "benchmark", "bfloat16")
     result = {}
     for name in args.variants.split(","):
         runs = [("bf16", base_bf16, held)] + ([("fp32", base, None)] if args.fp32 else [])
         for label, weights, precision in runs:
-            r = profile_variant(name, weights, tokenizer, spec, plan, encoded, precision, args.steps, args.rows)
+            r = profile_variant(name, weights, tokenizer, spec, plan, encoded, precision, args.steps, args.rows,
+                                args.compile)
             result[f"{name} {label}"] = r
             print(f"== {name} {label}: {r['tokens_per_s']:.1f} tokens/s, steps "
                   + ", ".join(f"{s:.2f}" for s in r["step_s"]) + " s")

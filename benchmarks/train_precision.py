@@ -16,6 +16,9 @@ Variants, one process, identical batches (the length-grouped plan of ``ours``), 
 - ``hf_trainer_peft_bf16``: ``transformers.Trainer`` + peft LoRA r16 with ``bf16=True`` on CPU (autocast over
   the float32 base, the usual recipe) and group-by-length sampling, fed our batches.
 - ``lora_r64_bf16``, ``malora_bf16``, ``molora_bf16``, ``mosld_bf16``: ``ours_bf16`` with those adapters.
+- ``ours_bf16_compiled``, ``lora_r64_bf16_compiled``, ``malora_bf16_compiled``: the same with every decoder block
+  compiled (``malora.compile.compile_blocks``, ``train.compile``); compiled in the first warm-up step, whose time
+  is reported as ``compile_s`` (it includes that step).
 
 GEMM limit: the script times ``x W^T`` (forward) and ``dy W`` (backward to the input) in fp32 and bf16 at every
 distinct (in, out) shape of the model's frozen linears with M = the mean positions per batch, and the head at M =
@@ -42,15 +45,18 @@ import torch
 import train_throughput as tt
 
 LORA16 = tt.ADAPTERS["ours"]
-# variant -> (adapter of tt.ADAPTERS, base held in, autocast)
+# variant -> (adapter of tt.ADAPTERS, base held in, autocast, decoder blocks compiled)
 VARIANTS = {
-    "ours_fp32": ("ours", "float32", False),
-    "ours_bf16": ("ours", "bfloat16", False),
-    "ours_autocast_bf16": ("ours", "float32", True),
-    "lora_r64_bf16": ("lora_r64", "bfloat16", False),
-    "malora_bf16": ("malora", "bfloat16", False),
-    "molora_bf16": ("molora", "bfloat16", False),
-    "mosld_bf16": ("mosld", "bfloat16", False),
+    "ours_fp32": ("ours", "float32", False, False),
+    "ours_bf16": ("ours", "bfloat16", False, False),
+    "ours_autocast_bf16": ("ours", "float32", True, False),
+    "lora_r64_bf16": ("lora_r64", "bfloat16", False, False),
+    "malora_bf16": ("malora", "bfloat16", False, False),
+    "molora_bf16": ("molora", "bfloat16", False, False),
+    "mosld_bf16": ("mosld", "bfloat16", False, False),
+    "ours_bf16_compiled": ("ours", "bfloat16", False, True),
+    "lora_r64_bf16_compiled": ("lora_r64", "bfloat16", False, True),
+    "malora_bf16_compiled": ("malora", "bfloat16", False, True),
 }
 HF = "hf_trainer_peft_bf16"
 TARGETS = [  # (name, numerator, denominator, bound)
@@ -58,6 +64,10 @@ TARGETS = [  # (name, numerator, denominator, bound)
     ("ours bf16 / HF Trainer + peft bf16", "ours_bf16", HF, 1.25),
     ("MALoRA bf16 / LoRA r64 bf16", "malora_bf16", "lora_r64_bf16", 0.95),
     ("ours bf16 held / ours autocast bf16", "ours_bf16", "ours_autocast_bf16", 1.0),
+    ("ours bf16 compiled / ours fp32", "ours_bf16_compiled", "ours_fp32", 3.0),
+    ("ours bf16 compiled / HF Trainer + peft bf16", "ours_bf16_compiled", HF, 1.25),
+    ("MALoRA bf16 compiled / LoRA r64 bf16 compiled", "malora_bf16_compiled", "lora_r64_bf16_compiled", 0.95),
+    ("ours bf16 compiled / ours bf16", "ours_bf16_compiled", "ours_bf16", 1.0),
 ]
 
 
@@ -119,10 +129,14 @@ def run(args) -> int:
     for n in names:
         if n == HF:
             continue
-        adapter, weights, cast = VARIANTS[n]
+        adapter, weights, cast, compiled = VARIANTS[n]
         runners[n] = tt.LoopRunner(n, base_bf16 if weights == "bfloat16" else base, tokenizer, spec, plan, encoded,
                                    clock, adapter=adapter,
                                    precision=autocast if cast else held if weights == "bfloat16" else None)
+        if compiled:  # compiled at its first (warm-up) step; that step's time is reported as compile_s
+            from malora.compile import compile_blocks
+
+            compile_blocks(runners[n].trial.model)
     order = list(runners)
 
     def between_rounds(round_idx: int) -> None:
@@ -165,6 +179,7 @@ def run(args) -> int:
         "limit_share": {n: flops_per_s[n] / gemm["limit"]["bf16"] for n in names},
         "limit_share_own": {n: flops_per_s[n] / gemm["limit"][own(n)] for n in names},
         "per_round_tokens_per_s": {n: summary[n]["per_round"] for n in names},
+        "compile_s": {n: records[n][0]["clock_s"] for n in names if n in VARIANTS and VARIANTS[n][3]},
         "batch": {"size": args.batch_size, "mean_positions": positions, "mean_response": response,
                   "pad_share": summary[names[0]]["pad_share"], "max_length": args.max_length},
         "cpu": {"model": info["model"], "bf16_flags": [f for f in info["flags"] if "bf16" in f or "amx" in f],

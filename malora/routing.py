@@ -192,6 +192,9 @@ class RoutingContext:
     _rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------ hooks
+    # The hooks always run eagerly, also when the whole model is compiled (``torch.compile(model)``, transformers'
+    # ``torch_compile=True``): traced, their forward counter would be a guard and recompile every step.
+    @torch.compiler.disable
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         refuse_replica(module)
         self.depth += 1
@@ -216,6 +219,7 @@ class RoutingContext:
             while len(self.saved_masks) > SAVED_MASKS:
                 del self.saved_masks[next(iter(self.saved_masks))]     # oldest first (insertion order)
 
+    @torch.compiler.disable
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
         if self.depth == 0 and self.grad_at_entry and not in_backward():

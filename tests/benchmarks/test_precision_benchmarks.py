@@ -65,12 +65,15 @@ def test_eval_script_quick_run_ends_with_the_json_line(evalb, capsys, shared_dat
     assert result["paired"]["n"] == 8 and result["max_abs_loglik_diff"] >= 0
 
 
-@pytest.mark.slow  # tiny-llama, two variants, ~20 s of CPU
+@pytest.mark.slow  # tiny-llama, three variants (one compiled), ~40 s of CPU
 def test_train_precision_quick_run_ends_with_the_json_line(trainp, capsys, shared_data_dir, monkeypatch):
     monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
     tt = load("train_throughput")
-    assert tt.main(["--precision", "--quick", "--json", "--variants", "ours_fp32,ours_bf16"]) == 0
+    names = {"ours_fp32", "ours_bf16", "ours_bf16_compiled"}
+    assert tt.main(["--precision", "--quick", "--json", "--variants", ",".join(sorted(names))]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result["tokens_per_s"]) == {"ours_fp32", "ours_bf16"}
-    assert set(result["gemm_gflops"]) == {"fp32", "bf16"} and set(result["limit_share"]) == {"ours_fp32", "ours_bf16"}
+    assert set(result["tokens_per_s"]) == names
+    assert set(result["gemm_gflops"]) == {"fp32", "bf16"} and set(result["limit_share"]) == names
+    assert set(result["compile_s"]) == {"ours_bf16_compiled"} and result["compile_s"]["ours_bf16_compiled"] > 0
+    assert set(result["ratios"]) >= {"ours bf16 / ours fp32", "ours bf16 compiled / ours fp32"}
     assert "bf16_flags" in result["cpu"] and result["cpu"]["model"]

@@ -45,10 +45,10 @@ def batch(step: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def train(model, steps: int = 3) -> list[tuple[float, float]]:
+def train(model, steps: int = 3, first: int = 0) -> list[tuple[float, float]]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         torch.manual_seed(step)                 # the adapters' dropout positions
         out = model(**batch(step))
         aux = collect_aux_loss(model)
@@ -124,3 +124,25 @@ def test_compile_blocks_refuses_checkpointing_and_models_without_blocks():
         compile_blocks(model)
     with pytest.raises(ConfigError, match="no decoder blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.slow
+def test_the_whole_model_compiled_trains_as_eager_without_recompiling_each_step():
+    """``torch.compile(model)`` (transformers' ``torch_compile=True``): the routing hooks run eagerly at the model's
+    edges, the layers inside the graph; the forward counter is never a guard, so steps do not recompile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = tiny_model(CONFIGS["malora"])
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, dynamic=True)
+    got, expected = train(compiled, 3), train(eager, 3)
+    graphs = counters["stats"]["unique_graphs"]
+    got += train(compiled, 3, first=3)                       # three more steps, three new lengths
+    expected += train(eager, 3, first=3)
+    assert counters["stats"]["unique_graphs"] == graphs      # nothing recompiled: no guard on per-forward state
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-4, atol=1e-6)
+    for (name, ref), (_, ours) in zip(routing_stats(eager, counts=True).items(),
+                                      routing_stats(model, counts=True).items()):
+        assert torch.equal(ours, ref), name
