@@ -11,14 +11,16 @@ Why blocks, not the model: the blocks are identical modules, so Dynamo traces on
 graph (parameters are graph inputs); the embedding, the loss and the model's own Python (masks, caches, the
 routing context's hooks) stay eager. Why it pays on CPU: a bf16 step's GEMMs run on the matrix units, and what
 is left is memory-bound elementwise work (norms, SiLU x up, casts, the adapters' dropout and routing), which
-Inductor fuses into a few loops per block (benchmarks/README.md, "compiled blocks").
+Inductor fuses into a few loops per block (benchmarks/README.md, "Compiled decoder blocks": 1.17-1.24x eager
+on a bf16 Xeon).
 
 Every adapter traces whole: the input dropout draws its positions through one opaque op
 (:mod:`malora.layers.dropout`), the fused input node steps aside, and a routed layer reads its padding rows from
 the routing context inside the graph (:func:`malora.routing.row_state`). What compilation cannot do is gradient
 checkpointing around routed layers (a recomputation inside a compiled graph cannot tell it is one), so it is
-refused here and at every forward after. The sparse dispatch reads its largest expert load on the host (a
-graph break per layer); the dense and grouped paths do not.
+refused here and at every forward after. The sparse dispatch and the grouped dispatch's bmm form read the
+experts' loads on the host (a graph break per routed layer); the dense dispatch (what ``choose_dispatch`` picks
+for the papers' shapes) and ``torch._grouped_mm`` do not.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from torch import nn
 
 from malora.config import ConfigError
 from malora.routing import checkpointing_on
+
+
+RECOMPILE_LIMIT = 64
+"""Dynamo cache entries per code object that :func:`compile_blocks` allows at least (Dynamo's default is 8)."""
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -55,6 +61,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
             f"compile_blocks: found no decoder blocks in {type(model).__name__} (no module whose class its "
             "_no_split_modules names). Fix: compile the model's repeated layers yourself with module.compile().")
     compile_kwargs.setdefault("dynamic", True)
+    # Every block of every compiled model shares one code object (the block class's forward), and each adapter kind
+    # and block input kind (the first block's input needs no grad) is one cache entry of it: a process holding models
+    # of several kinds (a calibration, a benchmark) would pass Dynamo's default limit of 8 and run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for _, block in blocks:
         block.compile(**compile_kwargs)
     return [path for path, _ in blocks]

@@ -29,6 +29,11 @@ through two forwards with different masks (``(loss_1 + loss_2).backward()`` unde
 them apart and raises. How the balance loss itself survives reentrant checkpointing is
 :mod:`malora.deferred_aux`, a separate concern.
 
+**Under torch.compile** the hooks run eagerly (``torch.compiler.disable``) and a traced layer only slices its
+rows from ``mask`` inside the graph (:func:`row_state`); no per-forward Python state is read there, which Dynamo
+would turn into guards and recompile on. A traced layer cannot tell a checkpoint recomputation from a forward, so
+once one has run (``compiled``) a forward with gradient checkpointing on raises (:mod:`malora.compile`).
+
 Models are refused where routing would be wrong: ``nn.DataParallel`` replicas (they would share this context and
 the layers' per-forward fields; use DDP) raise at forward time.
 """
@@ -177,7 +182,7 @@ class RoutingContext:
     grad_at_entry: bool = False
     """Grad mode when the model's forward started (a layer then running under no_grad is being checkpointed)."""
     generation: int = 0
-    """Number of model forwards so far; a layer's balance loss counts only if it is from the latest one."""
+    """Number of model forwards so far: the key of ``saved_masks`` and of the deferred balance losses."""
     saved_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     """generation -> mask of the newest SAVED_MASKS forwards entered with grad enabled (for recomputations)."""
     backward: tuple[int, int] | None = None

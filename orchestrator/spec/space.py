@@ -139,7 +139,7 @@ class TrainSpec:
     """Compile each decoder block with torch.compile (Inductor) for training (``malora.compile.compile_blocks``):
     the memory-bound work between the GEMMs (norms, SiLU x up, casts, adapter dropout and routing) fused per block.
     Costs a one-off compilation per trial (Inductor's cache shares it between trials); scoring stays eager. Not
-    with gradient checkpointing. Measured speed-ups: benchmarks/README.md ("compiled blocks")."""
+    with gradient checkpointing. Measured: benchmarks/README.md ("Compiled decoder blocks")."""
     group_by_length: bool = _f(True)
     """Length-grouped micro-batches: shuffle, cut into mega-batches of 50 batches, sort each by length, batch,
     shuffle the batches (``orchestrator.data.batching``); padding falls from ~31 % to ~1 % of the positions.
