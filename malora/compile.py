@@ -11,7 +11,7 @@ Why blocks, not the model: the blocks are identical modules, so Dynamo traces on
 graph (parameters are graph inputs); the embedding, the loss and the model's own Python (masks, caches, the
 routing context's hooks) stay eager. Why it pays on CPU: a bf16 step's GEMMs run on the matrix units, and what
 is left is memory-bound elementwise work (norms, SiLU x up, casts, the adapters' dropout and routing), which
-Inductor fuses into a few loops per block (benchmarks/README.md, "Compiled decoder blocks": 1.17-1.24x eager
+Inductor fuses into a few loops per block (benchmarks/README.md, "Compiled decoder blocks": 1.17-1.35x eager
 on a bf16 Xeon).
 
 Every adapter traces whole: the input dropout draws its positions through one opaque op
