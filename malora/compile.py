@@ -64,7 +64,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     # Every block of every compiled model shares one code object (the block class's forward), and each adapter kind
     # and block input kind (the first block's input needs no grad) is one cache entry of it: a process holding models
     # of several kinds (a calibration, a benchmark) would pass Dynamo's default limit of 8 and run the rest eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for _, block in blocks:
         block.compile(**compile_kwargs)
     return [path for path, _ in blocks]

@@ -448,8 +448,10 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
 
 def eager_scoring() -> contextlib.AbstractContextManager:
     """Scoring runs compiled blocks (``train.compile``) eagerly: under no_grad they would compile a second time,
-    for a few hundred items a window; a no-op on a model without compiled modules."""
-    return torch.compiler.set_stance("force_eager")
+    for a few hundred items a window; a no-op on a model without compiled modules (and on a torch before 2.6,
+    which has no stances: there scoring compiles once more)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,

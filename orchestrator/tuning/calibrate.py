@@ -50,7 +50,7 @@ def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, ste
     return {"version": 1, "cpu": cpu_info(), "gpus": [g["name"] for g in gpu_info()], "torch": torch.__version__,
             "model": spec.model.name, "precision": [train.name, score.name, str(train.weights)],
             "threads": max(1, int(round(spec.resources.cpus_per_worker))), "batch_size": spec.train.batch_size,
-            "compile": spec.train.compile,
+            **({"compile": True} if spec.train.compile else {}),   # absent when off: earlier caches stay valid
             "eval_batch_size": spec.eval.batch_size, "scoring": spec.eval.scoring,
             "data": {"suite": d.suite, "tasks": list(d.tasks or ()), "data_dir": d.data_dir, "split_seed": d.split_seed,
                      "max_length": d.max_length, "formulation": d.formulation, "template": d.template},
