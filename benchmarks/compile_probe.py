@@ -19,7 +19,7 @@ thread, process CPU clock. Modes:
   it): not a valid training configuration, a bound on what compiling gains once dropout costs nothing extra.
 
 Prints the compile time, each step's seconds, tokens/s of both and Dynamo's graph and graph-break counts. A probe
-for issue 19's 3x target, not a library path: nothing in ``malora`` or ``orchestrator`` compiles.
+for issue 19's 3x target; the library path it led to is ``malora.compile.compile_blocks`` (``train.compile``).
 """
 from __future__ import annotations
 
