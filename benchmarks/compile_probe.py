@@ -11,8 +11,9 @@ most 90 tokens), one eager and one with ``--mode`` compiled (Inductor, ``dynamic
 thread, process CPU clock. Modes:
 
 - ``regional``: each RMSNorm and each MLP's ``act(gate) * up`` through one compiled function (no adapters inside);
-- ``layers``: ``layer.compile()`` on every decoder layer, the adapters as they are (their input dropout through the
-  ``malora::drop_mask`` op, the fused input node off while tracing: one graph per layer for LoRA);
+- ``layers``: ``malora.compile.compile_blocks`` (``layer.compile(dynamic=True)`` on every decoder layer, as
+  ``train.compile``), the adapters as they are (their input dropout through the ``malora::drop_mask`` op, the
+  fused input node off while tracing: one graph per layer);
 - ``layers-mask-dropout``: the same, with the adapters' input dropout as ``F.dropout`` while compiling (a per-element
   draw inside the compiled kernels; equally distributed);
 - ``layers-no-dropout``: the same without the adapters' input dropout in the compiled copy (the eager copy keeps
@@ -82,6 +83,7 @@ def replace_dropout_when_compiling(model: torch.nn.Module, drop: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from torch._dynamo.utils import counters
 
+    from malora.compile import compile_blocks
     from orchestrator.data.batching import epoch_batches
     from orchestrator.models.hardware import cpu_info
     from orchestrator.models.loading import load_model
@@ -114,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.mode != "layers":
             replace_dropout_when_compiling(model, drop=args.mode == "layers-mask-dropout")
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
+        compile_blocks(model)                                           # what train.compile runs
     start = time.perf_counter()
     compiled.run(2, 0)                                                   # compiles (and recompiles once)
     compile_s = time.perf_counter() - start

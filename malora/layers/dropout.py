@@ -120,12 +120,13 @@ class InputDropout(nn.Module):
         return drop_positions(x.numel(), self.p, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" and self.training and self.p > 0.0:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        if drop_mask is not None and torch.compiler.is_compiling() and self.training and self.p > 0.0:
+        if drop_mask is not None and torch.compiler.is_compiling():
             return x * drop_mask(x.numel(), self.p, x.device).view(x.shape) * (1.0 / (1.0 - self.p))
-        positions = self.positions(x)
-        return x if positions is None else _DropPositions.apply(x, positions, 1.0 / (1.0 - self.p))
+        return _DropPositions.apply(x, self.positions(x), 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
