@@ -5,11 +5,14 @@ says little about another: a Xeon core with AMX tiles runs bf16 matrix products 
 EPYC core runs them slower than fp32.
 
 ``resolve_precision("auto", device)`` picks bf16 where the device computes it natively (a CUDA GPU that supports
-bf16, or a CPU with AMX-BF16 or AVX512-BF16) and fp32 elsewhere; an explicit request is kept as asked.
+bf16, or a CPU with AMX-BF16 or AVX512-BF16) and fp32 elsewhere; an explicit request is kept as asked, and an
+explicit bf16 on a device without bf16 units (where it runs emulated, slower than fp32) logs one warning per
+process and device.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
@@ -18,11 +21,13 @@ import torch
 
 __all__ = ["PRECISIONS", "BF16_CPU_FLAGS", "cpu_info", "gpu_info", "machine_info", "native_bf16", "resolve_precision"]
 
+logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 # /proc/cpuinfo flags that give the CPU native bf16 matrix products (oneDNN uses them through torch)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # flags worth recording beside any CPU figure: what the matrix kernels can use
 _RECORDED_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2", "fma")
+_WARNED: set[str] = set()  # devices (their evidence) already warned about an explicit bf16 without bf16 units
 
 
 @functools.cache
@@ -84,6 +89,12 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, 
     """(precision actually used, why) for a requested ``auto | bf16 | fp32 | fp16`` on ``device``."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested == "bf16":
+        ok, why = native_bf16(device)
+        if not ok and why not in _WARNED:
+            _WARNED.add(why)
+            logger.warning("precision bf16 was asked for explicitly, but %s: bf16 runs emulated there, slower than "
+                           "fp32 (precision: auto picks fp32 on this device)", why)
     if requested != "auto":
         return requested, "asked for explicitly"
     ok, why = native_bf16(device)

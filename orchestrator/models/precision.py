@@ -107,9 +107,25 @@ def plan_precision(requested: str, model_dtype: str, device: torch.device | str,
 
 
 def plan_run(model_dtype: str, train: str, evaluation: str, device: torch.device | str) -> tuple[Precision, Precision]:
-    """(training's, scoring's) precision of a run: scoring computes on the weights training holds."""
+    """(training's, scoring's) precision of a run: scoring computes on the weights training holds.
+
+    ``eval.precision: auto`` resolves on the device like ``train.precision: auto``, except where the weights
+    training holds cannot compute that: ``train.precision: bf16`` holds the base in bfloat16, and on a device
+    without bf16 units auto's fp32 is impossible there, so scoring follows training (bf16) and says so in its
+    reason. Where scoring resolves to another precision than training (fp16 training: bf16 scoring on an A100, fp32
+    on a V100) the reason names both, so the recorded ``eval_precision_reason`` tells why.
+    """
     trained = plan_precision(train, model_dtype, device)
-    return trained, plan_precision(evaluation, trained.weights, device, key="eval.precision")
+    if evaluation != "auto":
+        return trained, plan_precision(evaluation, trained.weights, device, key="eval.precision")
+    name, why = resolve_precision("auto", device)
+    if conflict(name, trained.weights) is not None:
+        return trained, Precision(trained.name, f"auto: follows train.precision {trained.name}, since base weights "
+                                  f"held in {trained.weights} cannot compute {name} ({why})", trained.weights)
+    if name != trained.name:
+        why += (f"; scoring computes {name} while training computes {trained.name} (eval.precision: auto resolves "
+                f"on the device; eval.precision: {trained.name} scores as trained)")
+    return trained, Precision(name, why, trained.weights)
 
 
 @functools.cache

@@ -156,7 +156,8 @@ class EvalSpec:
     """Evaluation batch size."""
     precision: str = _f("auto", choices=("auto", "bf16", "fp32", "fp16"))
     """Precision of scoring (as train.precision; the log-softmax is always float32). Must be computable on the
-    base weights training holds (bfloat16 weights cannot score fp32)."""
+    base weights training holds (bfloat16 weights cannot score fp32): auto follows train.precision where the
+    device's own choice could not run on them (bf16 training without bf16 units), and the reason is recorded."""
 
 
 @dataclass(frozen=True)

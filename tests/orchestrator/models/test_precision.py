@@ -130,3 +130,44 @@ def test_glibc_keeps_freed_blocks():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert precision.keep_freed_memory() is True
+
+
+def test_bf16_training_without_bf16_units_scores_in_bf16_with_eval_auto(monkeypatch):
+    # issue 29 item 13: bf16-held weights cannot score fp32, so eval auto follows training instead of failing later
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: (False, "AMD EPYC has neither amx_bf16 nor x"))
+    train, scoring = precision.plan_run("auto", "bf16", "auto", "cpu")
+    assert (train.name, train.weights) == ("bf16", "bfloat16")
+    assert (scoring.name, scoring.weights, scoring.autocast_dtype) == ("bf16", "bfloat16", None)
+    assert "follows train.precision bf16" in scoring.reason and "cannot compute fp32" in scoring.reason
+    with pytest.raises(precision.PrecisionError, match=r"eval\.precision: fp32 with model\.dtype: bfloat16"):
+        precision.plan_run("auto", "bf16", "fp32", "cpu")  # an explicit fp32 stays refused, naming both keys
+
+
+@pytest.mark.parametrize("native, scored", [(True, "bf16"), (False, "fp32")])
+def test_fp16_training_with_eval_auto_records_what_scoring_computes_and_why(monkeypatch, native, scored):
+    # issue 29 item 15: an A100 scores an fp16 run in bf16, a V100 in fp32; the recorded reason names both
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: (native, "the GPU"))
+    train, scoring = precision.plan_run("auto", "fp16", "auto", "cuda")
+    assert (train.name, train.weights, scoring.name, scoring.weights) == ("fp16", "float32", scored, "float32")
+    rec = scoring.record("eval_")
+    assert rec["eval_precision"] == scored
+    assert f"scoring computes {scored} while training computes fp16" in rec["eval_precision_reason"]
+    assert "eval.precision: fp16 scores as trained" in rec["eval_precision_reason"]
+
+
+def test_explicit_bf16_without_bf16_units_warns_once(monkeypatch, caplog):
+    # issue 29 item 14
+    monkeypatch.setattr(hardware, "_WARNED", set())
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: (False, "AMD EPYC has neither amx_bf16 nor x"))
+    with caplog.at_level("WARNING", logger="orchestrator.models.hardware"):
+        for _ in range(3):
+            assert hardware.resolve_precision("bf16", "cpu") == ("bf16", "asked for explicitly")
+        precision.plan_run("auto", "bf16", "bf16", "cpu")
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "bf16 was asked for explicitly" in warned[0].getMessage()
+    assert "AMD EPYC" in warned[0].getMessage()
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: (True, "a Xeon has amx_bf16"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="orchestrator.models.hardware"):
+        hardware.resolve_precision("bf16", "cpu")
+    assert not caplog.records  # native units: nothing to warn about
