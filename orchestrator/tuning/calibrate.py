@@ -93,6 +93,7 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
     """Rates of every method in ``configs`` on this machine (module docstring)."""
     import torch
 
+    from orchestrator.data.suites import load_pools
     from orchestrator.training import worker
     from orchestrator.tuning.study import mixture_counts
 
@@ -105,7 +106,7 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
         trial = worker.build_trial_model(spec, config, device)
         t_model = time.perf_counter() - t0
         if not tokens:  # per task: the mean real tokens of a training example (data only, once)
-            for task in worker.load_pools(spec).tasks:
+            for task in load_pools(spec).tasks:
                 enc, _, _ = worker.build_training_data(_task_spec(spec, task), trial.tokenizer)
                 tokens[task] = sum(len(e["input_ids"]) for e in enc) / len(enc)
         t1 = time.perf_counter()
@@ -162,7 +163,7 @@ def study_estimate_text(spec: SearchSpec, *, refresh: bool = False) -> str:
     from orchestrator.tuning.estimate import describe_estimate, estimate
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.study import fixed_configs, mixture_counts, plan_runs
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     configs = fixed_configs(spec)
     runs = plan_runs(spec, configs)

@@ -28,7 +28,8 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
     from malora.inject import remove_adapters
     from orchestrator.evaluation.metrics import test_metrics
     from orchestrator.spec.recorded import scoring_record
-    from orchestrator.training.worker import evaluate_sharded, load_pools
+    from orchestrator.data.suites import load_pools
+    from orchestrator.training.worker import evaluate_sharded
     from orchestrator.tuning.reference import scoring_model
 
     model, tokenizer, scoring, device = scoring_model(spec)

@@ -21,7 +21,7 @@ class FormulationMismatch(ValueError):
 def pools_sha256(spec: SearchSpec) -> dict[str, dict[str, str]]:
     """``{pool: {task: sha256 of its item keys}}`` of the val and test pools the reference scores."""
     from orchestrator.data.pools import pool_sha256
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     pools = load_pools(spec)
     return {name: {task: pool_sha256(items) for task, items in getattr(pools, name).items()} for name in ("val", "test")}
@@ -110,7 +110,7 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
     every trial's step-0 score.
     """
     from orchestrator.evaluation.accuracy import evaluate_tasks
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     model, tokenizer, scoring, device = scoring_model(spec)
     suite = load_pools(spec)

@@ -14,7 +14,7 @@ import time
 from orchestrator.cluster import storage
 from orchestrator.cluster.runtime import init_ray, prepare_env
 from orchestrator.spec.space import SearchSpec
-from orchestrator.training.worker import load_pools
+from orchestrator.data.suites import load_pools
 from orchestrator.tuning.plan import concurrency
 from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
 from orchestrator.tuning.tuner import build_tuner

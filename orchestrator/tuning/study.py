@@ -91,7 +91,7 @@ def configs_from_search(spec: SearchSpec, exp_path: str) -> dict[str, dict[str, 
 def mixture_counts(spec: SearchSpec) -> dict[str, int]:
     """Training examples of each task in the mixed stream of ``spec`` (what a single-task run must match)."""
     from orchestrator.data.mixing import mix_examples
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     d = spec.data
     suite = load_pools(spec)
@@ -152,7 +152,7 @@ def study_name(spec: SearchSpec) -> str:
 def study_splits(spec: SearchSpec) -> dict[str, dict]:
     """The pools' sizes and fingerprints per task, plus ``test_majority``: the constant-answer accuracy on test."""
     from orchestrator.evaluation.accuracy import majority_share
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     pools = load_pools(spec)
     splits = pools.splits()

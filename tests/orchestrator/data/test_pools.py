@@ -86,7 +86,7 @@ def test_spec_pools_ignore_the_training_seed(shared_data_dir, monkeypatch):
     import dataclasses
 
     from orchestrator.spec.space import load_space
-    from orchestrator.training.worker import load_pools
+    from orchestrator.data.suites import load_pools
 
     monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
     spec = load_space("search_spaces/smoke.yaml")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.training import worker
+from orchestrator.training import step, worker
 
 
 def test_max_over_ranks_takes_the_largest_rank(monkeypatch):
@@ -15,7 +15,7 @@ def test_max_over_ranks_takes_the_largest_rank(monkeypatch):
 
     def all_reduce(values, device):  # rank 0's vector summed with the other ranks' vectors
         return [v + o for v, o in zip(values, others)]
-    monkeypatch.setattr(worker, "reduce_sum", all_reduce)
+    monkeypatch.setattr(step, "reduce_sum", all_reduce)
     assert worker.max_over_ranks(3.0, 0, 3, cpu) == 7.5
     others[1] = 1.0
     assert worker.max_over_ranks(3.0, 0, 3, cpu) == 3.0

@@ -1,0 +1,76 @@
+"""A trial's checkpoints: written at every evaluation (adapter + training state + metrics), restored by a
+restarted worker group or a resumed search, and the final report repeated for a trial killed after its end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.training.trial import Optimisation, Progress, TrialModel
+
+logger = logging.getLogger(__name__)
+TRAIN_STATE = "train_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, device: torch.device,
+                     trial_id: str = "") -> Progress:
+    """Load adapter, optimizer and schedule from the session's checkpoint, if it holds one; else start at 0."""
+    with session.checkpoint_dir() as ckpt:
+        if not ckpt or not (Path(ckpt) / TRAIN_STATE).is_file():
+            return Progress()
+        state = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False)
+        missing = set(state["adapter"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the adapter: {sorted(missing)[:5]}")
+        model.load_state_dict(state["adapter"], strict=False)
+        optim.optimizer.load_state_dict(state["optimizer"])
+        optim.scheduler.load_state_dict(state["scheduler"])
+        logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], ckpt)
+        return Progress(state["step"], state["tokens"], state.get("history", []))
+
+
+def report_final_again(session: Any, trial_id: str = "") -> list[dict[str, Any]]:
+    """Re-report the final metrics (and checkpoint) of a trial whose training had finished before a kill.
+
+    Tune had not recorded the trial's end (the driver died between the last checkpoint and the trial's
+    completion), so the restarted worker must report once more, or the trial would end without its final,
+    test-scored result. Every rank reports (Train requires it); rank 0 attaches a copy of the checkpoint.
+    """
+    import shutil
+
+    with session.checkpoint_dir() as ckpt:
+        metrics = json.loads((Path(ckpt) / "metrics.json").read_text())
+        logger.info("trial %s had finished (step %d); reporting its final metrics again", trial_id, metrics["step"])
+        with tempfile.TemporaryDirectory(prefix="malora-ckpt-") as tmp:
+            ckpt_dir = None
+            if session.rank == 0:
+                shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+                ckpt_dir = tmp
+            session.report(metrics, ckpt_dir)
+    return [metrics] if session.rank == 0 else []
+
+
+def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, progress: Progress,
+                          metrics: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    """Rank 0 writes the adapter and the training state to a checkpoint; every rank reports (Train needs all)."""
+    from malora.checkpoint import save_adapter
+
+    core = trial.model
+    with tempfile.TemporaryDirectory(prefix="malora-ckpt-") as tmp:
+        ckpt_dir = None
+        if session.rank == 0:
+            save_adapter(core, trial.adapter, Path(tmp) / ADAPTER_DIR)
+            torch.save({"step": progress.step, "tokens": progress.tokens, "history": progress.history,
+                        "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
+                        "adapter": {n: p.detach() for n, p in core.named_parameters() if p.requires_grad}},
+                       Path(tmp) / TRAIN_STATE)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ckpt_dir = tmp
+            out.append(metrics)
+        session.report(metrics, ckpt_dir)

@@ -1,0 +1,145 @@
+"""A trial's evaluation: val (and at the last step test) scored sharded over the ranks, and the window's metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
+from orchestrator.spec.recorded import scoring_record
+from orchestrator.spec.space import SearchSpec
+from orchestrator.training.step import max_over_ranks, peak_memory_mb, window_pad_share
+from orchestrator.training.trial import Optimisation, Progress, TrialModel
+
+
+def eager_scoring() -> contextlib.AbstractContextManager:
+    """Scoring runs compiled blocks (``train.compile``) eagerly: under no_grad they would compile a second time,
+    for a few hundred items a window; a no-op on a model without compiled modules (and on a torch before 2.6,
+    which has no stances: there scoring compiles once more)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
+                    pools: dict[str, dict[str, list]], window: dict[str, Any], progress: Progress, *,
+                    reference: dict[str, float] | None, notes: dict[str, Any], done: int, steps: int, epoch: int,
+                    setup_s: float) -> dict[str, Any]:
+    """Evaluate on val (sharded over ranks) and build the window's metrics; at the last step also score test.
+
+    Val metrics (``val/*``, seesaw, utilisation) are what every choice reads; ``test/acc/<task>``,
+    ``test/mean_acc``, the per-item ``test_correct/<task>`` and ``test_sha256/<task>`` (the items they were scored
+    on, ``orchestrator.spec.recorded``) appear once, in the final report, and are never
+    read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
+    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view).
+    """
+    rank, world = session.rank, session.world_size
+    rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
+    window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
+    progress.tokens += int(sum(rank_tokens))
+    with trial.eval_precision.context(device.type), eager_scoring():
+        scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+        acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
+        test = {}
+        if done == steps and pools["test"]:
+            test_scores, _, test_items = evaluate_sharded(trial.model, trial.tokenizer, pools["test"], spec, rank,
+                                                          world, device)
+            test = test_metrics(test_scores, test_items)
+            test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
+    loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
+    if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
+        checksum = float(sum(p.detach().double().sum() for p in optim.params))
+        sums = reduce_sum([checksum if r == rank else 0.0 for r in range(world)], device)
+        divergence = {"ddp_param_divergence": max(sums) - min(sums)}
+    else:
+        divergence = {}
+    counts = trial.counts
+    metrics = {
+        "step": done, "total_steps": steps, "evaluations": evaluations_done(done, spec.eval.every_n_steps),
+        "epoch": epoch, "lr": optim.scheduler.get_last_lr()[0],
+        "train_loss": loss_sum[0] / max(1.0, loss_sum[2]), "balance_loss": loss_sum[1] / max(1.0, loss_sum[2]),
+        "tokens_per_s": sum(rank_tokens) / max(window_time, 1e-9), "pad_share": window_pad_share(window, device),
+        "step_time_s": window_time / max(1, window["steps"]),
+        "peak_memory_mb": max_over_ranks(peak_memory_mb(device), rank, world, device),
+        "tokens_total": progress.tokens, "world_size": world, "setup_s": setup_s,
+        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
+        "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
+        **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
+        **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test,
+        **trial.precision.record(), **trial.eval_precision.record("eval_"),
+        "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
+    }
+    progress.history.append(acc)
+    return metrics
+
+
+def mean_of(acc: dict[str, float]) -> float:
+    """Mean over tasks of one evaluation's accuracies, NaN-tasks left out (as ``val/mean_acc``)."""
+    finite = [a for a in acc.values() if not math.isnan(a)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def evaluations_done(step: int, every_n_steps: int) -> int:
+    """Evaluations a trial has reported once it is at ``step``: one every ``every_n_steps`` steps and one at the
+    end (a last, partial window counts as one), i.e. ceil(step / every_n_steps). ASHA's time attribute: it
+    comes from the training step, so a restarted or resumed trial keeps its rung (Tune's training_iteration
+    restarts at 1)."""
+    return -(-step // every_n_steps)
+
+
+def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[str, list], spec: SearchSpec,
+                     rank: int, world: int, device: torch.device
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict[str, dict[str, list[int]]]]:
+    """Per-task accuracy and routing fractions, each rank scoring items[rank::world], summed over ranks.
+
+    Routing: every rank's raw token-slot counts per expert are summed over the ranks and then normalised, so the
+    share is exact over all real tokens (not a per-rank share weighted by items).
+    Returns ({task: {"acc", "acc_norm", "primary"}}, {task: {layer path: fraction (N,) of token-slots per
+    expert}}, {task: {"correct": 1/0, "chosen": option index}} per item in the order of ``eval_by_task[task]``,
+    both under the task's primary metric). ``acc_norm`` is NaN where items are generated.
+    """
+    from malora.inject import reset_routing_stats, routing_stats
+    from orchestrator.data.tasks import get_task
+    from orchestrator.evaluation.accuracy import evaluate_tasks
+
+    model.eval()
+    sizes = {name: frac.numel() for name, frac in routing_stats(model).items()}  # routed layer -> N
+    names = sorted(sizes)
+    formulation = spec.data.formulation
+    acc, util, per_item = {}, {}, {}
+    with torch.no_grad():
+        for task, items in eval_by_task.items():
+            shard = items[rank::world]
+            reset_routing_stats(model)
+            correct, correct_norm, n, counts = 0.0, 0.0, 0, {}
+            hits, chosen = [0.0] * len(items), [0.0] * len(items)
+            loglik = spec.eval.scoring == "loglik" and get_task(task).scoring != "number"
+            primary = get_task(task).primary_metric(formulation) if loglik else "acc"
+            if shard:
+                score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
+                                       batch_size=spec.eval.batch_size, template=spec.data.template,
+                                       formulation=formulation)[task]
+                correct, n = score.accuracy * score.n, score.n
+                correct_norm = (score.accuracy_norm or 0.0) * score.n
+                counts = routing_stats(model, counts=True)
+                hits[rank::world] = [float(h) for h in score.primary_correct]
+                chosen[rank::world] = [float(c) for c in score.primary_chosen]
+            # one vector per rank: [correct, correct_norm, n, token-slot counts of every routed layer, this rank's
+            # item hits and chosen options], summed over the ranks (every item position is filled by exactly one rank)
+            vec = [correct, correct_norm, float(n)] + [float(x) for name in names for x in counts.get(
+                name, torch.zeros(sizes[name])).tolist()] + hits + chosen
+            vec = reduce_sum(vec, device) if world > 1 else vec
+            total, pos, util[task] = vec[2], 3, {}
+            for name in names:
+                slots = torch.tensor(vec[pos:pos + sizes[name]], dtype=torch.float64)
+                util[task][name] = slots / slots.sum().clamp_min(1.0)
+                pos += sizes[name]
+            per_item[task] = {"correct": [int(round(h)) for h in vec[pos:pos + len(items)]],
+                              "chosen": [int(round(c)) for c in vec[pos + len(items):]]}
+            a = vec[0] / total if total else float("nan")
+            a_norm = vec[1] / total if total and loglik else float("nan")
+            acc[task] = {"acc": a, "acc_norm": a_norm, "primary": a_norm if primary == "acc_norm" else a}
+    reset_routing_stats(model)
+    return acc, util, per_item
