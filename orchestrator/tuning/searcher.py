@@ -9,6 +9,12 @@ Trials stopped early by ASHA are told to their study as PRUNED, not COMPLETE: Ra
 COMPLETE with whatever the last result held (a part-budget score), and TPE would then model a 2-evaluation score
 as if the configuration had trained fully. Single-objective TPE still sees the pruned trial's intermediate values
 (Ray reports them per result); multi-objective studies get no intermediate values (Optuna has none for them).
+
+Each method's study lives in an Optuna journal file (``<storage>/<name>/optuna/<method>.journal``, beside the Tune
+state; :func:`journal_dir`), so ``optuna-dashboard`` opens it while the search runs and ``--resume`` keeps it: Ray
+pickles this searcher with its experiment, and the unpickled journal storage replays the same file. Trials
+suggested after Ray's last searcher checkpoint and restarted by ``--resume`` appear twice in the journal (the
+first attempt stays RUNNING there); the report reads the trials from Tune, not from the journal.
 """
 
 from __future__ import annotations
@@ -16,14 +22,70 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import warnings
+from pathlib import Path
 from typing import Any
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.cluster import storage
 from orchestrator.spec.space import SearchSpec
 
 logger = logging.getLogger(__name__)
+
+
+def build_sampler(spec: SearchSpec, max_concurrent: int):
+    """The Optuna sampler of a search (single- or multi-objective alike).
+
+    TPE (the default) with ``multivariate=True, group=True`` models the conditional space jointly: ``group``
+    splits it into the sub-spaces that occur together (one per method), so each method's hyperparameters are
+    modelled from the trials of that method, and with several objectives it is Optuna's MOTPE. With more than
+    one trial in flight ``constant_liar`` counts the running trials as bad results, so concurrent proposals
+    spread out instead of landing on the same point. NSGA-II evolves only the intersection search space (the
+    parameters every trial has), so the spec admits it only for a fixed space (one method; see
+    ``orchestrator.spec.space``).
+    """
+    import optuna
+
+    s = spec.search
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.num_trials // 2)))
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    with warnings.catch_warnings():  # group is "experimental" in Optuna 5.0 (interface, not results)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                          group=True, constant_liar=max_concurrent > 1)
+
+
+def journal_dir(spec: SearchSpec) -> Path | None:
+    """Where the per-method Optuna journals live: ``<storage>/<name>/optuna``; None for a URI storage (a journal
+    file needs a local file system with locks: the studies then stay in memory, pickled with the searcher)."""
+    if storage.is_uri(spec.storage_path):
+        return None
+    return Path(spec.storage_path, spec.name, "optuna").resolve()
+
+
+def study_name(spec: SearchSpec, method: str) -> str:
+    return f"{spec.name}.{method}"
+
+
+def journal_storage(path: Path):
+    """An Optuna journal storage on one file (created with its folder)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def dashboard_commands(spec: SearchSpec) -> list[str]:
+    """The ``optuna-dashboard`` command per method's journal (empty without journals)."""
+    folder = journal_dir(spec)
+    if folder is None:
+        return []
+    return [f"optuna-dashboard {folder / f'{m.kind}.journal'}" for m in spec.methods]
 
 
 def early_stopped(result: dict | None) -> bool:
@@ -35,9 +97,9 @@ def early_stopped(result: dict | None) -> bool:
 class PerMethodSearch(Searcher):
     """Ray Tune searcher: per method an ``OptunaSearch`` over that method alone, with equal quotas."""
 
-    def __init__(self, spec: SearchSpec, max_concurrent: int):
+    def __init__(self, spec: SearchSpec, max_concurrent: int, journals: Path | None = None):
+        """``journals``: the folder of the per-method journal files (:func:`journal_dir`); None: in memory."""
         from orchestrator.spec.hparams import ConditionalSpace, optuna_points
-        from orchestrator.tuning.tuner import build_sampler
 
         objectives = spec.objectives
         multi = len(objectives) > 1
@@ -54,7 +116,9 @@ class PerMethodSearch(Searcher):
             points = [p for p in spec.search.points_to_evaluate or () if p["method"] == m.kind]
             self.studies[m.kind] = OptunaSearch(
                 space=ConditionalSpace((m,)), sampler=build_sampler(own, max_concurrent), metric=metric, mode=mode,
-                points_to_evaluate=optuna_points((m,), tuple(points)) or None)
+                points_to_evaluate=optuna_points((m,), tuple(points)) or None,
+                study_name=study_name(spec, m.kind),
+                storage=journal_storage(journals / f"{m.kind}.journal") if journals else None)
         self.method_of: dict[str, str] = {}  # trial id -> method
         self.started = dict.fromkeys(self.order, 0)
         self.pruned: list[str] = []

@@ -1,9 +1,8 @@
-"""The Ray Tune ``Tuner`` of a search: one Optuna study per method (``tuning.searcher``), ASHA, and restore for
---resume."""
+"""The Ray Tune ``Tuner`` of a search: one Optuna study per method (``tuning.searcher``, which also builds their
+samplers), ASHA, and restore for --resume."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from orchestrator.spec.space import SearchSpec
@@ -13,30 +12,6 @@ from orchestrator.tuning.plan import asha_max_t
 
 def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def build_sampler(spec: SearchSpec, max_concurrent: int):
-    """The Optuna sampler of a search (single- or multi-objective alike).
-
-    TPE (the default) with ``multivariate=True, group=True`` models the conditional space jointly: ``group``
-    splits it into the sub-spaces that occur together (one per method), so each method's hyperparameters are
-    modelled from the trials of that method, and with several objectives it is Optuna's MOTPE. With more than
-    one trial in flight ``constant_liar`` counts the running trials as bad results, so concurrent proposals
-    spread out instead of landing on the same point. NSGA-II evolves only the intersection search space (the
-    parameters every trial has), so the spec admits it only for a fixed space (one method; see
-    ``orchestrator.spec.space``).
-    """
-    import optuna
-
-    s = spec.search
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.num_trials // 2)))
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    with warnings.catch_warnings():  # group is "experimental" in Optuna 5.0 (interface, not results)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
-                                          group=True, constant_liar=max_concurrent > 1)
 
 
 def build_scheduler(spec: SearchSpec):
@@ -58,7 +33,7 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
     from ray import tune
 
     from orchestrator.training.driver import trial_driver
-    from orchestrator.tuning.searcher import PerMethodSearch
+    from orchestrator.tuning.searcher import PerMethodSearch, journal_dir
 
     # search trials score val only: test is scored after choosing, for the chosen trials (tuning.chosen)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, spec=spec, reference=reference,
@@ -75,7 +50,8 @@ def build_tuner(spec: SearchSpec, reference: dict[str, float], callback: Any, ma
             local._tune_config.scheduler = build_scheduler(spec)
         return tuner, True
     s = spec.search
-    searcher = PerMethodSearch(spec, max_concurrent)  # one Optuna study per method, equal quotas
+    # one Optuna study per method, equal quotas, each in a journal file beside the Tune state
+    searcher = PerMethodSearch(spec, max_concurrent, journal_dir(spec))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(spec), num_samples=s.num_trials,

@@ -49,12 +49,30 @@ def test_intra_domain_has_the_paper_methods_and_ranges():
     spec = load_space(SPACES / "intra_domain.yaml")
     assert [m.kind for m in spec.methods] == ["lora", "molora", "malora", "mosld"]
     malora = dict(spec.method("malora").hparams)
-    assert malora["beta"].values == (1.0, 1.5) and 32 in malora["d"].values
-    assert malora["lr"].kind == "loguniform"
-    assert spec.search.points_to_evaluate[0] == {"method": "malora", "d": 32, "beta": 1.25, "top_k": 2, "lr": 4.0e-4}
+    # the paper's sweeps (METHODS.md Tables 11-12): beta 0.5-2.0; at r = 8, lam 0.25..1 gives d = 16..64
+    assert malora["beta"].values == (0.5, 2.0) and malora["lam"].values == (0.25, 0.5, 0.75, 1.0)
+    assert 8 in malora["r"].values and malora["lr"].kind == "loguniform"
+    assert spec.search.points_to_evaluate[0] == {"method": "malora", "r": 8, "lam": 0.5, "beta": 1.25, "top_k": 2,
+                                                 "lr": 4.0e-4}
+    assert spec.objectives == {"val/mean_acc": "max", "trainable_params": "min"} and not spec.search.match_budget
+    # MoSLD on the same six projections as the others
+    assert dict(spec.method("mosld").hparams)["target_modules"].low == dict(
+        spec.method("lora").hparams)["target_modules"].low
     assert spec.data.suite == "intra_domain" and spec.model.name == "smollm2-135m-instruct"
     smoke = load_space(SPACES / "intra_domain.yaml", smoke_test=True)
     assert (smoke.train.max_steps, smoke.search.num_trials, smoke.data.val_limit, smoke.data.test_limit) == (6, 4, 12, 12)
+
+
+def test_cpu_search_has_the_mission_knobs_at_the_cpu_study_size():
+    spec, study = load_space(SPACES / "intra_domain_cpu_search.yaml"), load_space(SPACES / "intra_domain_cpu.yaml")
+    assert spec.model == study.model and spec.train.precision == "auto" and spec.data.formulation == "cloze"
+    assert (spec.train.max_steps, spec.train.batch_size, spec.data.train_limit, spec.data.split_seed) == (
+        study.train.max_steps, study.train.batch_size, study.data.train_limit, study.data.split_seed)
+    searched = {m.kind: {n for n, d in m.hparams if d.kind != "const"} for m in spec.methods}
+    assert searched == {"lora": {"r", "lr"}, "molora": {"r", "top_k", "lr"},
+                        "malora": {"r", "lam", "beta", "top_k", "lr"},
+                        "mosld": {"r", "expert_schedule", "top_k", "lr"}}
+    assert spec.search.num_trials % 4 == 0 and spec.search.asha.enabled
 
 
 def test_inter_domain_is_multi_objective():
@@ -246,13 +264,15 @@ def test_define_by_run_only_suggests_the_chosen_methods_parameters():
         assert set(params) == own, (method, set(params) ^ own)
         kind, hp = trial_hparams(spec.methods, params)
         assert kind == method
-        assert ("d" in hp) == (method == "malora") and ("beta" in hp) == (method == "malora")
+        assert ("lam" in hp) == (method == "malora") and ("beta" in hp) == (method == "malora")
         assert ("top_k" in hp) == (method in ("molora", "malora", "mosld"))
         assert ("expert_schedule" in hp) == (method == "mosld")
         cfg = adapter_config(kind, hp, num_layers=30)
         assert cfg.kind == method
         if method == "malora":
-            assert cfg.r_bar == 2 * 8 - cfg.d // 8 and cfg.alpha == 2.0 * cfg.r_bar
+            # d = lam r N, r_bar = (2 - lam) r = 2 r - d / N (the budget of MoLoRA N x r)
+            assert cfg.d == hp["lam"] * hp["r"] * 8 and cfg.r_bar == 2 * hp["r"] - cfg.d // 8
+            assert cfg.alpha == 2.0 * cfg.r_bar
         study.tell(trial, 0.5)
     assert seen == {"lora", "molora", "malora", "mosld"}
 
@@ -269,7 +289,8 @@ def test_points_to_evaluate_are_enqueued_first():
         methods.append(trial.params["method"])
         study.tell(trial, 0.5)
     assert methods == ["malora", "molora", "lora", "mosld"]
-    assert study.trials[0].params["malora.d"] == 32 and study.trials[0].params["malora.beta"] == 1.25
+    first = study.trials[0].params
+    assert (first["malora.r"], first["malora.lam"], first["malora.beta"]) == (8, 0.5, 1.25)
 
 
 def test_single_method_space_returns_the_method_as_constant():
@@ -315,11 +336,15 @@ def test_cli_dry_run_prints_the_plan_and_starts_nothing(capsys):
                         "--num-trials", "8"]) == 0
     out = capsys.readouterr().out
     assert "search 'intra_domain'" in out and "8 trials (2 per method, one study each), tpe" in out
-    assert "max_steps=6" in out and "malora  r=8, num_experts=8, d=choice [16, 32, 64]" in out
+    assert "max_steps=6" in out and "malora  r=choice [4, 8, 16], lam=choice [0.25, 0.5, 0.75, 1.0]" in out
+    # the mission's knobs are searched: rank, d (through lam), beta, top-k
+    assert "malora  rank r, lam (d = lam r N), beta, top-k, lr" in out and "molora  rank r, top-k, lr" in out
+    # at r = 8, N = 8 the four lam give the paper's Fig. 4(b) grid: d = lam * 64, r_bar = (2 - lam) * 8
+    assert all(f"({d}, {rb})" in out for d, rb in ((16, 14), (32, 12), (48, 10), (64, 8)))
     # SmolLM2 (hidden 576, MLP 1536, KV 192, 30 layers), six projections with n + m = 1152 (q), 768 (k, v), 2112
-    # (gate, up, down): LoRA r64 = 30 * 64 * 9024 = 17,326,080; MoLoRA 8 x r8 = the same A/B count plus routers
-    # 30 * 8 * (5 * 576 + 1536) = 1,059,840
-    assert "lora    17,326,080 trainable" in out and "molora  18,385,920 trainable" in out
+    # (gate, up, down): LoRA r = 30 * r * 9024, r 32..128 = 8,663,040..34,652,160
+    assert "lora    8,663,040-34,652,160 trainable" in out and "not matched (search.match_budget: false)" in out
+    assert "estimate     skipped (--smoke-test)" in out
     assert not ray.is_initialized()
 
 
@@ -337,7 +362,7 @@ def test_cli_data_dir_override(tmp_path, capsys):
     assert search.main(["--space", str(SPACES / "smoke.yaml"), "--data-dir", str(tmp_path / "nope"), "--dry-run"]) == 2
     assert "data.data_dir:" in capsys.readouterr().err
     assert search.main(["--space", str(SPACES / "smoke.yaml"), "--data-dir", str(tmp_path), "--name", "other",
-                        "--storage-path", str(tmp_path / "rr"), "--dry-run"]) == 0
+                        "--storage-path", str(tmp_path / "rr"), "--dry-run", "--no-estimate"]) == 0
     out = capsys.readouterr().out
     assert f"from {tmp_path}" in out and f"storage      {tmp_path / 'rr'}/other" in out
 

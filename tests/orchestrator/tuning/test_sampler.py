@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.spec.hparams import ConditionalSpace
 from orchestrator.spec.space import load_space
-from orchestrator.tuning.tuner import build_sampler
+from orchestrator.tuning.searcher import build_sampler
 
 SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
 MULTI = {"val/mean_acc": "max", "trainable_params": "min"}
