@@ -157,7 +157,9 @@ def layer_group(module_path: str, num_layers: int | None) -> str:
     return f"{kind}_{'early' if index < num_layers / 2 else 'late'}"
 
 
-def _num_layers(names: list[str]) -> int | None:
+def layer_count(names: list[str]) -> int | None:
+    """Decoder depth implied by module paths: the largest layer index (first integer component) + 1; None when
+    no path has one."""
     indices = [int(m.group(1)) for n in names if (m := re.search(r"\.(\d+)\.", f".{n}."))]
     return max(indices) + 1 if indices else None
 
@@ -166,7 +168,7 @@ def default_groups(model: nn.Module) -> dict[str, str]:
     """Trainable parameter name -> ``"<role>/<layer group>"`` (e.g. ``"shared_S_A/attn_early"``) for every
     adapter tensor of ``model``; roles from :data:`ROLES` (an unknown layer type: the tensor's own name)."""
     layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, AdapterLayer)]
-    num_layers = _num_layers([name for name, _ in layers])
+    num_layers = layer_count([name for name, _ in layers])
     out = {}
     for path, layer in layers:
         roles = ROLES.get(type(layer), {})

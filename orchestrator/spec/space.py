@@ -158,6 +158,11 @@ class EvalSpec:
     """Precision of scoring (as train.precision; the log-softmax is always float32). Must be computable on the
     base weights training holds (bfloat16 weights cannot score fp32): auto follows train.precision where the
     device's own choice could not run on them (bf16 training without bf16 units), and the reason is recorded."""
+    grad_conflict: bool = _f(True)
+    """At each evaluation, the task x task cosine of the tasks' LM-loss gradients on fixed train probe items
+    (``orchestrator.evaluation.grad_conflict``; about 1 % of a CPU trial's time, benchmarks/README.md). false: off."""
+    probe_items: int = _f(8, ge=1)
+    """Train items per task in the gradient-conflict probe (drawn once with data.split_seed, recorded)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ import torch
 
 from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
 from orchestrator.spec.recorded import scoring_record
+from orchestrator.evaluation.grad_conflict import Probe
 from orchestrator.spec.space import SearchSpec
+from orchestrator.training.diagnostics import window_diagnostics
 from orchestrator.training.step import max_over_ranks, peak_memory_mb, window_pad_share
 from orchestrator.training.trial import Optimisation, Progress, TrialModel
 
@@ -26,14 +28,16 @@ def eager_scoring() -> contextlib.AbstractContextManager:
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
                     pools: dict[str, dict[str, list]], window: dict[str, Any], progress: Progress, *,
                     reference: dict[str, float] | None, notes: dict[str, Any], done: int, steps: int, epoch: int,
-                    setup_s: float) -> dict[str, Any]:
+                    setup_s: float, probe: Probe | None = None) -> dict[str, Any]:
     """Evaluate on val (sharded over ranks) and build the window's metrics; at the last step also score test.
 
     Val metrics (``val/*``, seesaw, utilisation) are what every choice reads; ``test/acc/<task>``,
     ``test/mean_acc``, the per-item ``test_correct/<task>`` and ``test_sha256/<task>`` (the items they were scored
     on, ``orchestrator.spec.recorded``) appear once, in the final report, and are never
     read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
-    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view).
+    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view). The seesaw diagnostics
+    (``routing/*``, ``grad_conflict/*``, ``grad_cos/*`` and the ``diagnostics`` record) come from
+    :mod:`orchestrator.training.diagnostics`, the gradient conflict on ``probe``.
     """
     rank, world = session.rank, session.world_size
     rank_tokens = reduce_sum([float(window["tokens"]) if r == rank else 0.0 for r in range(world)], device)
@@ -48,6 +52,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
                                                           world, device)
             test = test_metrics(test_scores, test_items)
             test.update(scoring_record(pools["test"], spec))  # the items and formulation these scores belong to
+    diagnostics = window_diagnostics(trial, probe, util, list(pools["val"]), rank, device)
     loss_sum = reduce_sum([window["loss"], window["aux"], float(window["micro"])], device)
     if world > 1:  # DDP keeps replicas identical: the spread of the adapter checksums across ranks is 0
         checksum = float(sum(p.detach().double().sum() for p in optim.params))
@@ -67,7 +72,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_share": counts.share,
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
-        **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test,
+        **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test, **diagnostics,
         **trial.precision.record(), **trial.eval_precision.record("eval_"),
         "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
     }

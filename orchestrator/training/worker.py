@@ -22,10 +22,12 @@ import logging
 import time
 from typing import Any
 
+from orchestrator.data.suites import load_pools
 from orchestrator.models.precision import FP32
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.checkpoints import (ADAPTER_DIR, TRAIN_STATE, checkpoint_and_report, report_final_again,
                                                restore_progress)
+from orchestrator.training.diagnostics import trial_probe
 from orchestrator.training.eval_window import (eager_scoring, evaluate_sharded, evaluate_window, evaluations_done,
                                                mean_of)
 from orchestrator.training.sessions import LocalSession, RaySession, no_buffer_sync
@@ -69,6 +71,7 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     progress = restore_progress(session, trial.model, optim, device, trial_id)
     if progress.step >= steps:  # killed after its last checkpoint: the training is done, say so again
         return report_final_again(session, trial_id)
+    probe = trial_probe(spec, trial, load_pools(spec).train)  # the same items at every evaluation and resume
     ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
@@ -84,7 +87,7 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
             continue
         metrics = evaluate_window(trial, optim, spec, session, device, pools, window, progress,
                                   reference=reference, notes=notes, done=done, steps=steps, epoch=epoch,
-                                  setup_s=setup_s)
+                                  setup_s=setup_s, probe=probe)
         progress.step = done
         checkpoint_and_report(session, trial, optim, progress, metrics, out)
         window = new_window(device)
