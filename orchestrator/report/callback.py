@@ -9,6 +9,7 @@ writes on disk, so ``--resume`` replays what a killed driver had not yet logged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -19,7 +20,8 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.cluster import storage
-from orchestrator.report import plots
+from orchestrator.evaluation.diagnostics_record import diagnostics_of
+from orchestrator.report import diagnostic_plots, plots
 from orchestrator.report.outbox import Journal, Outbox, is_outage
 from orchestrator.report.tracking import (PARAM_METRICS, PARENT, SEARCH_KEY, TRIAL_KEY, TUNE_KEYS, _sqlite_path,
                                           client, failure_reason, find_runs, log_dict, log_test_items)
@@ -244,6 +246,7 @@ class MLflowSearchCallback(Callback):
                     util.setdefault(group, {}).setdefault(task, []).append(latest[key])
             plots.utilisation_heatmap(util, Path(tmp) / "expert_utilisation.png",
                                       f"{trial.trial_id}: token share per expert (last evaluation)")
+            self._diagnostics(trial, run_id, Path(tmp))
             for png in Path(tmp).glob("*.png"):
                 c.log_artifact(run_id, str(png), "plots")
         ckpt = (trial.last_result or {}).get("checkpoint_path")
@@ -251,6 +254,24 @@ class MLflowSearchCallback(Callback):
             with storage.local_copy(storage.join(ckpt, "adapter"), root=self.spec.storage_path) as adapter:
                 if adapter is not None:
                     c.log_artifacts(run_id, str(adapter), "adapter")
+
+
+    def _diagnostics(self, trial: Any, run_id: str, tmp: Path) -> None:
+        """The final evaluation's seesaw diagnostics (``evaluation.diagnostics_record``): its figures (written into
+        ``tmp``, logged with the other plots), the probe's item keys as ``eval/grad_probe.json`` and, per parameter
+        group, the most negative task pair as the tag ``malora.most_negative/<group>`` (``a~b: -0.31``)."""
+        record = diagnostics_of(trial.last_result)
+        if not record:
+            return
+        diagnostic_plots.diagnostics_plots(record, tmp, trial.trial_id)
+        conflict = record.get("grad_conflict") or {}
+        if conflict.get("probe"):
+            (tmp / "grad_probe.json").write_text(json.dumps(conflict["probe"]))
+            client(self.uri).log_artifact(run_id, str(tmp / "grad_probe.json"), "eval")
+        tags = {f"malora.most_negative/{group}": f"{'~'.join(m['pair'])}: {m['value']:+.3f}"
+                for group, m in (conflict.get("most_negative") or {}).items() if m.get("pair")}
+        if tags:
+            log_dict(self.uri, run_id, tags=tags)
 
 
 class MLflowStudyCallback(MLflowSearchCallback):
