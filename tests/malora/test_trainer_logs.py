@@ -163,3 +163,33 @@ def test_a_named_task_column_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="task_column='domain' is not a column of the train dataset"):
         AdapterTrainer(model=adapted(balance_coef=0.5), train_dataset=examples(), task_column="domain",
                        args=train_args(tmp_path, save_strategy="no"))
+
+
+def test_sft_trainer_logs_per_task_routing_from_a_task_column(tmp_path):
+    """The task column survives TRL's dataset preparation and collator; the per-task metrics equal separate
+    forwards per task of the batch SFTTrainer built (lr 0: the routers do not move)."""
+    trl = pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (n,), generator=g)) for n in (7, 5, 4, 2)]
+    recorded = []
+
+    class Recording(with_adapters(trl.SFTTrainer)):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            recorded.append(({k: v.clone() for k, v in inputs.items() if k in ("input_ids", "attention_mask")},
+                             self._row_tasks.clone()))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
+                         report_to=[], use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True,
+                         seed=0, bf16=False, learning_rate=0.0)
+    model = adapted(balance_coef=0.5)
+    reference = copy.deepcopy(model).train()
+    data = Dataset.from_dict({"text": texts, "task": ["arc", "piqa", "piqa", "arc"]})
+    trainer = Recording(model=model, args=args, train_dataset=data, processing_class=word_tokenizer())
+    trainer.train()
+    (batch, row_tasks), = recorded
+    assert sorted(row_tasks.tolist()) == [0, 0, 1, 1]
+    counts = routing_counts_by_task(reference, batch, row_tasks, ["arc", "piqa"])
+    logged = next(e for e in trainer.state.log_history if "loss" in e)
+    for key, value in task_expert_metrics(counts, ["arc", "piqa"]).items():
+        assert logged[key] == pytest.approx(value, abs=1e-12), key
