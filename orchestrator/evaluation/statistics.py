@@ -7,21 +7,22 @@ with T tasks the headline is the mean over tasks.
 - Per method, over seeds (S >= 2): the per-seed accuracies ``a_s`` give mean ``ā`` and the t-interval
   ``ā ± t_{1-α/2, S-1} · sd(a) / sqrt(S)`` (scipy's Student t), clipped to [0, 1]. One seed: the Wilson score
   interval of ``k`` correct out of ``I`` items (scipy ``binomtest``), the only noise left to state.
-- Method comparison ``A − B`` (:func:`compare`), the primary test: with few seeds the seed is the unit. The
-  per-seed paired differences ``d_s = (1/T) Σ_t (mean_i A_t[s, i] − mean_i B_t[s, i])`` (seeds paired by index,
-  items by position) are tested with t over seeds: ``d̄ ± t_{1-α/2, S-1} · sd(d)/sqrt(S)``, two-sided
-  ``p = 2 · P(T_{S-1} > |d̄| / se)`` -- the same t with S−1 df as the per-method interval, so the two agree.
-  With one seed the unit is the item: ``se = sqrt(Σ_t var_i(d_t,i) / I_t) / T`` with ``Σ_t (I_t − 1)`` df.
-  A simulation of the null at S = 3 and 500 items (two equal methods, seed SD 0, 2 and 4 points) rejects at
-  the nominal 5 % (``tests/orchestrator/evaluation/test_statistics.py``); the joint seed+item bootstrap this
-  replaced rejected 0.4 %, 3.1 % and 8.4 % there (``benchmarks/stat_calibration.py``): with 3 seeds there are
-  10 distinct seed multisets, and resampling them shrinks the between-seed variance by (S−1)/S.
-- Beside it, the item-level paired bootstrap (:func:`item_bootstrap`): the seeds are kept, and each draw
+- Method comparison ``A − B`` (:func:`compare`), the primary test (``unit`` "seed+item", :func:`crossed_t`):
+  seeds *and* items are random. The mean-over-tasks paired difference ``D`` is tested with the crossed seed x item
+  variance of ``orchestrator.evaluation.crossed`` -- the per-seed t's variance plus the method x item
+  interaction's -- against Student t with Satterthwaite's df. A simulation of the null with seed noise and a
+  method x item interaction, in the study's regime, rejects at 4-7 % at nominal 5 % where the per-seed t rejects
+  13-18 % (``tests/orchestrator/evaluation/test_crossed.py``, ``benchmarks/stat_calibration.py``).
+- Beside it, conditional on the scored items (:func:`seed_t`, ``unit`` "seed"): the per-seed paired differences
+  ``d_s = (1/T) Σ_t (mean_i A_t[s, i] − mean_i B_t[s, i])`` (seeds paired by index, items by position) tested
+  with t over seeds: ``d̄ ± t_{1-α/2, S-1} · sd(d)/sqrt(S)``. It answers "on these items"; with one seed the unit
+  is the item (``se = sqrt(Σ_t var_i(d_t,i) / I_t) / T`` with ``Σ_t (I_t − 1)`` df), which is then also the primary.
+  Every per-seed difference identical (SE 0) determines no p-value: ``p`` is NaN ("undetermined"), never 0.
+- Beside them, the item-level paired bootstrap (:func:`item_bootstrap`): the seeds are kept, and each draw
   resamples the items of every task with replacement, the same items for every seed and both methods. It states
-  how much the difference depends on which items were drawn, at these seeds; it ignores the seed noise, so it is
-  not the test (it rejects too often when seeds matter).
-- Minimum detectable difference at 80 % power (:func:`mdd80`): the true difference the two-sided 5 % t-test
-  above finds with probability 0.8, given its standard error ``se = sd(d)/sqrt(S)`` and ``df``:
+  how much the difference depends on which items were drawn, at these seeds; it ignores the seed noise.
+- Minimum detectable difference at 80 % power (:func:`mdd80`): the true difference the two-sided 5 % primary
+  test finds with probability 0.8, given its standard error ``se`` and ``df``:
   ``MDD = λ* · se`` where λ* solves ``P(|T'| > t_{1-α/2, df}) = 0.8`` for ``T'`` noncentral t with ``df`` degrees
   of freedom and noncentrality λ (scipy's ``nct``). λ* = 5.65 at df = 2 (S = 3), 2.80 for large df.
 - Sizing from a pilot (:func:`change_rate_mdd`, :func:`items_for_mdd`): if a share ``q`` of the pooled test items
@@ -31,9 +32,11 @@ with T tasks the headline is the mean over tasks.
   ``sqrt(q / I)``; with S seeds ``se = sd / sqrt(S)`` and the MDD is ``λ*_{S−1} · se``, so the pooled items needed
   for a target MDD ``δ`` are ``I = q · λ*² / (k · S · δ²)`` (k = 2 against a fixed reference, 1 between methods).
 - Seesaw regressions (:func:`seesaw_regressions`): a task regresses only when its Δ against the reference is
-  significantly negative in the one-sided t-test of the same model, at ``α₁ = Φ(−k)`` (k = ``noise_multiple``, 2:
-  as rare as a 2-sigma normal drop, 2.3 %): ``Δ < −t_{1−α₁, df} · se``. Because the test is calibrated, pure
-  noise gives ``T · Φ(−k)`` such regressions on average, which is reported beside the count.
+  significantly negative in the one-sided primary test, at ``α₁ = Φ(−k)`` (k = ``noise_multiple``, 2: as rare as
+  a 2-sigma normal drop, 2.3 %): ``Δ < −t_{1−α₁, df} · se``. Because the test is calibrated, pure noise gives
+  ``T · Φ(−k)`` such regressions on average, which is reported beside the count; a Δ whose SE is 0 is
+  "undetermined", not regressed. The report also adjusts the flags' one-sided p-values within the method's family
+  of tasks (``orchestrator.evaluation.multiplicity``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import optimize, stats
 
+from orchestrator.evaluation.crossed import crossed_se
+
 CONFIDENCE = 0.95
 POWER = 0.80
 NOISE_MULTIPLE = 2.0  # k of the seesaw threshold: a drop counts only when as unlikely as a k-sigma normal one
+SE_FLOOR = 1e-12      # accuracies are multiples of 1/I: a standard error below this is floating-point residue
 
 
 @dataclass(frozen=True)
@@ -108,14 +114,15 @@ def t_test(d: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, np.ndarra
     """One-sample t-test of mean 0 over the last axis of ``d`` (..., n), vectorised over the leading axes.
 
     Returns arrays of shape (...): ``mean``, ``se`` = sd/sqrt(n), ``half`` (half-width of the two-sided
-    ``confidence`` interval), ``p`` (two-sided) and the scalar ``df`` = n − 1. A zero ``se`` gives p = 1 when the
-    mean is 0 and p = 0 otherwise (every unit agrees exactly).
+    ``confidence`` interval), ``p`` (two-sided) and the scalar ``df`` = n − 1. A zero ``se`` (every unit agrees
+    exactly) gives p NaN: n identical units say nothing about the spread of a new one, so no p-value is claimed.
     """
     d = np.asarray(d, dtype=float)
     n = d.shape[-1]
     if n < 2:
         raise ValueError("a t-test needs at least 2 units (seeds or items)")
     mean, se = d.mean(axis=-1), d.std(axis=-1, ddof=1) / math.sqrt(n)
+    se = np.where(se > SE_FLOOR, se, 0.0)   # rounding residue of identical differences (1e-19) is no spread
     return {"mean": mean, "se": se, **_t_from(mean, se, n - 1, confidence)}
 
 
@@ -124,27 +131,33 @@ def _t_from(mean: np.ndarray, se: np.ndarray, df: float, confidence: float) -> d
     mean, se = np.asarray(mean, dtype=float), np.asarray(se, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.abs(mean) / se
-    p = np.where(se > 0, 2 * stats.t.sf(t, df), np.where(mean == 0, 1.0, 0.0))
-    return {"half": float(stats.t.ppf(0.5 + confidence / 2, df)) * se, "p": p, "df": df}
+    p = np.where(se > 0, 2 * stats.t.sf(t, df), np.nan)
+    return {"half": stats.t.ppf(0.5 + confidence / 2, df) * se, "p": p, "df": df}
 
 
 @dataclass(frozen=True)
 class TTest:
-    """The primary comparison: t over seeds of the per-seed paired differences (``unit`` "seed"), or over items
-    with one seed (``unit`` "item"). ``n`` units, ``df`` degrees of freedom, ``se`` the standard error."""
+    """A t-test of a paired difference: ``unit`` "seed+item" (the primary, seeds and items random: :func:`crossed_t`),
+    "seed" (t over the per-seed differences, conditional on the items: :func:`seed_t`) or "item" (one seed).
+    ``n`` units (seeds, or items), ``df`` degrees of freedom (Satterthwaite's, fractional, for "seed+item"),
+    ``se`` the standard error. ``p`` NaN: undetermined (SE 0)."""
 
     mean: float
     low: float
     high: float
     p: float
-    df: int
+    df: float
     se: float
     n: int
     unit: str
 
+    @property
+    def determined(self) -> bool:
+        return self.se > 0 and not math.isnan(self.p)
+
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "ci95": [self.low, self.high], "p": self.p, "df": self.df, "se": self.se,
-                "n": self.n, "unit": self.unit}
+        return {"mean": self.mean, "ci95": [self.low, self.high], "p": None if math.isnan(self.p) else self.p,
+                "df": self.df, "se": self.se, "n": self.n, "unit": self.unit, "determined": self.determined}
 
 
 def _paired(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -168,7 +181,7 @@ def per_seed_differences(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray
 
 
 def seed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confidence: float = CONFIDENCE) -> TTest:
-    """The primary test of ``A − B`` (module docstring): t over seeds, or over items with one seed."""
+    """``A − B`` conditional on the scored items (module docstring): t over seeds, or over items with one seed."""
     diffs = _paired(a, b)
     seeds = diffs[0].shape[0]
     if seeds >= 2:
@@ -180,14 +193,32 @@ def seed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confidence:
             raise ValueError("a one-seed comparison needs at least 2 items per task")
         mean = float(np.mean([x.mean() for x in items]))
         se = math.sqrt(sum(x.var(ddof=1) / x.size for x in items)) / len(items)
+        se = se if se > SE_FLOOR else 0.0
         n, unit = sum(x.size for x in items), "item"
         r = _t_from(mean, se, n - len(items), confidence)
     half = float(r["half"])
     return TTest(mean, mean - half, mean + half, float(r["p"]), int(r["df"]), se, n, unit)
 
 
+def crossed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confidence: float = CONFIDENCE) -> TTest:
+    """The primary test of ``A − B``: seeds and items random (``orchestrator.evaluation.crossed``); with one seed
+    the seed variance is not estimable and this is :func:`seed_t` over items."""
+    diffs = _paired(a, b)
+    if diffs[0].shape[0] < 2:
+        return seed_t(a, b, confidence)
+    mean, se, df, _ = crossed_se(diffs)
+    mean, se, df = float(mean), float(se), float(df)
+    if se > SE_FLOOR:
+        half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+        p = float(2 * stats.t.sf(abs(mean) / se, df))
+    else:
+        half, p, se = 0.0, float("nan"), 0.0
+    return TTest(mean, mean - half, mean + half, p, df, se, int(diffs[0].shape[0] + sum(d.shape[1] for d in diffs)),
+                 "seed+item")
+
+
 @functools.cache
-def _noncentrality(df: int, power: float, confidence: float) -> float:
+def _noncentrality(df: float, power: float, confidence: float) -> float:
     """λ* with ``P(|T'_{df, λ*}| > t_{1-α/2, df}) = power`` (noncentral t, both tails)."""
     crit = stats.t.ppf(0.5 + confidence / 2, df)
 
@@ -200,9 +231,12 @@ def _noncentrality(df: int, power: float, confidence: float) -> float:
     return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-10))
 
 
-def mdd80(se: float, df: int, *, power: float = POWER, confidence: float = CONFIDENCE) -> float:
-    """Minimum detectable difference of the two-sided t-test: ``λ* · se`` (module docstring)."""
-    return _noncentrality(int(df), power, confidence) * float(se)
+def mdd80(se: float, df: float, *, power: float = POWER, confidence: float = CONFIDENCE) -> float:
+    """Minimum detectable difference of the two-sided t-test: ``λ* · se`` (module docstring); ``df`` may be
+    fractional (Satterthwaite's, rounded to 0.01 for the cache). NaN when ``se`` or ``df`` is undetermined."""
+    if not (se > 0 and df > 0) or math.isnan(float(df)):
+        return float("nan")
+    return _noncentrality(min(round(float(df), 2), 1e6), power, confidence) * float(se)
 
 
 def change_rate_mdd(change_rate: float, items: int, seeds: int, *, vs_fixed: bool, power: float = POWER,
@@ -267,45 +301,61 @@ def item_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, 
 # ------------------------------------------------------------------------------------------ comparison
 @dataclass(frozen=True)
 class Comparison:
-    """``A − B``: the primary t-test, the item bootstrap beside it, and the test's MDD at 80 % power."""
+    """``A − B``: the primary test (seeds and items random), the per-seed t conditional on the items and the item
+    bootstrap beside it, and the primary test's MDD at 80 % power."""
 
+    primary: TTest
     seed_t: TTest
     bootstrap: Bootstrap
     mdd80: float
 
     @property
     def diff(self) -> float:
-        return self.seed_t.mean
+        return self.primary.mean
 
     def as_dict(self) -> dict:
-        """``diff``/``ci95``/``p`` repeat the primary test's (``seed_t``), so that one reading is unambiguous."""
-        t = self.seed_t
-        return {"diff": t.mean, "ci95": [t.low, t.high], "p": t.p, "primary": "seed_t", "seed_t": t.as_dict(),
-                "bootstrap": self.bootstrap.as_dict(), "mdd80": self.mdd80}
+        """``diff``/``ci95``/``p``/``se``/``df`` repeat the primary test's, so that one reading is unambiguous."""
+        t = self.primary
+        return {"diff": t.mean, "ci95": [t.low, t.high], "p": None if math.isnan(t.p) else t.p, "se": t.se,
+                "df": t.df, "determined": t.determined, "primary": t.unit, "crossed": t.as_dict(),
+                "seed_t": {**self.seed_t.as_dict(), "conditional_on": "the scored items"},
+                "bootstrap": self.bootstrap.as_dict(), "mdd80": None if math.isnan(self.mdd80) else self.mdd80}
 
 
 def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, n_boot: int = 10_000, seed: int = 0,
             confidence: float = CONFIDENCE) -> Comparison:
     """The paired comparison of ``A − B``; ``a[task]``, ``b[task]`` are (S, I_task) 0/1 matrices on the same
     items (columns) and seeds (rows, paired by index). One task is a plain per-task comparison."""
-    t = seed_t(a, b, confidence)
+    primary = crossed_t(a, b, confidence)
+    conditional = seed_t(a, b, confidence)
     boot = item_bootstrap(a, b, n_boot=n_boot, seed=seed, confidence=confidence)
-    return Comparison(t, boot, mdd80(t.se, t.df, confidence=confidence))
+    return Comparison(primary, conditional, boot, mdd80(primary.se, primary.df, confidence=confidence))
 
 
 # ------------------------------------------------------------------------------------------ seesaw
-def regression_threshold(se: np.ndarray | float, df: int, multiple: float = NOISE_MULTIPLE) -> np.ndarray:
+def regression_threshold(se: np.ndarray | float, df: float, multiple: float = NOISE_MULTIPLE) -> np.ndarray:
     """The Δ below which a task counts as regressed: ``−t_{1−Φ(−k), df} · se`` (module docstring)."""
     return -float(stats.t.isf(stats.norm.cdf(-multiple), df)) * np.asarray(se, dtype=float)
 
 
+def one_sided_p_below(test: TTest) -> float:
+    """P-value of "Δ < 0" in ``test``'s t (``P(T_df < Δ / se)``); NaN when undetermined."""
+    return float(stats.t.cdf(test.mean / test.se, test.df)) if test.determined else float("nan")
+
+
 def seesaw_regressions(deltas: Mapping[str, Comparison], multiple: float = NOISE_MULTIPLE) -> dict:
-    """Tasks whose Δ is significantly negative (one-sided t at ``Φ(−multiple)``), and how many pure noise would
-    give on average (``T · Φ(−multiple)``)."""
+    """Tasks whose Δ is significantly negative in the one-sided primary test at ``Φ(−multiple)``, how many pure
+    noise would give on average (``T · Φ(−multiple)``), and the tasks whose Δ no test can judge (SE 0)."""
     alpha = float(stats.norm.cdf(-multiple))
-    thresholds = {t: float(regression_threshold(c.seed_t.se, c.seed_t.df, multiple)) for t, c in deltas.items()}
-    # a zero SE (identical runs) has a zero threshold: a drop there is exact, not noise
-    regressed = sorted(t for t, c in deltas.items() if c.seed_t.mean < thresholds[t])
-    return {"n_regressed_significant": len(regressed), "regressed": regressed,
-            "expected_by_noise": len(deltas) * alpha, "alpha_one_sided": alpha, "threshold": thresholds,
-            "threshold_se_multiple": multiple}
+    thresholds, regressed, undetermined = {}, [], []
+    for t, c in deltas.items():
+        if not c.primary.determined:
+            undetermined.append(t)   # identical answers at every seed: no spread to measure a drop against
+            continue
+        thresholds[t] = float(regression_threshold(c.primary.se, c.primary.df, multiple))
+        if c.primary.mean < thresholds[t]:
+            regressed.append(t)
+    return {"n_regressed_significant": len(regressed), "regressed": sorted(regressed),
+            "undetermined": sorted(undetermined), "expected_by_noise": len(deltas) * alpha,
+            "alpha_one_sided": alpha, "threshold": thresholds, "threshold_se_multiple": multiple,
+            "p_one_sided": {t: one_sided_p_below(c.primary) for t, c in deltas.items()}}
