@@ -25,32 +25,68 @@ for the papers' shapes) and ``torch._grouped_mm`` do not.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from malora.config import ConfigError
+from malora.inject import adapter_context
 from malora.routing import checkpointing_on
 
 
 RECOMPILE_LIMIT = 64
-"""Dynamo cache entries per code object that :func:`compile_blocks` allows at least (Dynamo's default is 8)."""
+"""Dynamo cache entries that the blocks :func:`compile_blocks` compiles allow (Dynamo's default is 8)."""
+
+
+def _within(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The module that holds the language model's decoder blocks: ``get_decoder()`` of the outermost transformers
+    model inside ``model`` (LlamaForCausalLM: its LlamaModel; a LLaVA-style VLM: its ``language_model``, never the
+    vision tower), found through wrappers (DDP, a loss module); ``model`` itself when nothing has ``get_decoder``."""
+    for module in model.modules():
+        get_decoder = getattr(module, "get_decoder", None)
+        if not callable(get_decoder):
+            continue
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):    # the few models without a rule for it
+            return module
+        return decoder if isinstance(decoder, nn.Module) else module
+    return model
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the repeated blocks of a transformers model: the classes its ``_no_split_modules`` names
-    (Llama's ``LlamaDecoderLayer``, GPT-2's ``GPT2Block``), found through wrappers (DDP, a loss module)."""
+    """(path, module) of the repeated decoder blocks of a transformers model: inside :func:`language_model`, the
+    outermost modules whose class a ``_no_split_modules`` names (Llama's ``LlamaDecoderLayer``, GPT-2's
+    ``GPT2Block``). A listed class nested in a block is compiled with it, not a second time; the blocks of a
+    vision tower (``CLIPEncoderLayer`` in a LLaVA) are not the language model's and are left eager."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [(path, module) for path, module in model.named_modules() if type(module).__name__ in names]
+    root = language_model(model)
+    prefix = next((path for path, module in model.named_modules() if module is root), "")
+    blocks: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():                 # parents before children: the outermost come first
+        if (type(module).__name__ in names and _within(path, prefix)
+                and not any(_within(path, outer) for outer, _ in blocks)):
+            blocks.append((path, module))
+    return blocks
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     """``block.compile(**compile_kwargs)`` (default ``dynamic=True``: batch shapes vary) on every decoder block of
-    ``model``; returns their paths. Raises ConfigError when the model has no blocks to find or has gradient
-    checkpointing on."""
+    ``model`` (:func:`decoder_blocks`); returns their paths. Raises ConfigError when the model has no blocks to find
+    or has gradient checkpointing on; from here on its routing context refuses a forward with checkpointing on
+    (:mod:`malora.routing`), also one enabled before the first compiled step.
+
+    The blocks' Dynamo cache holds up to ``recompile_limit`` (default :data:`RECOMPILE_LIMIT`) entries, passed to
+    ``torch.compile`` for these blocks only; Dynamo's process-wide ``recompile_limit`` is left as it is (only on an
+    older torch, whose ``torch.compile`` takes no ``recompile_limit``, is that global raised to it instead)."""
     if checkpointing_on(model):
         raise ConfigError(
             "compile_blocks: the model has gradient checkpointing on, which compiled routed adapters cannot be "
@@ -61,12 +97,19 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
             f"compile_blocks: found no decoder blocks in {type(model).__name__} (no module whose class its "
             "_no_split_modules names). Fix: compile the model's repeated layers yourself with module.compile().")
     compile_kwargs.setdefault("dynamic", True)
-    # Every block of every compiled model shares one code object (the block class's forward), and each adapter kind
-    # and block input kind (the first block's input needs no grad) is one cache entry of it: a process holding models
+    # Every block of every compiled model shares one code object (the module's call), and each adapter kind and
+    # block input kind (the first block's input needs no grad) is one cache entry of it: a process holding models
     # of several kinds (a calibration, a benchmark) would pass Dynamo's default limit of 8 and run the rest eagerly.
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.7
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        compile_kwargs.setdefault("recompile_limit", RECOMPILE_LIMIT)
+    else:                                                      # an older torch: only the process-wide limit exists
+        limit = compile_kwargs.pop("recompile_limit", RECOMPILE_LIMIT)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.7
+        setattr(config, name, max(getattr(config, name), limit))
     for _, block in blocks:
         block.compile(**compile_kwargs)
+    ctx = adapter_context(model)
+    if ctx is not None and ctx.routed:      # refuse checkpointing from the next forward on, before a layer has run
+        ctx.compiled = True
     return [path for path, _ in blocks]

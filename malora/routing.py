@@ -6,8 +6,9 @@ no parameters, no buffers, nothing in the state dict) and registers two hooks on
 - a forward **pre-hook** that reads the forward's ``attention_mask`` (keyword, or the positional slot the
   model's ``forward`` signature gives it) and keeps it as a (B, L) bool tensor, True = real token
   (:func:`real_token_mask` says how each kind of mask reads);
-- a forward **post-hook** (``always_call``, so it also runs when the forward raises) that marks the forward done
-  and, after a forward entered with grad enabled, puts a grad hook on its outputs (see *Recomputation* below).
+- a forward **post-hook** (``always_call``, so it also runs when the forward raises) that marks the forward done,
+  forgets its mask and, after a forward entered with grad enabled, puts a grad hook on its outputs (see
+  *Recomputation* below).
 
 A plain ``model(input_ids, attention_mask=mask)`` (or ``DistributedDataParallel(model)(**batch)``, which calls
 the model) is therefore enough. Every routed layer of that model asks :meth:`RoutingContext.rows` which rows of
@@ -17,7 +18,14 @@ its input (T = B*S rows) are real (:func:`rows_of`):
   mask covers past + new tokens); input (B*L, n): the flattened mask; anything else raises MaskShapeError;
 - no mask: every row is real.
 
-A layer called outside its model's forward (e.g. a sub-module called directly) sees no mask and counts all rows.
+A layer called outside its model's forward (e.g. a sub-module called directly) sees no mask and counts all rows,
+also when compiled: the mask is dropped when the model's forward returns, so it never outlives its forward.
+
+**The balance loss of a training forward survives a no_grad forward.** After a forward entered with grad enabled
+and before a backward has reached its outputs (the loss is still to be trained on), a forward under ``no_grad`` /
+``inference_mode`` (an evaluation, a ``generate``, TRL's reference forward on the same model) leaves every routed
+layer's ``last_aux_loss`` as the training forward set it, so ``collect_aux_loss`` still returns the loss with a
+gradient. Otherwise (nothing awaits a backward) a no_grad forward's own balance loss is what it returns.
 
 **Recomputation** (gradient checkpointing re-runs a block's forward during backward; detected as a forward
 running inside the autograd engine, :func:`in_backward`) does not count tokens again and needs the mask of the
@@ -32,7 +40,9 @@ them apart and raises. How the balance loss itself survives reentrant checkpoint
 **Under torch.compile** the hooks run eagerly (``torch.compiler.disable``) and a traced layer only slices its
 rows from ``mask`` inside the graph (:func:`row_state`); no per-forward Python state is read there, which Dynamo
 would turn into guards and recompile on. A traced layer cannot tell a checkpoint recomputation from a forward, so
-once one has run (``compiled``) a forward with gradient checkpointing on raises (:mod:`malora.compile`).
+from the moment the model is compiled (``compiled``: set by :func:`malora.compile.compile_blocks`, by the first
+forward when a compiled module holds routed layers, or by a traced routed layer) a forward with gradient
+checkpointing on raises.
 
 Models are refused where routing would be wrong: ``nn.DataParallel`` replicas (they would share this context and
 the layers' per-forward fields; use DDP) raise at forward time.
@@ -71,6 +81,13 @@ def checkpointing_on(model: nn.Module) -> bool:
     """True when a module of ``model`` has transformers' gradient checkpointing on (its ``gradient_checkpointing``
     flag, which ``gradient_checkpointing_enable`` sets on the blocks)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def holds_compiled(model: nn.Module, layers: list[nn.Module]) -> bool:
+    """True when a module of ``model`` compiled with ``module.compile()`` holds one of ``layers``."""
+    wanted = {id(layer) for layer in layers}
+    return any(getattr(m, "_compiled_call_impl", None) is not None and any(id(x) in wanted for x in m.modules())
+               for m in model.modules())
 
 
 def refuse_replica(module: nn.Module) -> None:
@@ -193,7 +210,11 @@ class RoutingContext:
     """The routed adapter layers of the model; each model forward clears their ``last_aux_loss`` first, so that
     after it a layer holds a balance loss only if it ran in it."""
     compiled: bool = False
-    """A routed layer of this model has run under ``torch.compile`` (see :func:`row_state`)."""
+    """Routed layers of this model run under ``torch.compile``: a forward with gradient checkpointing on raises."""
+    awaiting_backward: int | None = None
+    """Generation of the latest grad-enabled forward whose outputs no backward has reached yet (None: none)."""
+    _kept: list[tuple[nn.Module, Any, bool, Any]] | None = None
+    """(layer, last_aux_loss, aux_deferred, aux_box) of each routed layer, kept across a no_grad forward."""
     _rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -208,6 +229,8 @@ class RoutingContext:
         mask = kwargs.get("attention_mask")
         if mask is None and self.mask_position is not None and len(args) > self.mask_position:
             mask = args[self.mask_position]
+        if not self.compiled and self.generation == 0:    # once: compiled before the adapters were injected
+            self.compiled = holds_compiled(module, self.routed)
         if self.compiled and checkpointing_on(module):
             raise RuntimeError(
                 "malora: routed adapter layers compiled with torch.compile cannot be recomputed by gradient "
@@ -215,9 +238,11 @@ class RoutingContext:
                 "model.gradient_checkpointing_disable(), or do not compile the decoder layers.")
         self.mask = self._read_mask(mask)
         self._rows = {}
+        self.grad_at_entry = torch.is_grad_enabled()
+        if not self.grad_at_entry and self.awaiting_backward is not None:   # restored by the post-hook
+            self._kept = [(layer, layer.last_aux_loss, layer.aux_deferred, layer.aux_box) for layer in self.routed]
         for layer in self.routed:
             layer.last_aux_loss = None
-        self.grad_at_entry = torch.is_grad_enabled()
         self.generation += 1
         if self.grad_at_entry:
             self.saved_masks[self.generation] = self.mask
@@ -227,15 +252,24 @@ class RoutingContext:
     @torch.compiler.disable
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
-        if self.depth == 0 and self.grad_at_entry and not in_backward():
+        if self.depth > 0:
+            return
+        self.mask, self._rows = None, {}                # a layer called after this forward must not read its mask
+        if self._kept is not None:                      # a no_grad forward: the training forward's losses stand
+            for layer, loss, deferred, box in self._kept:
+                layer.last_aux_loss, layer.aux_deferred, layer.aux_box = loss, deferred, box
+            self._kept = None
+        if self.grad_at_entry and not in_backward():
             tensors = _output_tensors(output)
             if tensors:
-                generation = self.generation
+                generation = self.awaiting_backward = self.generation
                 torch.autograd.graph.register_multi_grad_hook(
                     tensors, lambda grads: self._reached(generation), mode="any")
 
     def _reached(self, generation: int) -> None:
         """A backward reached the outputs of forward ``generation``: its recomputations use that mask."""
+        if self.awaiting_backward is not None and generation >= self.awaiting_backward:
+            self.awaiting_backward = None
         task = graph_task()
         if self.backward is not None and self.backward[0] == task and self.backward[1] != generation:
             if not _same_mask(self.saved_masks.get(generation), self.saved_masks.get(self.backward[1])):

@@ -1,15 +1,17 @@
-"""compile_blocks: every adapter kind traces whole and trains as the eager model does; checkpointing is refused."""
+"""compile_blocks: every adapter kind traces whole and trains as the eager model does; checkpointing is refused; only
+the language model's decoder blocks are compiled; Dynamo's process-wide settings are left alone."""
 
 import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 from malora import (HydraLoRAConfig, LoRAConfig, MALoRAConfig, MoLoRAConfig, MoSLDConfig, collect_aux_loss,
-                    inject_adapters, routing_stats)
+                    adapter_context, inject_adapters, reset_routing_stats, routing_stats)
 from malora.compile import compile_blocks, decoder_blocks
 from malora.config import ConfigError
+from tests.tiny import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 # No dropout here: the compiled model draws each layer's dropout positions as eager code does, but the compiler may
@@ -24,9 +26,7 @@ CONFIGS = {
 
 
 def tiny_model(cfg) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = tiny_llama(vocab_size=96)
     inject_adapters(model, cfg)
     with torch.no_grad():                       # B starts at zero: give the adapters an output to compare
         for name, p in model.named_parameters():
@@ -146,3 +146,113 @@ def test_the_whole_model_compiled_trains_as_eager_without_recompiling_each_step(
     for (name, ref), (_, ours) in zip(routing_stats(eager, counts=True).items(),
                                       routing_stats(model, counts=True).items()):
         assert torch.equal(ours, ref), name
+
+
+def counted(model) -> int:
+    return sum(int(c.sum()) for c in routing_stats(model, counts=True).values())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")                # gradient_checkpointing_enable's new name
+def test_checkpointing_enabled_after_compile_blocks_is_refused_at_the_first_forward():
+    """Enabled between compile_blocks and the first step, checkpointing would recompute the compiled routed layers
+    and count their tokens twice: the first forward raises, before a token is counted (so nothing is compiled)."""
+    model = tiny_model(CONFIGS["malora"])
+    compile_blocks(model)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match=r"gradient checkpointing.*Fix: model.gradient_checkpointing_disable"):
+        model(**batch(0))
+    assert counted(model) == 0
+    later = tiny_llama(vocab_size=96)                                 # compiled first, adapters injected after
+    compile_blocks(later)
+    inject_adapters(later, CONFIGS["malora"])
+    later.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match=r"gradient checkpointing"):
+        later(**batch(0))
+    assert counted(later) == 0
+    plain = tiny_model(CONFIGS["lora"])                              # no routed layer: nothing is counted twice
+    compile_blocks(plain)
+    assert not adapter_context(plain).compiled
+
+
+@pytest.mark.slow
+def test_a_compiled_block_called_directly_counts_every_row_as_eager_does():
+    """The padded forward's mask ends with it: a block called on its own afterwards (outside the model's forward)
+    routes all B*L rows, compiled as eager, instead of skipping the rows that were padding in the last forward."""
+    torch._dynamo.reset()
+    eager = tiny_model(CONFIGS["malora"])
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, backend="eager")     # Dynamo traces the routed layers (row_state's compiled branch)
+    b = batch(0)
+    B, L = b["input_ids"].shape
+    for model in (eager, compiled):
+        model(**b)
+        assert counted(model) == int(b["attention_mask"].sum()) * 2 * 8      # top-2, 4 targets x 2 blocks
+        reset_routing_stats(model)
+        with torch.no_grad():
+            hidden = model.model.embed_tokens(b["input_ids"])                 # (B, L, 64)
+            position = model.model.rotary_emb(hidden, torch.arange(L)[None].expand(B, L))
+            model.model.layers[0](hidden, position_embeddings=position)
+        assert counted(model) == B * L * 2 * 4, "compiled" if model is compiled else "eager"   # all rows, 4 targets
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).relu()
+
+
+class Stack(torch.nn.Module):
+    """The least that compile_blocks finds blocks in: a module naming its block class in ``_no_split_modules``."""
+
+    _no_split_modules = ["Block"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+def test_compile_blocks_leaves_dynamos_global_recompile_limit_alone():
+    """The blocks' own limit (64 entries) lets them compile past Dynamo's default of 8 while every other
+    torch.compile in the process keeps the global limit."""
+    from torch._dynamo.utils import counters
+
+    config = torch._dynamo.config
+    before = (config.recompile_limit, config.accumulated_recompile_limit)
+    lengths = range(1, before[0] + 4)                                  # 11 shapes, 3 past the global limit
+    for ours in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        model = Stack()
+        # the eager backend: Dynamo traces and caches as under Inductor, without code generation (this is about
+        # the cache); static shapes: each new length is one more cache entry of the block's code
+        if ours:
+            compile_blocks(model, backend="eager", dynamic=False)
+        else:
+            model.blocks[0].compile(backend="eager", dynamic=False)
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == before
+        with torch.no_grad():
+            for n in lengths:
+                model(torch.randn(n, 4))
+        # compile_blocks' block: one graph per shape; a plain compile: the global 8, the rest eager
+        assert counters["stats"]["unique_graphs"] == (len(lengths) if ours else before[0])
+
+
+def test_decoder_blocks_are_the_language_models_outermost_listed_blocks():
+    vlm = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=64)))
+    # the vision tower's CLIPEncoderLayer blocks are listed in its _no_split_modules too, but are not decoder blocks
+    assert [p for p, _ in decoder_blocks(vlm)] == ["model.language_model.layers.0", "model.language_model.layers.1"]
+    llama = tiny_llama()
+    llama._no_split_modules = ["LlamaDecoderLayer", "LlamaMLP"]        # a listed class inside each listed block
+    assert [p for p, _ in decoder_blocks(llama)] == ["model.layers.0", "model.layers.1"]
+    wrapped = torch.nn.ModuleDict({"inner": llama})                   # found through a wrapper (DDP's .module)
+    assert [p for p, _ in decoder_blocks(wrapped)] == ["inner.model.layers.0", "inner.model.layers.1"]

@@ -60,6 +60,36 @@ def test_one_backward_through_two_forwards_with_different_masks_is_refused_under
         (first + second).backward()
 
 
+def test_a_no_grad_forward_before_collect_aux_loss_keeps_the_training_forwards_balance_loss():
+    """A no_grad forward (an evaluation, TRL's reference forward) between a training forward and its backward leaves
+    the balance loss of the training forward, with its gradient; once that backward ran, a no_grad forward's
+    own loss is what collect_aux_loss returns."""
+    ids, mask, pos = padded()
+    other = torch.ones_like(mask)
+    reference = tiny_llama_double_with(CKPT_CFG)
+    model = copy.deepcopy(reference)
+    out = reference(ids, attention_mask=mask, position_ids=pos, labels=ids)
+    expected = collect_aux_loss(reference)
+    (out.loss + expected).backward()                                   # no forward in between: the reference
+    out = model(ids, attention_mask=mask, position_ids=pos, labels=ids)
+    with torch.no_grad():
+        model(ids, attention_mask=other, position_ids=pos)
+    aux = collect_aux_loss(model)
+    assert aux.requires_grad
+    torch.testing.assert_close(aux, expected, rtol=1e-12, atol=0)
+    (out.loss + aux).backward()
+    ref, got = grads_of(reference), grads_of(model)
+    assert any("lora_router" in name for name in ref)                  # the balance loss's own gradient is compared
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():                                              # nothing awaits a backward now
+        reference(ids, attention_mask=other, position_ids=pos)
+        model(ids, attention_mask=other, position_ids=pos)
+    evaluation = collect_aux_loss(reference)
+    assert not torch.allclose(evaluation, expected)                    # another mask: another loss
+    torch.testing.assert_close(collect_aux_loss(model), evaluation, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------------------------ b. hooked bases
 def test_a_hooked_or_overridden_base_takes_the_unfused_path_and_its_hook_sees_its_own_output():
     torch.manual_seed(0)
