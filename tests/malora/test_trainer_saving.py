@@ -6,6 +6,7 @@ FSDP / ZeRO-3 are refused."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -123,3 +124,27 @@ def test_fsdp_and_zero3_are_refused_and_zero2_is_not():
         refuse_sharded(trainer(False, 3))
     refuse_sharded(trainer(False, 2))
     refuse_sharded(trainer(False, None))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_hub_pushes_during_training_carry_the_adapter(tmp_path, monkeypatch):
+    """hub_strategy every_save pushes output_dir after copying the checkpoint's model files into it; without
+    peft installed the trainer copies no adapter file, so the push would hold none. The Hub client is replaced by
+    a recorder (no network): what matters is the folder it is asked to upload."""
+    import transformers.trainer as hf_trainer
+
+    uploads = []
+
+    class Hub:
+        def upload_folder(self, **kwargs):
+            uploads.append({p.name for p in Path(kwargs["folder_path"]).iterdir()})
+            return SimpleNamespace(is_done=lambda: True)
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: Hub())
+    trainer = AdapterTrainer(model=adapted(balance_coef=0.5), args=train_args(tmp_path, save_strategy="no"),
+                             train_dataset=examples())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "checkpoint-2"))
+    trainer.hub_model_id, trainer.push_in_progress = "someone/malora-test", None   # what init_hf_repo sets
+    trainer._push_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert uploads and ADAPTER_FILES <= uploads[0]
