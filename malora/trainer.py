@@ -20,7 +20,9 @@ What :class:`AdapterTrainerMixin` adds to a trainer class (it goes first in the 
   the objective. ``routing/max_share`` / ``routing/min_share`` (largest / smallest expert share over all routed
   layers: 1/N each when balanced) and, with ``log_layer_routing``, ``routing/<layer>/e<i>``, the share of
   token-slots expert i of that layer received in the training forwards since the last log (real tokens only,
-  counts summed over ranks). Evaluation and ``no_grad`` forwards are not counted; the routers' own counts
+  counts summed over ranks). Only training forwards count, the ones whose routing the optimizer step acts on:
+  not the evaluation's (eval mode), not a ``no_grad`` forward in train mode (TRL's metric forward of the same
+  batch, which counted every token twice), not a checkpoint recomputation. The routers' own counts
   (``routing_stats``) are left alone.
 - **Per-task routing** (issue 31) when the train dataset has a task column (``task_column=``, default
   ``"task"`` if present): the names ride beside each batch (:class:`TaskCollator`), a router hook splits each
@@ -34,9 +36,10 @@ What :class:`AdapterTrainerMixin` adds to a trainer class (it goes first in the 
   ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the adapter back;
   ``load_adapter(base_model, folder)`` restores a trained model from any of them.
 
-The hooks live only while ``train`` runs (a second trainer on the same model finds none of the first's).
-Refused before training: ``nn.DataParallel`` (at the first forward: launch with ``torchrun``), FSDP and
-DeepSpeed ZeRO-3 (their parameters are shards, which the adapter files would hold).
+The hooks live only while ``train`` runs: a second trainer on the same model finds none of the first's, and a
+finished trainer (with its optimizer) is not kept alive by the model. Refused: FSDP and DeepSpeed ZeRO-3 when the
+trainer is built (their parameters are shards, which the adapter files would hold; :func:`refuse_sharded`),
+``nn.DataParallel`` at the first forward (launch with ``torchrun``).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def dataset_tasks(dataset: Any, column: str | None, owner: str) -> tuple[str | N
                               "cannot list its tasks before training). Fix: pass a datasets.Dataset or a list.")
         log.warning("%s: the iterable train dataset has a %r column; per-task routing is not logged", owner, wanted)
         return None, None
-    values = dataset.unique(wanted) if hasattr(dataset, "unique") else {row[wanted] for row in dataset}
+    values = dataset.unique(wanted) if hasattr(dataset, "unique") else {dataset[i][wanted] for i in range(len(dataset))}
     return wanted, sorted({str(v) for v in values})
 
 
@@ -227,7 +230,10 @@ class AdapterTrainerMixin:
             idx = output.idx if output.idx is not None else output.probs.argmax(-1, keepdim=True)   # (T, k)
             T, k = idx.shape
             B = self._row_tasks.numel()
-            task = self._row_tasks.to(idx.device).repeat_interleave(T // B)   # (T,) rows are (B, S) flattened
+            if T % B:
+                raise RuntimeError(f"{name}: a routed input of {T} rows is not the batch's {B} rows x positions, so "
+                                   "its tokens cannot be given their row's task. Fix: drop the task column.")
+            task = self._row_tasks.to(idx.device).repeat_interleave(T // B)   # (T,): rows are (B, S) flattened
             counts = self._task_counts[name]
             weight = (torch.ones_like(idx) if rows is None else rows[:, None].expand(T, k).to(idx.dtype))
             flat = (task[:, None] * counts.shape[1] + idx).reshape(-1)         # (T*k,) cell of (task, expert)
@@ -245,8 +251,12 @@ class AdapterTrainerMixin:
                     f"{type(self).__name__}: task_column {self.task_column!r} gives {len(tasks)} tasks for a batch of "
                     f"{ids.shape[0]} rows (packing or padding-free batches join examples). Fix: turn packing / "
                     "padding_free off, or drop the task column.")
-            index = {t: i for i, t in enumerate(self.tasks)}
-            self._row_tasks = torch.tensor([index[t] for t in tasks], dtype=torch.long)
+            unknown = sorted(set(tasks) - set(self.tasks))
+            if unknown:
+                raise ConfigError(f"{type(self).__name__}: tasks {unknown} are not among the train dataset's "
+                                  f"{self.tasks} (listed when the trainer was built). Fix: rebuild the trainer.")
+            self._row_tasks = torch.tensor([self.tasks.index(t) for t in tasks], dtype=torch.long,
+                                           device=self.args.device)
         return inputs
 
     # ------------------------------------------------------------------------------------- loss
