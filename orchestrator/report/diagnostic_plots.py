@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")   # not tight_layout: it refuses a colorbar over many panels
@@ -23,8 +23,23 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _grid(matrix: list[list[float | None]]) -> np.ndarray:
+def _grid(matrix) -> np.ndarray:
+    """(T, T) float array of a nested list (None: NaN) or an array."""
     return np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+
+
+def cosine_panel(ax, grid: np.ndarray, tasks: list[str], title: str, fontsize: int = 6):
+    """One task x task cosine panel on ``ax`` (blue: aligned, red: pulling apart), off-diagonal cells annotated;
+    returns the image (for a colorbar)."""
+    im = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
+    for i in range(len(tasks)):
+        for j in range(len(tasks)):
+            if i != j and np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=fontsize)
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=fontsize, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=fontsize)
+    ax.set_title(title, fontsize=fontsize + 2)
+    return im
 
 
 def cosine_heatmaps(cos: dict[str, Any], tasks: list[str], path: str | Path, title: str) -> Path | None:
@@ -40,18 +55,10 @@ def cosine_heatmaps(cos: dict[str, Any], tasks: list[str], path: str | Path, tit
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
     for ax, group in zip(axes.flat, groups):
-        grid = _grid(cos[group]) if not isinstance(cos[group], np.ndarray) else cos[group]
-        im = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
-        for i in range(len(tasks)):
-            for j in range(len(tasks)):
-                if i != j and np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(tasks)), tasks, fontsize=6, rotation=45, ha="right")
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
-        ax.set_title(group, fontsize=8)
+        im = cosine_panel(ax, _grid(cos[group]), tasks, group)
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, label="gradient cosine")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _layer_and_module(name: str) -> tuple[int, str]:
@@ -79,7 +86,7 @@ def mi_by_layer_plot(mi_by_layer: dict[str, float], num_tasks: int, path: str | 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def specialisation_matrices(routing: dict[str, Any], tasks: list[str], path: str | Path, title: str) -> Path | None:
@@ -98,7 +105,7 @@ def specialisation_matrices(routing: dict[str, Any], tasks: list[str], path: str
         ax.set_title(f"{kind} specialised: {layer['layer']}\nI = {layer['mi']:.3f} bits", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, label="p(expert | task)")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def diagnostics_plots(record: dict[str, Any], folder: Path, label: str) -> list[Path]:

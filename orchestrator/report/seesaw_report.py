@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator.evaluation.diagnostics_record import diagnostics_of  # noqa: E402
+from orchestrator.report.diagnostic_plots import cosine_panel, save_figure  # noqa: E402
 from orchestrator.report.plots import METHOD_COLORS  # noqa: E402
 
 
@@ -192,13 +193,6 @@ def seesaw_markdown(results: dict[str, Any], figures: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def cosine_panels(results: dict[str, Any], path: Path) -> Path | None:
     """One task x task panel per method: the seed-mean gradient cosine over all trainable tensors."""
     methods = [m for m, e in results["methods"].items() if e["grad_cos"].get("all")]
@@ -209,16 +203,9 @@ def cosine_panels(results: dict[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(methods), figsize=(size * len(methods) + 1, size), squeeze=False)
     for ax, m in zip(axes[0], methods):
         grid = np.array(results["methods"][m]["grad_cos"]["all"]["mean"], dtype=float)
-        im = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
-        for i in range(len(tasks)):
-            for j in range(len(tasks)):
-                if i != j and np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(tasks)), tasks, fontsize=7, rotation=45, ha="right")
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
-        ax.set_title(f"{m} ({results['methods'][m]['seeds']} seeds)", fontsize=9)
+        im = cosine_panel(ax, grid, tasks, f"{m} ({results['methods'][m]['seeds']} seeds)", fontsize=7)
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, label="gradient cosine (seed mean)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def routing_mi_bars(results: dict[str, Any], path: Path) -> Path | None:
@@ -239,7 +226,7 @@ def routing_mi_bars(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("I(task; expert) (bits)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def history_of(reports: Iterable[Mapping[str, Any]], metric: str = "val/primary/") -> dict[str, list[tuple]]:
@@ -302,4 +289,4 @@ def seesaw_over_training_plot(histories: Mapping[str, Mapping[Any, Mapping[str, 
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
