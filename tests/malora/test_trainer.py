@@ -154,13 +154,26 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
+def sft_texts() -> list[str]:
+    """Four texts of 7, 5, 4 and 2 words of :func:`word_tokenizer` (one batch of 4)."""
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (n,), generator=g)) for n in (7, 5, 4, 2)]
+
+
+def sft_args(trl, out, **overrides):
+    """One SFT step on one batch of 4 on the CPU, logged, not saved."""
+    return trl.SFTConfig(**{"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 4,
+                            "logging_steps": 1, "report_to": [], "use_cpu": True, "save_strategy": "no",
+                            "max_length": 16, "disable_tqdm": True, "seed": 0,
+                            "bf16": False, **overrides})   # TRL defaults to bf16 autocast where supported
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_sft_trainer_gets_the_balance_gradient_and_logs(tmp_path):
     """Router grads at step 1 with balance_coef c and with 0 differ by exactly the balance loss's gradient on the
     batch SFTTrainer built (recomputed independently by a plain forward of that batch)."""
     trl = pytest.importorskip("trl")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (n,), generator=g)) for n in (7, 5, 4, 2)]
+    texts = sft_texts()
     batches = []
 
     class Recording(with_adapters(trl.SFTTrainer)):
@@ -170,9 +183,7 @@ def test_sft_trainer_gets_the_balance_gradient_and_logs(tmp_path):
 
     def run(model, out):
         grads = RouterGrads()
-        args = trl.SFTConfig(output_dir=str(out), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
-                             report_to=[], use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True,
-                             seed=0, bf16=False)   # TRL defaults to bf16 autocast where supported
+        args = sft_args(trl, out)
         trainer = Recording(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                             processing_class=word_tokenizer(), callbacks=[grads])
         trainer.train()

@@ -18,7 +18,8 @@ from datasets import Dataset
 from malora import adapter_layers, collect_aux_loss
 from malora.diagnostics import routing_counts_by_task, task_expert_metrics
 from malora.trainer import AdapterTrainer, with_adapters
-from tests.malora.test_trainer import VOCAB, adapted, examples, train_args, word_tokenizer
+from tests.malora.test_trainer import (VOCAB, adapted, examples, sft_args, sft_texts, train_args,
+                                      word_tokenizer)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -86,8 +87,7 @@ def test_sft_trainers_no_grad_metric_forward_is_not_counted(tmp_path):
     """SFTTrainer with a compute_loss_func runs a second, no-grad forward of the batch for its metrics: the
     trainer's counts hold each training token's slots once (k per real token per routed layer)."""
     trl = pytest.importorskip("trl")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (n,), generator=g)) for n in (7, 5, 4, 2)]
+    texts = sft_texts()
     seen, batches = [], []
 
     class Recording(with_adapters(trl.SFTTrainer)):
@@ -103,9 +103,7 @@ def test_sft_trainers_no_grad_metric_forward_is_not_counted(tmp_path):
         logits = outputs.logits[:, :-1].reshape(-1, VOCAB)
         return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
-                         report_to=[], use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True,
-                         seed=0, bf16=False)
+    args = sft_args(trl, tmp_path)
     trainer = Recording(model=adapted(balance_coef=0.5), args=args, compute_loss_func=lm_loss,
                         train_dataset=Dataset.from_dict({"text": texts}), processing_class=word_tokenizer())
     trainer.train()
@@ -169,8 +167,7 @@ def test_sft_trainer_logs_per_task_routing_from_a_task_column(tmp_path):
     """The task column survives TRL's dataset preparation and collator; the per-task metrics equal separate
     forwards per task of the batch SFTTrainer built (lr 0: the routers do not move)."""
     trl = pytest.importorskip("trl")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (n,), generator=g)) for n in (7, 5, 4, 2)]
+    texts = sft_texts()
     recorded = []
 
     class Recording(with_adapters(trl.SFTTrainer)):
@@ -179,9 +176,7 @@ def test_sft_trainer_logs_per_task_routing_from_a_task_column(tmp_path):
                              self._row_tasks.clone()))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
-                         report_to=[], use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True,
-                         seed=0, bf16=False, learning_rate=0.0)
+    args = sft_args(trl, tmp_path, learning_rate=0.0)
     model = adapted(balance_coef=0.5)
     reference = copy.deepcopy(model).train()
     data = Dataset.from_dict({"text": texts, "task": ["arc", "piqa", "piqa", "arc"]})
