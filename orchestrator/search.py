@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from typing import Sequence
 
@@ -29,7 +30,32 @@ from orchestrator.tuning.plan import describe
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.search", description=__doc__.split("\n\n")[0])
     add_search_arguments(p)
+    p.add_argument("--out", default=None, help="write the search report (trial table, front, importances, seesaw, "
+                   "ties; orchestrator.report.search_report) into this folder too (default: only in the storage "
+                   "and the MLflow parent run)")
+    p.add_argument("--no-estimate", action="store_true", help="--dry-run without the wall-time estimate (which "
+                   "measures this machine's rates once, minutes, then reads them from a cache)")
+    p.add_argument("--recalibrate", action="store_true", help="--dry-run: measure this machine's rates again")
     return p
+
+
+def searched_lines(spec) -> list[str]:
+    """Per method, what its trials search (name and what it sets; MALoRA's lam as the (d, r_bar) it gives)."""
+    from malora.config import malora_dims
+
+    lines = []
+    for m in spec.methods:
+        doms = dict(m.hparams)
+        names = [n for n, d in m.hparams if d.kind != "const"]
+        words = [{"r": "rank r", "top_k": "top-k", "lam": "lam (d = lam r N)"}.get(n, n) for n in names]
+        line = f"    {m.kind:7s} " + (", ".join(words) or "nothing (fixed)")
+        if m.kind == "malora" and "lam" in doms:
+            n = doms["num_experts"].low if "num_experts" in doms else 8
+            pairs = sorted({malora_dims(r, n, lam) for r in doms.get("r", doms["lam"]).values
+                            for lam in doms["lam"].values} if "r" in doms else set())
+            line += "; (d, r_bar) in " + ", ".join(f"({d}, {rb})" for d, rb in pairs) if pairs else ""
+        lines.append(line)
+    return ["  searched", *lines]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,13 +70,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator.tuning.budget import describe_budget
 
         text, problem = describe_budget(spec)
-        print(describe(spec) + "\n" + text)
+        print("\n".join([describe(spec), *searched_lines(spec), text]))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-        return 2 if problem else 0
+            return 2
+        if args.no_estimate or args.smoke_test:
+            print("  estimate     skipped" + (" (--no-estimate)" if args.no_estimate else " (--smoke-test)"))
+        else:
+            from orchestrator.tuning.search_estimate import search_estimate_text
+
+            print(search_estimate_text(spec, refresh=args.recalibrate))
+        return 0
     from orchestrator.tuning.run import run_search  # imports Ray: not needed for --dry-run and bad input
 
-    return run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+    return run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,
+                      out_dir=args.out, command=shlex.join(["python", "-m", "orchestrator.search",
+                                                            *(argv if argv is not None else sys.argv[1:])]))
 
 
 if __name__ == "__main__":

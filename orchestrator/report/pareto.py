@@ -34,6 +34,24 @@ def pareto_front(rows: list[dict], objectives: dict[str, str]) -> list[dict]:
     return sorted(front, key=lambda r: r[first], reverse=mode == "max")
 
 
+def staircase(front: list[dict], x: str, y: str, x_mode: str = "min", y_mode: str = "max",
+              x_end: float | None = None) -> tuple[list[float], list[float]]:
+    """The attainment boundary of a two-objective front as (xs, ys) of a step line (matplotlib ``where="post"``).
+
+    With ``x`` minimised and ``y`` maximised, the front sorted by increasing x has increasing y; the best y
+    reachable at x is that of the last front point with x_i <= x, constant until the next point: a staircase,
+    never the straight segments between points. ``x_end`` extends the last step to the right edge. Other modes
+    flip the sign of their axis (sorted so that the step still goes along increasing "better" x).
+    """
+    sx, sy = (1 if x_mode == "min" else -1), (1 if y_mode == "max" else -1)
+    pts = sorted(((r[x], r[y]) for r in front), key=lambda p: (sx * p[0], -sy * p[1]))
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if pts and x_end is not None and sx * x_end > sx * xs[-1]:
+        xs.append(x_end)
+        ys.append(ys[-1])
+    return xs, ys
+
+
 def best_per_method(rows: list[dict], metric: str = "val/mean_acc", mode: str = "max") -> list[dict]:
     best: dict[str, dict] = {}
     for r in rows:

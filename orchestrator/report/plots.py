@@ -56,15 +56,23 @@ def utilisation_heatmap(util: dict[str, dict[str, list[float]]], path: str | Pat
 
 
 def pareto_plot(rows: list[dict], front_ids: set[str], path: str | Path, metric: str = "val/mean_acc") -> Path:
-    """Accuracy vs trainable parameters for every finished trial, coloured by method; the front joined."""
+    """Accuracy vs trainable parameters for every trial given, coloured by method (hollow: not on the front); the
+    front (``metric`` max, trainable parameters min) as the staircase of what each budget attains."""
+    from orchestrator.report.pareto import staircase
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == method]
-        ax.scatter([r["trainable_params"] for r in pts], [r[metric] for r in pts], s=40,
-                   color=METHOD_COLORS.get(method), label=method, alpha=0.8)
-    front = sorted((r for r in rows if r["trial_id"] in front_ids), key=lambda r: r["trainable_params"])
+        color = METHOD_COLORS.get(method, "0.4")
+        for on in (True, False):
+            mine = [r for r in pts if (r["trial_id"] in front_ids) == on]
+            ax.scatter([r["trainable_params"] for r in mine], [r[metric] for r in mine], s=40, alpha=0.85,
+                       facecolors=color if on else "none", edgecolors=color, label=method if on or not any(
+                           r["trial_id"] in front_ids for r in pts) else None)
+    front = [r for r in rows if r["trial_id"] in front_ids]
     if front:
-        ax.plot([r["trainable_params"] for r in front], [r[metric] for r in front], "k--", lw=1, label="Pareto front")
+        xs, ys = staircase(front, "trainable_params", metric, x_end=max(r["trainable_params"] for r in rows))
+        ax.step(xs, ys, where="post", color="k", ls="--", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(metric)

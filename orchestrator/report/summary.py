@@ -75,7 +75,11 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
                      "hparams": hp, "error": tracking.failure_reason(str(res.error)) if res.error else "",
                      # the Train run's last checkpoint (forwarded by TuneReportCallback; the Tune trial has none)
                      "checkpoint": m.get("checkpoint_path") or (res.checkpoint.path if res.checkpoint else None),
-                     **{k: v for k, v in m.items() if k.startswith("val/acc/")}})
+                     # what the search report reads (report.search_report): speed, the rung, precision, per-task
+                     # primary accuracy, per-item val answers and routing diagnostics where the trial logs them
+                     **{k: m.get(k) for k in ("tokens_per_s", "evaluations", "precision", "eval_precision")},
+                     **{k: v for k, v in m.items() if k.startswith(("val/acc/", "val/primary/", "val_correct/",
+                                                                     "routing/mi"))}})
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))
 
 

@@ -17,6 +17,7 @@ from orchestrator.spec.space import SearchSpec
 from orchestrator.data.suites import load_pools
 from orchestrator.tuning.plan import concurrency
 from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
+from orchestrator.tuning.searcher import dashboard_commands
 from orchestrator.tuning.tuner import build_tuner
 
 logger = logging.getLogger("orchestrator.search")
@@ -94,6 +95,42 @@ def score_chosen_trials(spec: SearchSpec, rows: list[dict], uri: str, exp_id: st
         tracking.log_chosen_test(uri, exp_id, parent_id, trial_id, metrics, int(row.get("step") or 0))
 
 
+def search_provenance(command: str | None, wall_s: float, rows: list[dict]) -> dict:
+    """What produced a search report: the command, the checkout's commit (and whether it was dirty), the machine,
+    the precisions the trials recorded, the wall time."""
+    from orchestrator.models.hardware import machine_info
+    from orchestrator.report.study_report import _commit_state
+
+    return {"command": command, **_commit_state(), "machine": machine_info(),
+            "precision": sorted({str(r["precision"]) for r in rows if r.get("precision")}),
+            "eval_precision": sorted({str(r["eval_precision"]) for r in rows if r.get("eval_precision")}),
+            "wall_s": round(float(wall_s), 1)}
+
+
+def write_search_report(spec: SearchSpec, rows: list[dict], uri: str, parent_id: str, *, out_dir: str | None,
+                        command: str | None, wall_s: float) -> list[str]:
+    """The search report (``report.search_report``) into ``<storage>/<name>/report``, ``out_dir`` when given, and
+    the parent run's ``report/`` artifacts; returns where it was written."""
+    from orchestrator.report import search_report, summary, tracking
+    from orchestrator.tuning.plan import asha_max_t
+    from orchestrator.tuning.search_estimate import rungs
+
+    _, front = summary.choose(spec, rows)
+    a, max_t = spec.search.asha, asha_max_t(spec)
+    n_items = {t: s["val"] for t, s in load_pools(spec).splits().items()}
+    kwargs = dict(provenance=search_provenance(command, wall_s, rows), n_items=n_items, max_t=max_t,
+                  milestones=rungs(a.grace_period, a.reduction_factor, max_t) if a.enabled else [])
+    places = [storage.join(spec.storage_path, spec.name, "report"), *([out_dir] if out_dir else [])]
+    for i, place in enumerate(places):
+        with storage.local_dir(place) as local:
+            files = search_report.write_report(spec, rows, {r["trial_id"] for r in front}, local, **kwargs)
+            if i == 0:
+                c = tracking.client(uri)
+                for f in files:
+                    c.log_artifact(parent_id, str(f), "report")
+    return places
+
+
 def report_skipped(skipped: list[tuple[str, str]], uri: str, parent_id: str) -> None:
     """Writes the outbox gave up on (refused, or failing again while the store answered), listed on stderr and as
     a tag of the parent run, so a missing number in MLflow has a stated reason."""
@@ -125,8 +162,10 @@ def close_on_abort(uri: str, parent_id: str, callback, status: str, reason: str 
         logger.error("MLflow unreachable: parent run %s could not be marked %s", parent_id, status)
 
 
-def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool) -> int:
-    """Run (or with ``resume`` continue) the search of ``spec``; returns the command's exit code."""
+def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | None, resume: bool,
+               out_dir: str | None = None, command: str | None = None) -> int:
+    """Run (or with ``resume`` continue) the search of ``spec``; returns the command's exit code. The report goes
+    to ``<storage>/<name>/report``, ``out_dir`` and the parent run (``write_search_report``)."""
     prepare_env(address)
     from ray import tune
 
@@ -171,12 +210,18 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
     if not interrupted:  # choose on val first, then score test for the chosen trials only
         score_chosen_trials(spec, rows, uri, exp_id, parent_id)
+    places = write_search_report(spec, rows, uri, parent_id, out_dir=out_dir, command=command,
+                                 wall_s=time.perf_counter() - t0)
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
     report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")
+    print("\nSearch report: " + ", ".join(f"{p}/report.md" for p in places))
+    dashboards = dashboard_commands(spec)
+    if dashboards:
+        print("Optuna dashboard (pip install 'malora[dashboard]'), one study per method:\n  " + "\n  ".join(dashboards))
     if interrupted:
         print("\nThe search was interrupted; continue it with the same command plus --resume.", file=sys.stderr)
         return 130
