@@ -133,16 +133,19 @@ def test_the_hooks_leave_with_the_training_run(tmp_path):
     assert gone() is None                                  # nothing on the model keeps it (or its optimizer) alive
 
 
-def test_per_task_routing_metrics_equal_separate_forwards_per_task(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_per_task_routing_metrics_equal_separate_forwards_per_task(tmp_path, checkpointing):
     """Rows of tasks b, a, b, a in one batch (lr 0, one step): the trainer splits each training forward's slots by
-    row; the reference runs each task's rows as its own forward (malora.diagnostics.routing_counts_by_task)."""
+    row; the reference runs each task's rows as its own forward (malora.diagnostics.routing_counts_by_task). A
+    checkpoint recomputation of the blocks must not count them again."""
     tasks = ["a", "b"]
     rows = [dict(e, task=t) for e, t in zip(examples(), ["b", "a", "b", "a"])]
     model = adapted(balance_coef=0.5)
     reference = copy.deepcopy(model).train()
     counts = routing_counts_by_task(reference, batch_of(examples()), torch.tensor([1, 0, 1, 0]), tasks)
     trainer = AdapterTrainer(model=model, train_dataset=rows,
-                             args=train_args(tmp_path, max_steps=1, learning_rate=0.0, save_strategy="no"))
+                             args=train_args(tmp_path, max_steps=1, learning_rate=0.0, save_strategy="no",
+                                             gradient_checkpointing=checkpointing))
     assert (trainer.task_column, trainer.tasks) == ("task", tasks)
     trainer.train()
     logged = next(e for e in trainer.state.log_history if "loss" in e)
