@@ -7,6 +7,12 @@ hyperparameters from the trials' **validation** metrics (one Optuna study per me
 stops weak trials, and MLflow gets one parent run plus a nested run per trial. Trials score val only; once the
 search has chosen (best per method, Pareto front) the chosen trials' adapters are scored once on test.
 
+At the end the search report (``orchestrator.report.search_report``: every trial, the front, importances and
+slice/contour plots per method, MALoRA's (d, β) surface, the seesaw across trials, the ties per method) goes to
+``<storage>/<name>/report``, ``--out DIR`` and the parent run; the per-method Optuna studies are journal files in
+``<storage>/<name>/optuna`` (the ``optuna-dashboard`` command is printed). ``--dry-run`` estimates the wall time
+from rates measured once on this machine (``tuning.search_estimate``).
+
 Embedded defaults: a local Ray (dashboard on 127.0.0.1, needed to free a stopped trial's placement group) and
 a SQLite MLflow store in the working directory. ``--address``/``RAY_ADDRESS`` joins a cluster and
 ``--tracking-uri``/``MLFLOW_TRACKING_URI`` a tracking server. ``--resume`` continues ``<storage>/<name>``:
@@ -49,11 +55,11 @@ def searched_lines(spec) -> list[str]:
         names = [n for n, d in m.hparams if d.kind != "const"]
         words = [{"r": "rank r", "top_k": "top-k", "lam": "lam (d = lam r N)"}.get(n, n) for n in names]
         line = f"    {m.kind:7s} " + (", ".join(words) or "nothing (fixed)")
-        if m.kind == "malora" and "lam" in doms:
+        if m.kind == "malora" and "lam" in doms and doms["lam"].kind in ("const", "choice"):
             n = doms["num_experts"].low if "num_experts" in doms else 8
-            pairs = sorted({malora_dims(r, n, lam) for r in doms.get("r", doms["lam"]).values
-                            for lam in doms["lam"].values} if "r" in doms else set())
-            line += "; (d, r_bar) in " + ", ".join(f"({d}, {rb})" for d, rb in pairs) if pairs else ""
+            ranks = doms["r"].values if "r" in doms and doms["r"].kind in ("const", "choice") else (8,)
+            pairs = sorted({malora_dims(r, n, lam) for r in ranks for lam in doms["lam"].values})
+            line += "; (d, r_bar) in " + ", ".join(f"({d}, {rb})" for d, rb in pairs)
         lines.append(line)
     return ["  searched", *lines]
 
