@@ -131,6 +131,10 @@ def crossed_se(diffs: Sequence[np.ndarray], confidence: float = 0.95
         rest = rest + np.where(keep, b - r, 0.0)
         rest_denom = rest_denom + np.where(keep, b ** 2 / (n - 1) + r ** 2 / ((s - 1) * (n - 1)), 0.0)
         item_var.append(np.maximum(v_i - ms_r / s, 0.0))
+    # identical per-seed differences (v_s = 0) while answers do change between seeds (MS_r > 0): v_s / S estimates
+    # σ_a²/S plus the residual's share Σ_t MS_r,t / (S I_t T²), so that share stands in for it (kept at S−1 df)
+    residual_share = sum(p[2] / (s * n * n_tasks ** 2) for p, n in zip(parts, items))
+    term_a = np.where((term_a <= 1e-24) & (rest <= 0), residual_share, term_a)
     se2 = term_a + rest
     crit = _critical(term_a, rest, rest_denom, s, confidence)
     df = np.where(se2 > 0, _df_for_critical(np.nan_to_num(crit, nan=1.0), s - 1, confidence), np.nan)

@@ -33,6 +33,7 @@ import numpy as np
 from orchestrator.cluster import storage
 from orchestrator.evaluation import statistics as st
 from orchestrator.evaluation.changes import item_changes
+from orchestrator.evaluation.multiplicity import adjust, tost, verdict
 from orchestrator.report import plots, tracking
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
@@ -179,11 +180,19 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         "single_task_method": s.single_task_method if ST else None,
         "methods": {}, "comparisons": [], "seesaw": {}, "runs": run_records(spec, done),
         "statistics": {"confidence": st.CONFIDENCE, "interval": "t over seeds (Wilson over items with one seed)",
-                       "comparison": "t over the per-seed paired differences, S-1 df (over items with one seed); "
-                                     f"item-level paired bootstrap beside it, {s.n_boot} draws",
-                       "power": f"mdd80: the difference the t-test finds with probability {st.POWER}",
-                       "seesaw_threshold": f"one-sided t at Phi(-{s.noise_multiple}) over seeds: "
-                                           "delta < -t(1 - Phi(-k), df) x SE"},
+                       "comparison": "seeds and items random: crossed seed x item variance, effective df "
+                                     "(orchestrator.evaluation.crossed); beside it the t over the per-seed paired "
+                                     "differences (conditional on the scored items) and the item-level paired "
+                                     f"bootstrap, {s.n_boot} draws",
+                       "power": f"mdd80: the difference the primary test finds with probability {st.POWER}",
+                       "seesaw_threshold": f"one-sided primary test at Phi(-{s.noise_multiple}): "
+                                           "delta < -t(1 - Phi(-k), df) x SE",
+                       "multiplicity": {"comparisons": "Holm across the pairwise method comparisons",
+                                        "delta_mean": "Holm across the methods' mean Δ vs the reference",
+                                        "delta_per_task": "Benjamini-Hochberg within each method's per-task Δs",
+                                        "seesaw": "Benjamini-Hochberg within each method's per-task seesaw flags"},
+                       "equivalence": {"test": "TOST at the margin, same SE and df as the primary test",
+                                       "margin": s.equivalence_margin}},
     }
     if ST:
         out["single_task"]["mean"] = st.mean_over_tasks_interval(ST).as_dict()
@@ -223,14 +232,33 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
                     reference["test_chosen"][t], zero[t], [r["metrics"][f"test_chosen/{t}"] for r in
                                                            sorted(runs, key=lambda r: r["run"]["seed"])], X[m][t]
                 ).as_dict() for t in tasks}
+        if deltas:   # the method's family of per-task Δs: Benjamini-Hochberg within it
+            key = "delta_vs_single_task" if ST else "delta_vs_zero_shot"
+            for t, p_bh in adjust({t: per_task[t][key]["p"] for t in deltas}, "bh").items():
+                per_task[t][key]["p_bh"] = p_bh
         out["methods"][m] = entry
         if deltas:
-            out["seesaw"][m] = {**st.seesaw_regressions(deltas, s.noise_multiple),
-                                "reference": "single_task" if ST else "zero_shot"}
+            flags = st.seesaw_regressions(deltas, s.noise_multiple)
+            p_bh = adjust(flags["p_one_sided"], "bh")
+            out["seesaw"][m] = {**flags, "reference": "single_task" if ST else "zero_shot", "p_one_sided_bh": p_bh,
+                                "regressed_bh": sorted(t for t, v in p_bh.items()
+                                                       if v is not None and v < flags["alpha_one_sided"]),
+                                "power_note": "per task the test has the power of one task's items; "
+                                              "see each task's delta mdd80"}
+    for key in ("delta_vs_single_task", "delta_vs_zero_shot"):   # the methods' mean Δs: Holm across methods
+        family = {m: e[key]["p"] for m, e in out["methods"].items() if e.get(key)}
+        for m, p_holm in adjust(family, "holm").items():
+            out["methods"][m][key]["p_holm"] = p_holm
     pairs = [tuple(p.split("-", 1)) for p in s.comparisons] if s.comparisons else [
         p for p in DEFAULT_PAIRS if p[0] in methods and p[1] in methods]
     for a, b in pairs:
-        out["comparisons"].append({"a": a, "b": b, **st.compare(X[a], X[b], n_boot=s.n_boot).as_dict()})
+        c = st.compare(X[a], X[b], n_boot=s.n_boot)
+        out["comparisons"].append({"a": a, "b": b, **c.as_dict(),
+                                   "tost": tost(c.diff, c.primary.se, c.primary.df, s.equivalence_margin)})
+    holm = adjust({i: c["p"] for i, c in enumerate(out["comparisons"])}, "holm")
+    for i, c in enumerate(out["comparisons"]):
+        c["p_holm"] = holm[i]
+        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"])
     out["meta"] = provenance(command, wall_s, start)
     out["provenance"] = {**(provenance_record or {}), "precision": precision, "formulation": formulation,
                          "wall_s": round(float(wall_s), 1)}
@@ -273,13 +301,17 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(f"{t} {split[t]['test']}" for t in tasks) + f" (split seed {results['split_seed']}).",
             "", *lines, ""]
     if results["comparisons"]:
-        text += ["Paired comparisons of the mean test accuracy (" + results["statistics"]["comparison"] + "); "
-                 "MDD: the smallest true difference this test finds with 80 % power at these seeds and items:", "",
-                 "| a − b | diff (points) | 95 % CI (t) | p | df | item bootstrap 95 % CI | bootstrap p | "
-                 "MDD 80 % (points) |", "|---|---|---|---|---|---|---|---|"]
-        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | {_ci(c['seed_t']['ci95'])} | "
-                 f"{c['seed_t']['p']:.3f} | {c['seed_t']['df']} | {_ci(c['bootstrap']['ci95'])} | "
-                 f"{c['bootstrap']['p']:.3f} | {100 * c['mdd80']:.2f} |" for c in results["comparisons"]]
+        margin = 100 * results["statistics"].get("equivalence", {}).get("margin", 0.008)
+        text += ["Paired comparisons of the mean test accuracy (" + results["statistics"]["comparison"] + "). "
+                 "p Holm: adjusted across these comparisons. MDD: the smallest true difference the primary test "
+                 f"finds with 80 % power at these seeds and items. TOST: equivalence within ±{margin:.2g} points.",
+                 "", "| a − b | diff (points) | 95 % CI (seeds + items) | p | p Holm | df | 95 % CI given these "
+                 "items (per-seed t) | item bootstrap 95 % CI | MDD 80 % (points) | TOST p | verdict |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | {_ci(c['ci95'])} | {_p(c['p'])} | "
+                 f"{_p(c.get('p_holm'))} | {_df(c.get('df'))} | {_ci(c['seed_t']['ci95'])} | "
+                 f"{_ci(c['bootstrap']['ci95'])} | {_points(c['mdd80'])} | {_p((c.get('tost') or {}).get('p'))} | "
+                 f"{c.get('verdict', '-')} |" for c in results["comparisons"]]
         text.append("")
     if zs:
         above = [m for m, e in results["methods"].items() if e.get("above_zero_shot_ci")]
@@ -292,10 +324,14 @@ def markdown(results: dict[str, Any]) -> str:
                         + ", ".join(f"{t} {_pct(c['changed'])} / {_pct(c['to_gold'])} %"
                                     for t, c in e["learned_per_item"].items()) + ".")
     for m, ss in results["seesaw"].items():
+        undetermined = f"; undetermined (no spread): {', '.join(ss['undetermined'])}" if ss.get("undetermined") else ""
+        adjusted = (f"; after Benjamini-Hochberg within {m}'s {len(ss['p_one_sided'])} tasks: "
+                    f"{', '.join(ss['regressed_bh']) or 'none'}") if "regressed_bh" in ss else ""
         text.append(f"- seesaw, {m}: {ss['n_regressed_significant']} task(s) significantly below the "
                     f"{ss['reference'].replace('_', '-')} reference ({', '.join(ss['regressed']) or 'none'}); pure "
                     f"noise would give {ss['expected_by_noise']:.2f} on average "
-                    f"({results['statistics']['seesaw_threshold']}, {100 * ss['alpha_one_sided']:.1f} % per task).")
+                    f"({results['statistics']['seesaw_threshold']}, {100 * ss['alpha_one_sided']:.1f} % per task)"
+                    f"{adjusted}{undetermined}.")
     dirty = " (dirty tree)" if meta["dirty"] else ""
     later = (f" (report written by `{meta['report_command']}` at `{meta['report_commit']}`)"
              if meta.get("report_commit", meta["commit"]) != meta["commit"]
@@ -312,6 +348,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _ci(ci: list[float]) -> str:
     return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
+def _p(p: float | None) -> str:
+    return "undetermined" if p is None else f"{p:.3f}"
+
+
+def _df(df: float | None) -> str:
+    return "-" if df is None else f"{df:.1f}"
+
+
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def _machine_line(machine: dict | None) -> str:

@@ -270,7 +270,13 @@ class StudySpec:
     """Paired comparisons as "a-b" (default: malora-molora, malora-lora, molora-lora among the methods present)."""
     noise_multiple: float = _f(2.0, gt=0)
     """A task counts as regressed only when its Δ vs the single-task reference is significantly negative in the
-    one-sided t-test over seeds at Φ(-noise_multiple) (2.3 % for 2), so noise alone gives T·Φ(-k) such tasks."""
+    one-sided primary test at Φ(-noise_multiple) (2.3 % for 2), so noise alone gives T·Φ(-k) such tasks."""
+    equivalence_margin: float = _f(0.008, gt=0, lt=1)
+    """Margin δ (accuracy, 0.008 = 0.8 points: the MALoRA paper's intra-domain MALoRA − MoLoRA gap) of the TOST
+    that alone may call two methods equivalent: both one-sided tests of |Δ| >= δ reject at 5 %."""
+    choice_seeds: tuple[int, ...] = _f(())
+    """Training seeds of the probes and pilots whose results fixed a choice of this study (a learning-rate probe,
+    a pilot that sized it): recorded in the plan, and never used by a replicate or single-task run."""
 
 
 @dataclass(frozen=True)

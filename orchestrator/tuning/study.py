@@ -106,11 +106,12 @@ def mixture_counts(spec: SearchSpec) -> dict[str, int]:
 def plan_runs(spec: SearchSpec, configs: dict[str, dict[str, Any]],
               search_seeds: tuple[int, ...] | list[int] = ()) -> list[dict[str, Any]]:
     """The grid of the study's Tune experiment: replicates, then single-task references (see the module doc),
-    with seeds disjoint from ``search_seeds`` (the training seeds of the search the configurations came from)."""
+    with seeds disjoint from ``search_seeds`` (the training seeds of the search the configurations came from) and
+    from ``study.choice_seeds`` (the probes' and pilots' that fixed a choice)."""
     from orchestrator.tuning.record import replicate_seeds
 
     st = spec.study
-    seeds = replicate_seeds(spec.train.seed, st.seeds, search_seeds)
+    seeds = replicate_seeds(spec.train.seed, st.seeds, set(search_seeds) | set(st.choice_seeds))
     runs = [{"role": REPLICATE, "method": m.kind, "seed": s, "task": None, "config": configs[m.kind]}
             for m in spec.methods for s in seeds]
     if st.single_task:
@@ -238,7 +239,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         # a search recorded before plans existed trained every trial with train.seed
         search_seeds = sorted(search_plan.get("seeds", {}).get("search", [spec.train.seed])) if searched else []
         runs = plan_runs(spec, configs, search_seeds)
-        seeds = {"search": search_seeds, "replicate": sorted({r["seed"] for r in runs})}
+        seeds = {"search": search_seeds, "choice": sorted(spec.study.choice_seeds),
+                 "replicate": sorted({r["seed"] for r in runs})}
         plan = write_plan(spec, {"kind": "study", "configs": configs, "runs": runs, "seeds": seeds,
                                  "configs_from": search_path if searched else "study.configs"}, name)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)

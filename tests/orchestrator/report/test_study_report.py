@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+from scipy import stats
 import pytest
 
 from orchestrator.report import study_report
@@ -103,6 +104,12 @@ T_975_DF2 = 4.302652729911275
 LAMBDA_80_DF2 = 5.653489266  # noncentrality of 80 % power, two-sided 5 %, 2 df (nct; 1e-9)
 
 
+def _power(delta: float, se: float, df: float) -> float:
+    """Power of the two-sided 5 % t-test at true difference ``delta`` (scipy's noncentral t)."""
+    crit = stats.t.ppf(0.975, df)
+    return stats.nct.sf(crit, df, delta / se) + stats.nct.cdf(-crit, df, delta / se)
+
+
 def _t_df2(d: list[float]) -> tuple[float, float, float]:
     """(mean, se, two-sided p) of a 3-value t-test, with the 2-df closed form P(|T| > t) = 1 - t / sqrt(2 + t^2)."""
     mean = sum(d) / 3
@@ -141,19 +148,34 @@ def test_build_results_with_single_task_references_by_hand(tmp_path):
     m, s, p = _t_df2([0.25, -0.25, 0.75])
     assert (d_piqa["diff"], d_piqa["seed_t"]["p"], d_piqa["seed_t"]["df"]) == pytest.approx((m, p, 2))
     assert d_piqa["seed_t"]["ci95"] == pytest.approx([m - T_975_DF2 * s, m + T_975_DF2 * s])
-    assert d_piqa["mdd80"] == pytest.approx(LAMBDA_80_DF2 * s, rel=1e-6)
+    # the primary test (seeds and items random) is never narrower than the per-seed t; its MDD has 80 % power
+    assert d_piqa["primary"] == "seed+item" and d_piqa["se"] >= s - 1e-12
+    assert _power(d_piqa["mdd80"], d_piqa["se"], d_piqa["df"]) == pytest.approx(0.80, abs=2e-3)
     d_boolq = lora["per_task"]["boolq"]["delta_vs_single_task"]
-    assert (d_boolq["diff"], d_boolq["seed_t"]["p"], *d_boolq["seed_t"]["ci95"]) == pytest.approx((0.25, 0, .25, .25))
+    # .25 at every seed: no p-value from the per-seed t (undetermined, never "p = 0")
+    assert (d_boolq["diff"], *d_boolq["seed_t"]["ci95"]) == pytest.approx((0.25, .25, .25))
+    assert d_boolq["seed_t"]["p"] is None and d_boolq["seed_t"]["determined"] is False
+    # the per-task family of a method: Benjamini-Hochberg over its two tasks (m = 2, by hand)
+    p_sorted = sorted([d_piqa["p"], d_boolq["p"]])
+    bh = {p_sorted[0]: min(2 * p_sorted[0], p_sorted[1]), p_sorted[1]: p_sorted[1]}
+    assert d_piqa["p_bh"] == pytest.approx(bh[d_piqa["p"]]) and d_boolq["p_bh"] == pytest.approx(bh[d_boolq["p"]])
     # lora - molora: per-seed differences of the task means .125 .25 .75
     (c,) = res["comparisons"]
     m, s, p = _t_df2([0.125, 0.25, 0.75])
     assert (c["a"], c["b"]) == ("molora", "lora")                       # the default pair: molora - lora = -d
     assert c["seed_t"]["mean"] == pytest.approx(-m) and c["seed_t"]["p"] == pytest.approx(p)
-    assert c["seed_t"]["df"] == 2 and c["mdd80"] == pytest.approx(LAMBDA_80_DF2 * s, rel=1e-6)
+    assert c["seed_t"]["df"] == 2 and _power(c["mdd80"], c["se"], c["df"]) == pytest.approx(0.80, abs=2e-3)
     assert c["bootstrap"]["diff"] == pytest.approx(-m) and c["bootstrap"]["n_boot"] == 500
-    # seesaw of molora vs single-task: piqa -.25 at every seed (an exact drop), boolq .5 -.25 -.25 (mean 0)
+    assert c["p_holm"] == pytest.approx(c["p"])                         # a family of one comparison
+    assert c["tost"]["margin"] == 0.008 and c["verdict"].startswith("not distinguishable (MDD")
+    # seesaw of molora vs single-task: piqa -.25 at every seed, on different items; boolq .5 -.25 -.25 (mean 0).
+    # A task is flagged when the one-sided p of its primary test (scipy here) is below Phi(-2)
     ss = res["seesaw"]["molora"]
-    assert ss["regressed"] == ["piqa"] and ss["expected_by_noise"] == pytest.approx(2 * 0.022750131948179195)
+    deltas = res["methods"]["molora"]["per_task"]
+    flagged = sorted(t for t, e in deltas.items() if stats.t.cdf(e["delta_vs_single_task"]["diff"] /
+                     e["delta_vs_single_task"]["se"], e["delta_vs_single_task"]["df"]) < 0.022750131948179195)
+    assert ss["regressed"] == flagged and ss["expected_by_noise"] == pytest.approx(2 * 0.022750131948179195)
+    assert set(ss["p_one_sided_bh"]) == {"piqa", "boolq"} and set(ss["regressed_bh"]) <= set(flagged)
     # what the runs recorded, and the provenance with the runs' common formulation and precision
     assert res["runs"][0]["test_sha256"] == {"piqa": "sha-piqa", "boolq": "sha-boolq"}
     assert res["runs"][-1] == {"role": "single_task", "method": "lora", "seed": 2, "task": "boolq",
@@ -162,7 +184,7 @@ def test_build_results_with_single_task_references_by_hand(tmp_path):
     assert prov == {"model_sha256": "m", "data_sha256": {"f": "d"}, "precision": "fp32", "formulation": "cloze",
                     "wall_s": 2.0}
     text = study_report.markdown(res)
-    assert f"| {100 * LAMBDA_80_DF2 * s:.2f} |" in text and "MDD 80 %" in text
+    assert f"| {100 * c['mdd80']:.2f} |" in text and "MDD 80 %" in text and "p Holm" in text
     assert "| lora | 10 (1.00 %) |" in text  # trainable count and share of the model
 
 

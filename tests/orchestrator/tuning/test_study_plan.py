@@ -83,3 +83,13 @@ def test_a_resume_with_a_changed_space_is_refused(smoke):
         record.check_resume(changed, recorded, "search")
     other = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, max_concurrent_trials=1))
     record.check_resume(other, recorded, "search")  # resources are not part of what the runs trained
+
+
+def test_replicates_never_reuse_a_seed_that_fixed_a_choice(smoke, monkeypatch):
+    """The learning-rate probe and the pilot trained at seed 0 (study.choice_seeds), with no search: the
+    replicates and the single-task references start at seed 1, and the plan records what was excluded."""
+    spec = dataclasses.replace(smoke, study=dataclasses.replace(smoke.study, seeds=2, single_task=True, search=False,
+                                                                single_task_method="lora", choice_seeds=(0, 2)))
+    monkeypatch.setattr(study, "mixture_counts", lambda s: {"boolq": 10})
+    runs = study.plan_runs(spec, {"lora": {"method": "lora"}, "malora": {"method": "malora"}}, search_seeds=[])
+    assert sorted({r["seed"] for r in runs}) == [1, 3]
