@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-estimate", action="store_true", help="--dry-run without the wall-time estimate (which "
                    "measures this machine once, a few minutes, then reads its cache)")
     p.add_argument("--recalibrate", action="store_true", help="--dry-run: measure this machine's rates again")
+    p.add_argument("--report-only", action="store_true", help="no training: write the report again from --results "
+                   "(its results.json and the answers file it names), into --out or beside it")
+    p.add_argument("--results", default=None, metavar="FILE", help="--report-only: a study's results.json")
     return p
 
 
@@ -51,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.report_only or args.results:
+        return _report_only(spec, args, argv)
     if args.dry_run:
         from orchestrator.tuning.budget import describe_budget
 
@@ -70,9 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  runs         {searched} search trials + {n_runs} study runs ({st.seeds} x {len(spec.methods)} "
               f"methods" + (f" + {st.seeds} x {n_tasks} single-task runs, each with its task's share of the budget)"
                             if st.single_task else ")"))
+        from orchestrator.tuning.record import replicate_seeds
+
+        choice = f"; never the choices' seeds {list(st.choice_seeds)}" if st.choice_seeds else ""
         print(f"  seeds        search trials train.seed = {spec.train.seed}; replicates the next {st.seeds} seeds no "
-              "search used (recorded in the study's plan.json)" if st.search or args.from_search else
-              f"  seeds        replicates {spec.train.seed}..{spec.train.seed + st.seeds - 1}")
+              f"search used{choice} (recorded in the study's plan.json)" if st.search or args.from_search else
+              f"  seeds        replicates {replicate_seeds(spec.train.seed, st.seeds, st.choice_seeds)}{choice}")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
@@ -89,6 +97,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_study(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,
                      from_search=args.from_search, out_dir=args.out,
                      command=shlex.join(["python", "-m", "orchestrator.study", *argv]))
+
+
+def _report_only(spec, args: argparse.Namespace, argv: list[str]) -> int:
+    """``--report-only --results FILE``: the report again from the kept answers; exit 2 on bad input."""
+    from orchestrator.report.answers import AnswersError
+    from orchestrator.report.study_report import ReportError, rewrite_report
+
+    if not (args.report_only and args.results):
+        print("error: --report-only and --results FILE go together. Fix: pass both (e.g. --report-only --results "
+              "docs/results/intra_domain_cpu/results.json)", file=sys.stderr)
+        return 2
+    try:
+        out = rewrite_report(spec, args.results, args.out,
+                             command=shlex.join(["python", "-m", "orchestrator.study", *argv]))
+    except (AnswersError, ReportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out["table"])
+    print(f"\nresults: {out['dir']}/results.md (and .json, .csv, answers, plots)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from orchestrator.evaluation import statistics as st
 from orchestrator.evaluation.changes import item_changes
 from orchestrator.evaluation.multiplicity import adjust, tost, verdict
 from orchestrator.report import plots, tracking
+from orchestrator.report.answers import AnswersError, answers_record, read_answers, write_answers
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
 from orchestrator.spec.space import SearchSpec
@@ -338,9 +339,15 @@ def markdown(results: dict[str, Any]) -> str:
              or meta.get("report_command", meta["command"]) != meta["command"] else "")
     elapsed = meta.get("elapsed_s", meta["wall_s"])
     prov = results.get("provenance") or {}
+    if "running_s" in meta:   # the study clock: every launch's running time, killed ones included
+        timing = (f"running time {meta['running_s'] / 60:.1f} min summed over {len(meta.get('launches') or [])} "
+                  f"launch(es); {elapsed / 60:.1f} min from the first launch ({meta.get('started', meta['date'])}) "
+                  "to this report")
+    else:
+        timing = (f"wall time of the last launch {meta['wall_s'] / 60:.1f} min ({elapsed / 60:.1f} min since the "
+                  f"first launch {meta.get('started', meta['date'])})")
     text += ["", f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`{dirty}{later}"
-             f"; wall time {meta['wall_s'] / 60:.1f} min ({elapsed / 60:.1f} min since the first launch "
-             f"{meta.get('started', meta['date'])}); {meta['date']}.  ",
+             f"; {timing}; {meta['date']}.  ",
              f"Scored in the {prov.get('formulation')} formulation at {prov.get('precision')} precision; "
              f"{_machine_line(prov.get('machine'))}; model sha256 {prov.get('model_sha256') or '-'}."]
     return "\n".join(text) + "\n"
@@ -387,23 +394,38 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _write_files(spec: SearchSpec, results: dict[str, Any], answers: dict[str, Any], folder: Path) -> list[Path]:
+    """results.json (naming the answers file and its hash), results.md, .csv, the answers and the plots."""
+    answers_path, sha = write_answers(answers, folder)
+    results["answers"] = {"file": answers_path.name, "sha256": sha,
+                          "holds": "per run and task: each test item's correct, chosen (and gold, per-option "
+                                   "log-likelihoods where recorded); zero-shot's; configs and splits"}
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (folder / "results.md").write_text("# Results\n\n" + markdown(results))
+    files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
+             answers_path, plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
+             plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
+    if results["single_task"]:
+        files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
+    return files
+
+
 def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
                  splits: dict[str, dict], *, wall_s: float, command: str, out_dir: str | None, uri: str,
                  parent_id: str, start: dict[str, Any] | None = None,
-                 provenance_record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run."""
+                 provenance_record: dict[str, Any] | None = None, clock: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run.
+    ``clock``: ``StudyClock.summary()`` (the running time summed over the launches, the span since the first)."""
     results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command, start=start,
                             provenance_record=provenance_record)
+    if clock:
+        results["meta"].update(clock)
+        results["provenance"]["wall_s"] = clock["running_s"]
+        results["provenance"]["elapsed_s"] = clock["elapsed_s"]
     dest = out_dir or storage.join(spec.storage_path, f"{spec.name}-study", "results")
-    text = markdown(results)
     with storage.local_dir(dest) as folder:  # a URI: written here, uploaded when the block ends
-        (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
-        (folder / "results.md").write_text("# Results\n\n" + text)
-        files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
-                 plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
-                 plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
-        if results["single_task"]:
-            files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
+        files = _write_files(spec, results, answers_record(configs, splits, done, reference), folder)
         c = tracking.client(uri)
         for f in files:
             c.log_artifact(parent_id, str(f), "results")
@@ -412,4 +434,26 @@ def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], r
                     for t, c_ in e["per_task"].items()})
     tracking.log_dict(uri, parent_id, metrics=metrics, params={"study.seeds": spec.study.seeds,
                                                                "study.commit": results["meta"]["commit"]})
-    return {"table": text, "dir": str(dest if storage.is_uri(dest) else folder), "results": results}
+    return {"table": markdown(results), "dir": str(dest if storage.is_uri(dest) else folder), "results": results}
+
+
+def rewrite_report(spec: SearchSpec, results_path: str | Path, out_dir: str | Path | None,
+                   command: str) -> dict[str, Any]:
+    """``--report-only``: every statistic, table and plot again from a written report's answers, no training.
+
+    The runs' provenance, first launch and wall time are the recorded ones; ``meta.report_command`` names this
+    command. Raises :class:`AnswersError` (bad file) or :class:`ReportError` (runs that cannot share a table)."""
+    recorded, answers = read_answers(results_path)
+    meta = recorded.get("meta") or {}
+    start = {"command": meta.get("command", command), "commit": meta.get("commit"), "dirty": meta.get("dirty"),
+             "date": meta.get("started", meta.get("date")), "unix": time.time() - meta.get("elapsed_s", 0.0)}
+    prov = {k: v for k, v in (recorded.get("provenance") or {}).items()
+            if k not in ("precision", "formulation", "wall_s")}
+    results = build_results(spec, answers["configs"], answers["runs"], answers["zero_shot"], answers["splits"],
+                            wall_s=float(meta.get("wall_s", 0.0)), command=command, start=start,
+                            provenance_record=prov)
+    results["meta"].update({k: meta[k] for k in ("elapsed_s", "running_s", "launches") if k in meta})
+    folder = Path(out_dir) if out_dir else Path(results_path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_files(spec, results, answers, folder)
+    return {"table": markdown(results), "dir": str(folder), "results": results}

@@ -178,6 +178,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.record import PlanError, check_resume, read_plan, write_plan
     from orchestrator.tuning.run import preflight
+    from orchestrator.tuning.clock import StudyClock
     from orchestrator.tuning.tuner import trial_dirname
 
     prepare_env(address)
@@ -217,6 +218,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             print(f"error: {problem}", file=sys.stderr)
             return 2
     start = study_report.start_record(spec, command, resume=resume)  # after the checks: they change nothing
+    clock = StudyClock(spec.storage_path, spec.name).start(command, resume=resume)
     if spec.study.search and not from_search:
         code = run_search(spec, address=address, tracking_uri=tracking_uri, resume=resume)
         if code != 0:
@@ -290,7 +292,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             out = study_report.write_report(spec, configs, done, reference if spec.study.zero_shot else None,
                                             study_splits(spec), wall_s=wall_s,
                                             command=command, out_dir=out_dir, uri=uri, parent_id=parent_id,
-                                            start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s))
+                                            start=start, provenance_record=study_provenance(spec, done, wall_s=wall_s),
+                                            clock=clock.summary())
         except study_report.ReportError as exc:  # runs that cannot share a table: one line, the parent run FAILED
             tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": str(exc)[:1000]})
             tracking.client(uri).set_terminated(parent_id, "FAILED")

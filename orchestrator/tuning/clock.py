@@ -1,0 +1,75 @@
+"""How long a study ran: each launch's running time, kept on the storage while it runs.
+
+A study killed with SIGKILL writes nothing at the end, so each process records its launch when it starts and then
+refreshes ``alive`` every ``interval_s`` seconds from a daemon thread (``<storage>/<name>/study_clock.json``)::
+
+    {"launches": [{"start": unix, "alive": unix, "command": ...}, ...]}
+
+Running time = Σ (alive − start) over the launches, within ``interval_s`` per killed launch; the span from the
+first launch to the report is reported beside it (``elapsed_s``), so the time a study lay stopped between two
+sessions is visible as their difference.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from orchestrator.cluster import storage
+
+
+class StudyClock:
+    """Start with :meth:`start` (records this launch, then refreshes it); read with :meth:`summary`."""
+
+    def __init__(self, storage_path: str, name: str, *, interval_s: float = 30.0):
+        self.path = storage.join(storage_path, name, "study_clock.json")
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._index: int | None = None
+
+    def _read(self) -> dict[str, Any]:
+        text = storage.read_text(self.path)
+        return json.loads(text) if text else {"launches": []}
+
+    def _touch(self) -> None:
+        with self._lock:
+            record = self._read()
+            record["launches"][self._index]["alive"] = time.time()
+            storage.write_text(self.path, json.dumps(record))
+
+    def start(self, command: str, *, resume: bool) -> "StudyClock":
+        with self._lock:
+            record = self._read() if resume else {"launches": []}
+            now = time.time()
+            record["launches"].append({"start": now, "alive": now, "command": command})
+            self._index = len(record["launches"]) - 1
+            storage.write_text(self.path, json.dumps(record))
+        threading.Thread(target=self._beat, name="study-clock", daemon=True).start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._touch()
+            except OSError:   # a storage hiccup costs one beat, never the study
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._index is not None:
+            self._touch()
+
+    def summary(self) -> dict[str, Any]:
+        """``running_s`` (Σ alive − start), ``elapsed_s`` (first start to now) and the launches."""
+        if self._index is not None:
+            self._touch()
+        launches = self._read()["launches"]
+        if not launches:
+            return {"running_s": 0.0, "elapsed_s": 0.0, "launches": []}
+        return {"running_s": round(sum(x["alive"] - x["start"] for x in launches), 1),
+                "elapsed_s": round(time.time() - launches[0]["start"], 1),
+                "launches": [{"start": x["start"], "running_s": round(x["alive"] - x["start"], 1),
+                              "command": x["command"]} for x in launches]}

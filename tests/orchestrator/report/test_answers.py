@@ -1,0 +1,89 @@
+"""Every answer kept: a study report written to a folder is written again from its answers file alone (no
+training), with the same statistics; an altered or missing answers file is refused, and the CLI says so (exit 2).
+Also the study clock: running time summed over launches, a killed launch included."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from orchestrator.report import study_report
+from orchestrator.report.answers import FILE, AnswersError, read_answers
+from orchestrator.tuning.clock import StudyClock
+from tests.orchestrator.report.test_study_report import TASKS, _runs, _spec, _split
+
+
+def _study(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 60
+    zero = {t: (rng.random(n) < 0.4).astype(int) for t in TASKS}
+    lora = {t: (rng.random((3, n)) < 0.55).astype(int) for t in TASKS}
+    molora = {t: (rng.random((3, n)) < 0.5).astype(int) for t in TASKS}
+    spec = _spec(tmp_path)
+    done = _runs("lora", lora) + _runs("molora", molora)
+    for r in done:   # the chosen option and gold per item, as the trials record them
+        for t in TASKS:
+            r["metrics"][f"test_chosen/{t}"] = [int(c) for c in rng.integers(0, 4, n)]
+    reference = {"test_correct": {t: zero[t].tolist() for t in TASKS},
+                 "test_chosen": {t: [0] * n for t in TASKS}}
+    configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
+    results = study_report.build_results(spec, configs, done, reference, _split(n), wall_s=3.0, command="cmd")
+    folder = tmp_path / "report"
+    folder.mkdir()
+    record = study_report.answers_record(configs, _split(n), done, reference)
+    study_report._write_files(spec, results, record, folder)
+    return spec, results, folder
+
+
+def test_the_report_is_written_again_from_its_answers_with_the_same_numbers(tmp_path):
+    spec, first, folder = _study(tmp_path)
+    assert first["answers"]["file"] == FILE and (folder / FILE).is_file()
+    kept = json.loads(gzip.decompress((folder / FILE).read_bytes()))
+    lora_seed1 = next(r for r in kept["runs"] if r["run"]["method"] == "lora" and r["run"]["seed"] == 1)
+    assert len(lora_seed1["metrics"]["test_correct/piqa"]) == 60 and len(lora_seed1["metrics"]["test_chosen/piqa"]) == 60
+    again = study_report.rewrite_report(spec, folder / "results.json", tmp_path / "again", command="report-only")
+    r = again["results"]
+    for key in ("diff", "ci95", "p", "p_holm", "mdd80", "se", "df"):
+        assert r["comparisons"][0][key] == pytest.approx(first["comparisons"][0][key])
+    for m in ("lora", "molora"):
+        assert r["methods"][m]["mean"] == first["methods"][m]["mean"]
+        assert r["methods"][m]["delta_vs_zero_shot"]["p"] == pytest.approx(first["methods"][m]["delta_vs_zero_shot"]["p"])
+    assert r["meta"]["report_command"] == "report-only" and r["meta"]["command"] == first["meta"]["command"]
+    # the same answers give the same bytes and hash
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["answers"]["sha256"] == first["answers"]["sha256"]
+
+
+def test_altered_or_missing_answers_are_refused(tmp_path):
+    spec, _, folder = _study(tmp_path)
+    data = json.loads(gzip.decompress((folder / FILE).read_bytes()))
+    data["runs"][0]["metrics"]["test_correct/piqa"][0] ^= 1
+    (folder / FILE).write_bytes(gzip.compress(json.dumps(data).encode()))
+    with pytest.raises(AnswersError, match="sha256 differs"):
+        read_answers(folder / "results.json")
+    (folder / FILE).unlink()
+    with pytest.raises(AnswersError, match="missing"):
+        read_answers(folder / "results.json")
+    out = subprocess.run([sys.executable, "-m", "orchestrator.study", "--space", "search_spaces/intra_domain_cpu.yaml",
+                          "--report-only", "--results", str(folder / "results.json")], capture_output=True, text=True)
+    assert out.returncode == 2 and "answers.json.gz: missing" in out.stderr
+
+
+def test_the_clock_sums_every_launch_a_killed_one_included(tmp_path):
+    first = StudyClock(str(tmp_path), "s", interval_s=0.05).start("launch 1", resume=False)
+    time.sleep(0.4)
+    first._stop.set()                                    # killed: no final write, only its last heartbeat
+    time.sleep(0.3)                                      # the study lies stopped
+    second = StudyClock(str(tmp_path), "s", interval_s=0.05).start("launch 2 --resume", resume=True)
+    time.sleep(0.3)
+    summary = second.summary()
+    assert [x["command"] for x in summary["launches"]] == ["launch 1", "launch 2 --resume"]
+    assert summary["launches"][0]["running_s"] == pytest.approx(0.4, abs=0.12)
+    assert summary["running_s"] == pytest.approx(0.7, abs=0.2)
+    assert summary["elapsed_s"] >= summary["running_s"] + 0.2   # the stopped time shows as the difference
