@@ -19,14 +19,14 @@ import sys
 
 import torch
 
-import train_throughput as tt
+import _harness as h  # this checkout's packages first on sys.path; the training harness
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--space", default=str(tt.ROOT / "search_spaces" / "intra_domain.yaml"))
-    p.add_argument("--adapter", default="ours", choices=sorted(tt.ADAPTERS))
+    p.add_argument("--space", default=str(h.ROOT / "search_spaces" / "intra_domain.yaml"))
+    p.add_argument("--adapter", default="ours", choices=sorted(h.ADAPTERS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.models.precision import Precision, keep_freed_memory
 
     keep_freed_memory()
-    spec, base, tokenizer, encoded = tt.load_data(args)
+    spec, base, tokenizer, encoded = h.load_data(args)
     bases = {"fp32": (base, None), "bf16": (load_model(args.model, dtype="bfloat16")[0],
                                             Precision("bf16", "benchmark", "bfloat16")),
              "bf16_autocast": (base, Precision("bf16", "benchmark", "float32"))}
     lengths = [len(e["input_ids"]) for e in encoded]
     plan = epoch_batches(lengths, args.batch_size, 0, 1, spec.train.seed, 0, True)[:args.steps]
-    clock = tt.Clock("cpu")
-    runners = {name: tt.LoopRunner(f"{args.adapter}", b, tokenizer, spec, plan, encoded, clock, precision=prec)
+    clock = h.Clock("cpu")
+    runners = {name: h.LoopRunner(f"{args.adapter}", b, tokenizer, spec, plan, encoded, clock, precision=prec)
                for name, (b, prec) in bases.items()}
     losses: dict[str, list[float]] = {name: [] for name in runners}
     for step in range(args.steps):

@@ -3,8 +3,10 @@
     python benchmarks/train_throughput.py --precision --threads 1 --rounds 4 --steps 2 --json
     python benchmarks/train_throughput.py --precision --max-length 48 --batch-size 8 --json   # short, cloze-like
     python benchmarks/train_throughput.py --precision --quick                                  # tiny-llama smoke
+    python benchmarks/train_precision.py --quick                                               # the same
 
-Run by ``train_throughput.py --precision`` (its options, batches, clock, interleaving and HF Trainer driver).
+Run by ``train_throughput.py --precision`` or on its own, with the same options, batches, clock, interleaving and
+HF Trainer driver (``benchmarks/_harness.py``).
 Variants, one process, identical batches (the length-grouped plan of ``ours``), one thread:
 
 - ``ours_fp32``: our loop as before this issue: LoRA r16 on the float32 base, fp32 throughout.
@@ -24,7 +26,7 @@ GEMM limit: the script times ``x W^T`` (forward) and ``dy W`` (backward to the i
 distinct (in, out) shape of the model's frozen linears with M = the mean positions per batch, and the head at M =
 the mean response positions per batch; the limit of a precision is the model's mix of those products at their
 measured rates: ``sum FLOPs / sum (FLOPs / rate)``, weighted by how many layers have each shape. Model FLOPs of a
-step (as ``train_throughput.step_flops``): per real token ``4 N_body + 6 N_adapter`` (frozen weights: forward and
+step (as ``_harness.step_flops``): per real token ``4 N_body + 6 N_adapter`` (frozen weights: forward and
 backward to the input only) plus causal attention ``6 L d_attn t`` at position t, plus ``4 V H`` per response
 position (head forward and backward). ``limit_share``: a variant's model FLOPs per second over the bf16 limit,
 the machine's real ceiling (``limit_share_own``: over its own precision's limit).
@@ -34,18 +36,20 @@ The process keeps freed memory mapped (``orchestrator.models.precision.keep_free
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train_throughput as tt
+import torch  # noqa: E402
 
-LORA16 = tt.ADAPTERS["ours"]
-# variant -> (adapter of tt.ADAPTERS, base held in, autocast, decoder blocks compiled)
+import _harness as h  # noqa: E402  (this checkout's packages first on sys.path)
+
+LORA16 = h.ADAPTERS["ours"]
+# variant -> (adapter of h.ADAPTERS, base held in, autocast, decoder blocks compiled)
 VARIANTS = {
     "ours_fp32": ("ours", "float32", False, False),
     "ours_bf16": ("ours", "bfloat16", False, False),
@@ -138,15 +142,15 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     if not args.glibc_default:
         keep_freed_memory()
-    names = [n for n in args.variants.split(",") if n in VARIANTS or n == HF] if args.variants != ",".join(
-        tt.VARIANTS) else [*VARIANTS, HF]
+    names = [*VARIANTS, HF] if args.variants is None else [
+        n for n in args.variants.split(",") if n in VARIANTS or n == HF]
     t_setup = time.perf_counter()
-    spec, base, tokenizer, encoded = tt.load_data(args)
+    spec, base, tokenizer, encoded = h.load_data(args)
     base_bf16 = load_model(args.model, dtype="bfloat16")[0]
     lengths = [len(e["input_ids"]) for e in encoded]
     n_batches = (args.warmup + args.rounds) * args.steps
     plan = epoch_batches(lengths, args.batch_size, 0, 1, spec.train.seed, 0, True)[:n_batches]
-    clock = tt.Clock(args.clock)
+    clock = h.Clock(args.clock)
     held = Precision("bf16", "benchmark", "bfloat16")
     autocast = Precision("bf16", "benchmark", "float32")
     runners, compile_s = {}, {}
@@ -154,7 +158,7 @@ def run(args) -> int:
         if n == HF:
             continue
         adapter, weights, cast, compiled = VARIANTS[n]
-        runners[n] = tt.LoopRunner(n, base_bf16 if weights == "bfloat16" else base, tokenizer, spec, plan, encoded,
+        runners[n] = h.LoopRunner(n, base_bf16 if weights == "bfloat16" else base, tokenizer, spec, plan, encoded,
                                    clock, adapter=adapter,
                                    precision=autocast if cast else held if weights == "bfloat16" else None)
         if compiled:
@@ -169,26 +173,26 @@ def run(args) -> int:
     callback = None
     setup_s = time.perf_counter() - t_setup
     if HF in names:
-        callback = tt.make_callback(clock, args.steps, between_rounds)
-        tt.hf_trainer(base, tokenizer, plan, encoded, args, callback, bf16=True).train()
+        callback = h.make_callback(clock, args.steps, between_rounds)
+        h.hf_trainer(base, tokenizer, plan, encoded, args, callback, bf16=True).train()
     else:
         for r in range(args.warmup + args.rounds):
             between_rounds(r)
     records = {n: r.records for n, r in runners.items()}
     if callback is not None:
         records[HF] = callback.records
-    summary = {n: tt.summarise(records[n], args.warmup) for n in names}
+    summary = {n: h.summarise(records[n], args.warmup) for n in names}
     timed = [r for r in records[names[0]] if r["round"] >= args.warmup]
     positions = round(statistics.mean(r["positions"] for r in timed))
     response = round(statistics.mean(r["response"] for r in timed))
     gemm = gemm_limits(base, positions, response)
-    dims = tt.model_dims(base)
+    dims = h.model_dims(base)
     lora16 = sum(p.numel() for p in runners["ours_bf16"].optim.params) if "ours_bf16" in runners else 0
     flops_per_s = {}
     for n in names:
         t = [r for r in records[n] if r["round"] >= args.warmup]
         trainable = runners[n].trainable if n in runners else lora16
-        flops_per_s[n] = sum(tt.step_flops(r, dims, trainable) for r in t) / sum(r["clock_s"] for r in t) / 1e9
+        flops_per_s[n] = sum(h.step_flops(r, dims, trainable) for r in t) / sum(r["clock_s"] for r in t) / 1e9
     tps = {n: summary[n]["tokens_per_s"] for n in names}
     ratios = {name: tps[a] / tps[b] for name, a, b, _ in TARGETS if a in tps and b in tps}
     info = cpu_info()
@@ -206,12 +210,12 @@ def run(args) -> int:
                   "pad_share": summary[names[0]]["pad_share"], "max_length": args.max_length},
         "cpu": {"model": info["model"], "bf16_flags": [f for f in info["flags"] if "bf16" in f or "amx" in f],
                 "flags": info["flags"], "logical_cpus": info["logical_cpus"]},
-        "keep_freed_memory": not args.glibc_default, "setup_s": setup_s, "clock": args.clock, "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0],
+        "keep_freed_memory": not args.glibc_default, "setup_s": setup_s, "clock": args.clock,
+        "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0],
         "config": {k: v for k, v in vars(args).items() if k != "json"},
     }
     print_table(result, names)
-    if args.json:
-        print(json.dumps(result))
+    h.emit(result, args.json)
     return 0
 
 
@@ -233,5 +237,9 @@ def print_table(result: dict, names: list[str]) -> None:
               f"{'ok' if target['met'] else 'MISSED'}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run(h.parse_training_args(argv, __doc__.split("\n\n")[0]))
+
+
 if __name__ == "__main__":
-    sys.exit(tt.main(["--precision", *sys.argv[1:]]))
+    sys.exit(main())

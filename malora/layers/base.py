@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency; keep the
 
 FUSABLE_BASES = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)  # exact types: no subclass forwards
 
-# choose_dispatch thresholds (benchmarks/adapter_speed.py, benchmarks/dispatch_threshold.py; see choose_dispatch)
+# choose_dispatch thresholds (benchmarks/adapter_speed.py, benchmarks/probes/dispatch_threshold.py; see choose_dispatch)
 DENSE_MAX_COST_RATIO = 1.0
 MIN_SLOTS_PER_EXPERT = 128
 

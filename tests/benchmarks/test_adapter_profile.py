@@ -1,4 +1,4 @@
-"""benchmarks/adapter_profile.py: the split of a step into frozen GEMMs, adapter GEMMs and the rest adds up."""
+"""benchmarks/probes/adapter_profile.py: the split of a step into frozen GEMMs, adapter GEMMs and the rest adds up."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from tests.benchmarks import load_script
 
 @pytest.fixture(scope="module")
 def profiler():
-    return load_script("adapter_profile")
+    return load_script("probes/adapter_profile")
 
 
 def test_split_adds_up_and_names_the_adapter_gemms(profiler):

@@ -1,24 +1,18 @@
-"""benchmarks/dropout_speed.py: the saved-memory column counts what autograd really keeps."""
+"""benchmarks/probes/dropout_speed.py: the saved-memory column counts what autograd really keeps."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from malora.layers.dropout import InputDropout
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dropout_speed.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("dropout_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("probes/dropout_speed")
 
 
 def test_saved_bytes_are_the_float_mask_for_stock_and_the_drop_positions_for_ours(bench):

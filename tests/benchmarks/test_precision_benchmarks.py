@@ -1,22 +1,11 @@
 """benchmarks/eval_throughput.py and train_precision.py: the paired statistics and the GEMM limit are what they
 say (checked against hand-computed values), and both scripts end with the JSON line the issue asks for."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks import load_script as load
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Where an adapter layer's forward + backward time goes, op by op (torch.profiler), beside the frozen layer.
 
-    python benchmarks/adapter_profile.py --n 4096 --m 4096 --tokens 1024 --variants frozen,lora_r64,malora
-    python benchmarks/adapter_profile.py --n 576 --m 1536 --tokens 800          # a SmolLM2-135M MLP input
+    python benchmarks/probes/adapter_profile.py --n 4096 --m 4096 --tokens 1024 --variants frozen,lora_r64,malora
+    python benchmarks/probes/adapter_profile.py --n 576 --m 1536 --tokens 800          # a SmolLM2-135M MLP input
 
 Each variant of ``benchmarks/adapter_speed.py`` (same builders: input dropout 0.05, random adapter weights) runs
 ``--warmup`` steps, then ``--steps`` profiled steps on one thread; the table lists self CPU time per step of every
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 import adapter_speed  # noqa: E402  (the variant builders)
 
 

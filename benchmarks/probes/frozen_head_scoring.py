@@ -1,6 +1,6 @@
 """Scoring time per item of a trained (frozen-base) model: the head on 2-D rows against HF's ``logits_to_keep=1``.
 
-    python benchmarks/frozen_head_scoring.py --method molora --task obqa --items 32 --rounds 2
+    python benchmarks/probes/frozen_head_scoring.py --method molora --task obqa --items 32 --rounds 2
 
 A study scores every trained run on val and test with the base frozen. HF's ``logits_to_keep=1`` hands the head
 the 3-D slice ``h[:, -1:, :]``; under ``no_grad`` with a frozen head ``torch.matmul`` cannot fold it into one GEMM
@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 
 import torch  # noqa: E402
 

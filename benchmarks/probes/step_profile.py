@@ -1,10 +1,10 @@
 """Where one training step of our loop spends its time, by kind of op (torch.profiler), on the study's batches.
 
-    python benchmarks/step_profile.py --variants lora_r64,malora --steps 2 --json
-    python benchmarks/step_profile.py --variants ours --fp32                       # LoRA r16, bf16 and fp32
-    python benchmarks/step_profile.py --variants lora_r64,malora --compile         # compiled decoder blocks
+    python benchmarks/probes/step_profile.py --variants lora_r64,malora --steps 2 --json
+    python benchmarks/probes/step_profile.py --variants ours --fp32                       # LoRA r16, bf16 and fp32
+    python benchmarks/probes/step_profile.py --variants lora_r64,malora --compile         # compiled decoder blocks
 
-Each variant of ``benchmarks/train_throughput.py`` (its adapters, its loop: ``worker.train_step``) trains on the
+Each variant of ``benchmarks/_harness.py`` (its adapters, its loop: ``worker.train_step``) trains on the
 study's cloze batches (``search_spaces/intra_domain_cpu.yaml``, ``--batch`` rows, batches whose longest row has
 40-90 tokens, the bulk of the stream) with the base held in bf16 (``--fp32``: also the float32 base), one thread:
 one warm-up step, then ``--steps`` profiled steps. Self CPU time is summed into kinds of op (:data:`KINDS`); the
@@ -20,15 +20,13 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import train_throughput as tt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = h.ROOT
 KINDS = {  # kind -> aten ops whose self time it sums; everything else is "other"
     "GEMM": ("aten::mm", "aten::addmm_", "aten::addmm", "aten::bmm"),
     "attention (SDPA forward and backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -51,7 +49,7 @@ def kind_of(op: str) -> str:
 
 def profile_variant(name: str, base, tokenizer, spec, plan, encoded, precision, steps: int, rows: int,
                     compiled: bool = False) -> dict:
-    runner = tt.LoopRunner(name, base, tokenizer, spec, plan, encoded, tt.Clock("cpu"), adapter=name,
+    runner = h.LoopRunner(name, base, tokenizer, spec, plan, encoded, h.Clock("cpu"), adapter=name,
                            precision=precision)
     if compiled:
         from malora.compile import compile_blocks
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.models.precision import Precision, keep_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default="lora_r64,malora", help=f"of {sorted(tt.ADAPTERS)}")
+    p.add_argument("--variants", default="lora_r64,malora", help=f"of {sorted(h.ADAPTERS)}")
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "intra_domain_cpu.yaml"))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()                                                 # as the worker does
     data = types.SimpleNamespace(space=args.space, model="smollm2-135m-instruct", batch_size=args.batch,
                                  train_limit=400, max_length=256)
-    spec, base, tokenizer, encoded = tt.load_data(data)
+    spec, base, tokenizer, encoded = h.load_data(data)
     base_bf16 = load_model(data.model, dtype="bfloat16")[0]
     lengths = [len(e["input_ids"]) for e in encoded]
     plan = [b for b in epoch_batches(lengths, args.batch, 0, 1, spec.train.seed, 0, True)

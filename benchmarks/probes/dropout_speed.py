@@ -1,6 +1,6 @@
 """Input dropout on CPU: ``nn.Dropout`` against ``malora.layers.dropout.InputDropout``, side by side in one process.
 
-    python benchmarks/dropout_speed.py --threads 1 --json
+    python benchmarks/probes/dropout_speed.py --threads 1 --json
 
 For each (T, n) shape (SmolLM2's 800 x 576 and 800 x 1536 adapter inputs, the 4096-wide one of
 ``adapter_speed.py``) and p: the forward alone and forward + backward (upstream gradient fixed, x requires
@@ -24,7 +24,8 @@ from torch import nn
 
 from malora.layers.dropout import InputDropout
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 from adapter_speed import run_interleaved  # noqa: E402  (the interleaved, rotating-order timer)
 
 SHAPES = ((800, 576), (800, 1536), (1024, 4096))

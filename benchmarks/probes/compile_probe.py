@@ -1,11 +1,11 @@
 """Probe: our bf16 training loop with parts of the model under ``torch.compile``, interleaved with eager.
 
-    python benchmarks/compile_probe.py --mode regional --rounds 6      # RMSNorm and SiLU x up compiled
-    python benchmarks/compile_probe.py --mode layers --rounds 4        # every decoder layer, adapters inside
-    python benchmarks/compile_probe.py --mode layers-mask-dropout      # the same, dropout as F.dropout when compiled
-    python benchmarks/compile_probe.py --mode layers-no-dropout        # the same, no adapter dropout when compiled
+    python benchmarks/probes/compile_probe.py --mode regional --rounds 6   # RMSNorm and SiLU x up compiled
+    python benchmarks/probes/compile_probe.py --mode layers --rounds 4     # every decoder layer, adapters inside
+    python benchmarks/probes/compile_probe.py --mode layers-mask-dropout   # the same, dropout as F.dropout
+    python benchmarks/probes/compile_probe.py --mode layers-no-dropout     # the same, no adapter dropout
 
-Two copies of one variant of ``benchmarks/train_throughput.py`` (LoRA r16 unless ``--adapter``) on the base held in
+Two copies of one variant of ``benchmarks/_harness.py``'s loop (LoRA r16 unless ``--adapter``) on the base held in
 bf16 train on the same batches of the study (``search_spaces/intra_domain_cpu.yaml``, 32 rows, the longest row at
 most 90 tokens), one eager and one with ``--mode`` compiled (Inductor, ``dynamic=True``), in alternating order, one
 thread, process CPU clock. Modes:
@@ -31,15 +31,13 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import train_throughput as tt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = h.ROOT
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("regional", "layers", "layers-mask-dropout", "layers-no-dropout"),
                    default="regional")
-    p.add_argument("--adapter", default="ours", help=f"of {sorted(tt.ADAPTERS)}")
+    p.add_argument("--adapter", default="ours", help=f"of {sorted(h.ADAPTERS)}")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -101,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.cache_size_limit = 64
     data = types.SimpleNamespace(space=str(ROOT / "search_spaces" / "intra_domain_cpu.yaml"),
                                  model="smollm2-135m-instruct", batch_size=32, train_limit=400, max_length=256)
-    spec, _, tokenizer, encoded = tt.load_data(data)
+    spec, _, tokenizer, encoded = h.load_data(data)
     base = load_model(data.model, dtype="bfloat16")[0]
     lengths = [len(e["input_ids"]) for e in encoded]
     plan = [b for b in epoch_batches(lengths, 32, 0, 1, spec.train.seed, 0, True)
             if max(lengths[i] for i in b) <= 90][: args.rounds + 2]
-    held, clock = Precision("bf16", "benchmark", "bfloat16"), tt.Clock("cpu")
-    eager = tt.LoopRunner("eager", base, tokenizer, spec, plan, encoded, clock, adapter=args.adapter, precision=held)
-    compiled = tt.LoopRunner("compiled", base, tokenizer, spec, plan, encoded, clock, adapter=args.adapter,
+    held, clock = Precision("bf16", "benchmark", "bfloat16"), h.Clock("cpu")
+    eager = h.LoopRunner("eager", base, tokenizer, spec, plan, encoded, clock, adapter=args.adapter, precision=held)
+    compiled = h.LoopRunner("compiled", base, tokenizer, spec, plan, encoded, clock, adapter=args.adapter,
                              precision=held)
     model = compiled.trial.model
     if args.mode == "regional":

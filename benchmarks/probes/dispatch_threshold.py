@@ -1,6 +1,6 @@
 """Training tokens/s of the study's routed adapters under two dense/sparse thresholds of ``choose_dispatch``.
 
-    python benchmarks/dispatch_threshold.py --methods molora malora mosld --steps 3 --rounds 2 --json
+    python benchmarks/probes/dispatch_threshold.py --methods molora malora mosld --steps 3 --rounds 2 --json
 
 ``malora.layers.base.choose_dispatch`` runs every expert on every token ("dense") while all experts together cost
 at most ``DENSE_MAX_COST_RATIO`` of the frozen matmul, else the sorted top-k dispatch ("sparse"). On SmolLM2 the
@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
 
 import torch  # noqa: E402
 

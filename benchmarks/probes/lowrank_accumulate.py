@@ -1,6 +1,6 @@
 """Low-rank deltas added by one GEMM into the frozen output (``addmm_``) against a fresh (T, m) delta plus an add.
 
-    python benchmarks/lowrank_accumulate.py --methods lora molora malora mosld --steps 3 --rounds 2 --json
+    python benchmarks/probes/lowrank_accumulate.py --methods lora molora malora mosld --steps 3 --rounds 2 --json
 
 ``AdapterLayer.forward`` adds a LoRA, HydraLoRA or dense-mixture delta ``h up^T`` to the frozen output ``y`` as
 ``y.addmm_(h, up^T)`` (:func:`malora.layers.base.add_delta_`, BLAS beta = 1). Before, the up-projection wrote a
@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness, the measured scripts
+import _harness as h  # noqa: E402,F401  (this checkout's packages first on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probes/: dispatch_threshold
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
