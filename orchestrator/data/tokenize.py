@@ -89,18 +89,35 @@ def encode_example(tokenizer, ex: Example, *, template: str = "alpaca", max_leng
     return fit_pair(tokenizer, prompt, response, max_length)
 
 
+def fit_context(context: Sequence[int], reserved: int, max_length: int, bos_id: int | None) -> list[int] | None:
+    """``context`` cut from the left to at most ``max_length - reserved`` tokens, keeping a leading BOS; None when
+    not even one context token fits (``reserved + 1 > max_length``).
+
+    The one truncation of a (prompt, response) row: training (:func:`fit_pair`, with ``data.max_length``) and
+    scoring (``orchestrator.evaluation.scoring.fit_requests``) both call it, so a long item is cut to the same
+    tokens in the row it is trained on and the row it is scored on. With ``keep = max_length - reserved``::
+
+        len(context) <= keep           -> context
+        context[0] == BOS and keep > 1 -> [BOS] + context[-(keep - 1):]
+        otherwise                      -> context[-keep:]
+    """
+    keep = max_length - reserved
+    if keep < 1:
+        return None
+    context = list(context)
+    if len(context) <= keep:
+        return context
+    if bos_id is not None and context[0] == bos_id and keep > 1:
+        return [bos_id] + context[len(context) - keep + 1:]
+    return context[len(context) - keep:]
+
+
 def fit_pair(tokenizer, prompt: list[int], response: list[int], max_length: int) -> dict | None:
     """``{"input_ids", "labels", "attention_mask"}`` of ``prompt + response`` with the loss on the response, the
-    prompt cut from the left (keeping a leading BOS) to fit ``max_length``; None when the response cannot fit."""
-    if len(response) + 1 > max_length:
+    prompt cut by :func:`fit_context` to fit ``max_length``; None when the response cannot fit."""
+    prompt = fit_context(prompt, len(response), max_length, tokenizer.bos_token_id)
+    if prompt is None:
         return None
-    keep = max_length - len(response)
-    if len(prompt) > keep:
-        bos = tokenizer.bos_token_id
-        if bos is not None and prompt[0] == bos and keep > 1:
-            prompt = [bos] + prompt[len(prompt) - keep + 1:]
-        else:
-            prompt = prompt[len(prompt) - keep:]
     ids = prompt + response
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + response, "attention_mask": [1] * len(ids)}
 

@@ -13,7 +13,8 @@ Which strings are scored (``formulation=``, one setting for training and scoring
   model trained in the label formulation learns to emit.
 
 Metrics per task: ``acc`` = argmax_k LL_k hits the gold option; ``acc_norm`` = argmax_k LL_k / len(choice_k)
-(characters of lm-eval's ``doc_to_choice`` string, lm-eval's ``acc_norm`` and OLMES' ``acc_per_char``); the
+(characters of lm-eval's ``doc_to_choice`` string, lm-eval's ``acc_norm``; OLMES' ``acc_per_char`` divides by
+``len(" " + choice)``, see ``docs/cloze.md``); the
 task's ``primary`` metric is its OLMES choice in cloze (``Task.primary``) and ``acc`` in the label formulation.
 
 ``scoring="generate"`` instead decodes greedily from the templated prompt and takes the first label word
@@ -116,17 +117,14 @@ def choice_lengths(task: Task, ex: Example, formulation: str) -> list[int]:
 def _score_loglik(model, tokenizer, task, examples, *, formulation, template, batch_size, max_length):
     requests = [option_requests(task, ex, tokenizer, formulation=formulation, template=template)
                 for ex in examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if formulation == "cloze":
-        ll = sc.shared_context_logprobs(model, requests, batch_size=batch_size, pad_id=pad_id, max_length=max_length)
-    else:
-        ll = sc.continuation_logprobs(model, sc.build_rows(requests, max_length), batch_size=batch_size,
-                                      pad_id=pad_id)
+    scored = sc.item_logprobs(model, tokenizer, requests, max_length=max_length, batch_size=batch_size,
+                              name=task.name)
     chosen, chosen_norm = [], []
-    flat = 0
-    for ex, opts in zip(examples, requests):
-        scores = [ll[flat + k] for k in range(len(opts))]
-        flat += len(opts)
+    for ex, scores in zip(examples, scored):
+        if scores is None:  # an option longer than max_length: unanswered, counted in scoring's warning
+            chosen.append(-1)
+            chosen_norm.append(-1)
+            continue
         chosen.append(sc.pick(scores))
         chosen_norm.append(sc.pick([s / n for s, n in zip(scores, choice_lengths(task, ex, formulation))]))
     return chosen, chosen_norm

@@ -5,25 +5,35 @@ Log-likelihood of a continuation ``c = (c_1..c_n)`` after a context ``x`` (lm-ev
     LL(c | x) = sum_i log p(c_i | x, c_<i)
 
 A multiple-choice item is answered by ``argmax_k LL(c_k | x_k)`` (``acc``) and by
-``argmax_k LL(c_k | x_k) / bytes(c_k)`` (``acc_norm``, lm-eval's length normalisation by UTF-8 byte length).
+``argmax_k LL(c_k | x_k) / len(choice_k)`` (``acc_norm``: lm-eval's normalisation by the characters of the
+option's ``doc_to_choice`` string, ``orchestrator.evaluation.accuracy.choice_lengths``).
 
-Batching: each request becomes one row; rows are sorted by length (longest first, ties by request order),
-left-padded to ``(B, T)`` with ``position_ids = cumsum(mask) - 1`` so padding does not shift positions. The LM
-head runs only at the scored positions: for an HF causal LM split as ``logits = head(backbone(x))``
-(``lm_parts``, ``final_hidden``) the final hidden states ``h`` (B, T, H) are gathered at the last ``n_b``
-positions of each row b (``n_b`` = its longest target), ``P = sum_b n_b`` rows of (P, H), and only
-``head(h_P)`` (P, V) and its log-softmax are computed; other models get the last ``max_b n_b`` positions
-(``logits_to_keep``). When all options of an item share the context and differ only in their last token
-(label words such as ``answer1``/``answer2``, ``true``/``false``) one row serves every option: the last
-position's distribution scores all of them. When all options share the context but differ in more than their last
-token (the cloze formulation), :func:`shared_context_logprobs` runs the context once and continues every option
-from its key/value cache. Results do not depend on the batch size beyond floating-point summation order.
+Length (:func:`fit_requests`): each (context, continuation) pair is cut as training cuts the item's row
+(``orchestrator.data.cloze.fit_cloze_pair``: the continuation whole, the context from the left with BOS kept,
+``max_length`` tokens with the eos training appends). An item with an option whose continuation alone does not
+fit is not scored: it is counted, logged and returned as None (its pick is then -1, never a silent score).
+
+Packing (:func:`option_logprobs`): the options of an item that share a context form a *group*: the context once,
+then each option's tokens but its last, every option in its own segment::
+
+    [x_1 .. x_T | c1_1 .. c1_{n1-1} | c2_1 .. c2_{n2-1} | ...]      positions 0..T-1, then T.. again per option
+
+A (L, L) attention mask lets a position see the earlier positions of its group's context and of its own
+segment only, and ``position_ids`` restart at T in every segment, so each option's log-probabilities are those of
+the plain row ``x + c_k`` (to fp32 summation order). Groups (sorted by length, longest first) are packed first-fit
+into rows of ``pack_tokens`` positions, ``batch_size`` rows per forward, right-padded to the longest (padding
+attends to nothing and is gathered from nowhere). The LM head runs only at the positions that predict an option
+token: for an HF causal LM split as ``logits = head(backbone(x))`` (:func:`lm_parts`) the hidden states
+``h`` (B, L, H) are gathered at those P positions (the context's last position once per group, shared by its K
+options) and only ``head(h_P)`` (P, V) and its float32 log-softmax are computed; other models' full logits are
+gathered. So nothing is padded to an item's longest option, no context runs twice, and no position outside the
+continuations meets the (V, H) head.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,40 +44,83 @@ import weakref
 import torch
 from torch import nn
 
+from orchestrator.data.cloze import fit_cloze_pair
 from orchestrator.data.loaders import extract_last_number
 
+logger = logging.getLogger(__name__)
 NUMBER_TOLERANCE = 1e-3  # LLM-Adapters' rule: |pred - gold| <= 0.001
+PACK_TOKENS = 256
+"""Positions per packed row: long enough to hold several items, short enough that the (L, L) attention over
+positions of other items (masked, but computed) stays small beside the row's GEMMs."""
+HEAD_CHUNK = 512  # scored positions per head GEMM and log-softmax: bounds the (P, V) float32 buffer
+
+Request = tuple[list[int], list[int]]  # (context ids, continuation ids) of one option
+
+
+def fit_requests(tokenizer, requests: Sequence[Sequence[Request]], max_length: int, *, name: str = "items"
+                 ) -> list[list[Request] | None]:
+    """Each item's (context, continuation) pairs cut to the row training uses (``fit_cloze_pair``), or None
+    for an item with an option whose continuation alone does not fit ``max_length``; such items are counted in
+    one warning naming ``name`` and their positions."""
+    out, unfit = [], []
+    for i, options in enumerate(requests):
+        fitted = [fit_cloze_pair(tokenizer, ctx, cont, max_length) for ctx, cont in options]
+        if any(f is None for f in fitted):
+            out.append(None)
+            unfit.append(i)
+        else:
+            out.append(fitted)
+    if unfit:
+        logger.warning("%s: %d of %d items not scored: an option's continuation alone exceeds max_length=%d "
+                       "(items %s); they count as unanswered (pick -1). Fix: raise data.max_length", name,
+                       len(unfit), len(requests), max_length, unfit[:20])
+    return out
 
 
 @dataclass(frozen=True)
-class Row:
-    """One forward pass: ``input_ids`` (length T) and, per option it serves, the ids its last n positions predict."""
+class Group:
+    """A context and the options scored after it: ``options[k] = (request index, continuation ids)``."""
 
-    input_ids: tuple[int, ...]
-    targets: tuple[tuple[int, tuple[int, ...]], ...]  # (request index, continuation ids)
+    context: tuple[int, ...]
+    options: tuple[tuple[int, tuple[int, ...]], ...]
+
+    @property
+    def length(self) -> int:
+        """Positions the group takes in a packed row: the context, then every option but its last token."""
+        return len(self.context) + sum(len(c) - 1 for _, c in self.options)
 
 
-def build_rows(requests: Sequence[Sequence[tuple[list[int], list[int]]]], max_length: int) -> list[Row]:
-    """Rows for ``requests[item] = [(context_ids, continuation_ids) per option]``; request index = flat position.
-
-    Sequences longer than ``max_length + 1`` lose context tokens from the left (never continuation tokens).
-    """
-    rows, flat = [], 0
+def build_groups(requests: Sequence[Sequence[Request]]) -> list[Group]:
+    """Groups of ``requests[item] = [(context, continuation) per option]``, request index = flat position;
+    the options of an item with one context form one group (WinoGrande's options one group each)."""
+    groups, flat = [], 0
     for options in requests:
-        seqs = []
-        for ctx, cont in options:
+        by_context: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        for k, (ctx, cont) in enumerate(options):
             if not cont:
                 raise ValueError("empty continuation: nothing to score")
-            seq = list(ctx) + list(cont)
-            seqs.append(seq[-(max_length + 1):] if len(seq) > max_length + 1 else seq)
-        shared = len({len(s) for s in seqs}) == 1 and all(s[:-1] == seqs[0][:-1] for s in seqs) and all(
-            len(c) <= len(seqs[0]) - 1 for _, c in options)
-        if shared and len(seqs) > 1:
-            rows.append(Row(tuple(seqs[0][:-1]), tuple((flat + k, tuple(c)) for k, (_, c) in enumerate(options))))
-        else:
-            for k, ((_, cont), seq) in enumerate(zip(options, seqs)):
-                rows.append(Row(tuple(seq[:-1]), ((flat + k, tuple(cont[-(len(seq) - 1):])),)))
+            if not ctx:
+                raise ValueError("empty context: the first continuation token has no position to be read from")
+            by_context.setdefault(tuple(ctx), []).append((flat + k, tuple(cont)))
+        groups += [Group(ctx, tuple(opts)) for ctx, opts in by_context.items()]
         flat += len(options)
+    return groups
+
+
+def pack(groups: Sequence[Group], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``groups`` per row, each row's lengths summing to at most ``capacity``
+    (a longer group gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(groups)), key=lambda i: (-groups[i].length, i)):
+        n = groups[g].length
+        at = next((r for r, free in enumerate(room) if free >= n), None)
+        if at is None:
+            rows.append([g])
+            room.append(capacity - n)
+        else:
+            rows[at].append(g)
+            room[at] -= n
     return rows
 
 
@@ -191,191 +244,114 @@ def _forward_without_head(model: nn.Module, backbone: nn.Module, **inputs: Any) 
     return out, seen[-1]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """One packed row: its ids and, per position, the position id, the group and the segment (0 = context,
+    k >= 1 = option k); ``reads[(request, i)]`` is the position whose distribution predicts continuation token i."""
+
+    ids: list[int]
+    positions: list[int]
+    group: list[int]
+    segment: list[int]
+    reads: dict[tuple[int, int], int]
+
+
+def _layout(groups: Sequence[Group], members: Sequence[int]) -> _Layout:
+    ids, positions, group, segment, reads = [], [], [], [], {}
+    for g in members:
+        ctx, start = groups[g].context, len(ids)
+        ids += ctx
+        positions += range(len(ctx))
+        group += [g] * len(ctx)
+        segment += [0] * len(ctx)
+        last = start + len(ctx) - 1  # the context's last position predicts every option's first token
+        for k, (req, cont) in enumerate(groups[g].options, start=1):
+            reads[(req, 0)] = last
+            at = len(ids)
+            ids += cont[:-1]
+            positions += range(len(ctx), len(ctx) + len(cont) - 1)
+            group += [g] * (len(cont) - 1)
+            segment += [k] * (len(cont) - 1)
+            for i in range(1, len(cont)):
+                reads[(req, i)] = at + i - 1
+    return _Layout(ids, positions, group, segment, reads)
+
+
+def _packed_inputs(layouts: Sequence[_Layout], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``position_ids`` (B, L) and the bool ``attention_mask`` (B, 1, L, L) of right-padded rows:
+    query q may see key j when both are of one group, j <= q, and j is context or of q's own segment."""
+    width = max(len(r.ids) for r in layouts)
+    ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layouts), width), dtype=torch.long)
+    group = torch.full((len(layouts), width), -1, dtype=torch.long)  # -1: padding, of no group
+    segment = torch.zeros((len(layouts), width), dtype=torch.long)
+    for b, r in enumerate(layouts):
+        n = len(r.ids)
+        ids[b, :n], positions[b, :n] = torch.tensor(r.ids), torch.tensor(r.positions)
+        group[b, :n], segment[b, :n] = torch.tensor(r.group), torch.tensor(r.segment)
+    same = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)             # (B, L, L)
+    own = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": (same & own & causal)[:, None]}
+
+
 @torch.no_grad()
-def continuation_logprobs(model, rows: Sequence[Row], *, batch_size: int, pad_id: int) -> dict[int, float]:
-    """``LL(continuation | context)`` per request index, for every target of every row."""
+def option_logprobs(model, requests: Sequence[Sequence[Request]], *, batch_size: int, pad_id: int,
+                    pack_tokens: int = PACK_TOKENS) -> dict[int, float]:
+    """``LL(continuation | context)`` per flat request index (requests already fitted, :func:`fit_requests`),
+    every item's shared context run once and items packed into rows (see the module docstring)."""
+    if not _accepts(model, "position_ids"):
+        raise ValueError(f"{type(model).__name__}.forward takes no position_ids: packed scoring restarts the "
+                         "positions in every option segment and needs them")
     device = next(model.parameters()).device
     parts = lm_parts(model)
-    keep_ok, pos_ok = _accepts(model, "logits_to_keep"), _accepts(model, "position_ids")
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
+    groups = build_groups(requests)
+    if not groups:
+        return {}
+    rows = pack(groups, max(pack_tokens, max(g.length for g in groups)))
     out: dict[int, float] = {}
-    for start in range(0, len(order), batch_size):
-        batch = [rows[i] for i in order[start:start + batch_size]]
-        ids, mask = _left_pad([r.input_ids for r in batch], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        need = [max(len(t) for _, t in r.targets) for r in batch]  # scored positions per row: its last need[b]
-        width = ids.shape[1]
-        offsets = [0]
-        for n in need:  # row b's scored positions are rows offsets[b]:offsets[b + 1] of the (P, V) log-probs
-            offsets.append(offsets[-1] + n)
+    for start in range(0, len(rows), batch_size):
+        layouts = [_layout(groups, members) for members in rows[start:start + batch_size]]
+        inputs = {k: v.to(device) for k, v in _packed_inputs(layouts, pad_id).items()}
+        # one read per distinct position: a group's context end is read once for all its options
+        where = sorted({(b, p) for b, r in enumerate(layouts) for p in r.reads.values()})
+        index = {bp: j for j, bp in enumerate(where)}
+        rows_idx = torch.tensor([b for b, _ in where], device=device)
+        cols_idx = torch.tensor([p for _, p in where], device=device)
         if parts is not None:
-            backbone, head = parts
-            inputs = {"input_ids": ids, "attention_mask": mask, **({"position_ids": positions} if pos_ok else {})}
-            hidden = final_hidden(model, backbone, **inputs)                                  # (B, T, H)
-            rows_idx = torch.tensor([b for b, n in enumerate(need) for _ in range(n)], device=device)
-            cols_idx = torch.tensor([width - n + k for n in need for k in range(n)], device=device)
-            logp = torch.log_softmax(head(hidden[rows_idx, cols_idx]).float(), dim=-1).cpu()  # (P, V)
+            hidden = final_hidden(model, parts[0], **inputs)[rows_idx, cols_idx]                  # (P, H)
+            project = parts[1]
         else:
-            keep = max(need)
-            kwargs = {"input_ids": ids, "attention_mask": mask}
-            if pos_ok:
-                kwargs["position_ids"] = positions
-            if keep_ok:
-                kwargs["logits_to_keep"] = keep
-            logits = model(**kwargs).logits[:, -keep:, :]  # (B, keep, V)
-            full = torch.log_softmax(logits.float(), dim=-1).cpu()
-            logp = torch.cat([full[b, keep - n:] for b, n in enumerate(need)])  # (P, V), the same layout
-        for b, row in enumerate(batch):
-            end = offsets[b + 1]  # a target of n tokens is predicted by the row's last n scored positions
-            for req, target in row.targets:
-                n = len(target)
-                picked = logp[end - n:end].gather(-1, torch.tensor(target).unsqueeze(-1))  # (n, 1)
-                out[req] = float(picked.sum())
+            hidden = model(**inputs).logits[rows_idx, cols_idx]                                   # (P, V)
+            project = nn.Identity()
+        targets = {}  # read j -> the token ids it must score, with the request each belongs to
+        for b, r in enumerate(layouts):
+            for (req, i), p in r.reads.items():
+                targets.setdefault(index[(b, p)], []).append((req, i))
+        conts = {req: cont for g in groups for req, cont in g.options}
+        for at in range(0, len(where), HEAD_CHUNK):
+            logp = torch.log_softmax(project(hidden[at:at + HEAD_CHUNK]).float(), dim=-1).cpu()  # (chunk, V)
+            for j in range(at, min(at + HEAD_CHUNK, len(where))):
+                for req, i in targets[j]:
+                    out[req] = out.get(req, 0.0) + float(logp[j - at, conts[req][i]])
     return out
 
 
-def _shares_context(options: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> bool:
-    """The options share one context that fits, are not label words (options that differ only in their last
-    token: :func:`build_rows` already scores those with one row), and the context is worth caching: the K - 1
-    context copies it saves are at least the option tokens it runs (PIQA's short goals and long solutions are
-    cheaper as sorted rows, whose padding is smaller than that of an item's options)."""
-    ctx, conts = list(options[0][0]), [list(k) for _, k in options]
-    label_words = len({len(k) for k in conts}) == 1 and all(k[:-1] == conts[0][:-1] for k in conts)
-    return (len(options) > 1 and len(ctx) > 0 and not label_words and all(list(c) == ctx for c, _ in options)
-            and len(ctx) + max(len(k) for k in conts) <= max_length + 1
-            and (len(options) - 1) * len(ctx) >= sum(len(k) - 1 for k in conts))
-
-
-@torch.no_grad()
-def shared_context_logprobs(model, requests: Sequence[Sequence[tuple[list[int], list[int]]]], *, batch_size: int,
-                            pad_id: int, max_length: int) -> dict[int, float]:
-    """``LL(continuation | context)`` per flat request index, with each item's shared context run once.
-
-    The cloze formulation scores K options of an item after one context x (T_x tokens). One row per option runs
-    the context K times; here the context runs once with a key/value cache and the K continuations run from
-    (copies of) that cache::
-
-        pass 1:  x (B, T_x), left-padded                 -> cache, log p(c_k,1 | x) from the last position
-        pass 2:  c_k,<n_k (R, W), right-padded, cache    -> log p(c_k,i | x, c_k,<i), i = 2..n_k
-
-    with ``position_ids`` continuing after each item's real context length, so every log-probability is the one
-    of the row ``x + c_k`` (equal to fp32 summation order; ``tests/orchestrator/evaluation`` checks it against
-    :func:`continuation_logprobs`). Items are grouped by K and sorted by context length, ``batch_size`` items per
-    pass 1; their B*K option rows are sorted by length and run ``batch_size`` rows (R) per pass 2, each chunk from
-    a copy of the cache that holds its rows' contexts. Items whose options do not share one context (WinoGrande),
-    that would need truncation, or whose context is shorter than their options (``_shares_context``) take the
-    one-row-per-option path (:func:`build_rows`, :func:`continuation_logprobs`), as do all items of a model whose
-    forward takes no key/value cache.
-    """
-    device = next(model.parameters()).device
-    pos_ok, keep_ok = _accepts(model, "position_ids"), _accepts(model, "logits_to_keep")
-    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"  # transformers >= 5.2x renamed it
-    starts, flat = [], 0
-    for options in requests:
-        starts.append(flat)
+def item_logprobs(model, tokenizer, requests: Sequence[Sequence[Request]], *, max_length: int, batch_size: int,
+                  name: str = "items") -> list[list[float] | None]:
+    """Per item, each option's ``LL`` in option order, or None for an item that does not fit (:func:`fit_requests`);
+    the one entry point of held-out scoring (``orchestrator.evaluation.accuracy``)."""
+    fitted = fit_requests(tokenizer, requests, max_length, name=name)
+    kept = [r for r in fitted if r is not None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ll = option_logprobs(model, kept, batch_size=batch_size, pad_id=pad_id)
+    out, flat = [], 0
+    for options in fitted:
+        if options is None:
+            out.append(None)
+            continue
+        out.append([ll[flat + k] for k in range(len(options))])
         flat += len(options)
-    cacheable = _accepts(model, "use_cache") and _accepts(model, cache_key)
-    shared = [i for i, options in enumerate(requests) if cacheable and _shares_context(options, max_length)]
-    rest = [i for i in range(len(requests)) if i not in set(shared)]
-    out: dict[int, float] = {}
-    if rest:  # the row path numbers its requests 0.. over the items it gets: map them back
-        sub = continuation_logprobs(model, build_rows([requests[i] for i in rest], max_length),
-                                    batch_size=batch_size, pad_id=pad_id)
-        local = [starts[i] + k for i in rest for k in range(len(requests[i]))]
-        out.update({local[j]: v for j, v in sub.items()})
-    parts = lm_parts(model)
-    by_k: dict[int, list[int]] = {}
-    for i in shared:
-        by_k.setdefault(len(requests[i]), []).append(i)
-    for k, items in sorted(by_k.items()):
-        items.sort(key=lambda i: (-len(requests[i][0][0]), i))
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            ids, mask = _left_pad([requests[i][0][0] for i in batch], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
-            if pos_ok:
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            if parts is not None:  # the head on (B, H) rows: one GEMM (see _last_position_logits)
-                first, last = _last_position_logits(model, parts, kwargs)
-            else:
-                if keep_ok:
-                    kwargs["logits_to_keep"] = 1
-                first = model(**kwargs)
-                last = first.logits[:, -1, :]
-            first_logp = torch.log_softmax(last.float(), dim=-1).cpu()                         # (B, V)
-            conts = [list(cont) for i in batch for _, cont in requests[i]]                     # B*K, item-major
-            for row, cont in enumerate(conts):
-                out[starts[batch[row // k]] + row % k] = float(first_logp[row // k, cont[0]])
-            # pass 2 in chunks of batch_size option rows of similar length (little right padding), each from a
-            # copy of the cache holding its rows' contexts
-            order = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: (-len(conts[r]), r))
-            for at in range(0, len(order), batch_size):
-                chunk = order[at:at + batch_size]
-                tails = _continue_from_cache(model, parts, getattr(first, cache_key), cache_key, mask,
-                                             [r // k for r in chunk], [conts[r] for r in chunk], pad_id, pos_ok)
-                for r, value in zip(chunk, tails):
-                    out[starts[batch[r // k]] + r % k] += value
-    return out
-
-
-def _last_position_logits(model, parts, kwargs: dict) -> tuple[Any, torch.Tensor]:
-    """``(model output with its cache, logits (B, V) at the last position)`` of a left-padded batch.
-
-    The head runs on the 2-D ``(B, H)`` rows of the backbone's last position. HF's own ``logits_to_keep=1`` hands
-    the head the 3-D slice ``h[:, -1:, :]`` (strides ``(T H, H, 1)``), which ``torch.matmul`` can only fold into one
-    GEMM when autograd needs it; with a frozen head under ``no_grad`` it broadcasts the (V, H) head to ``(B, H, V)``
-    and runs ``bmm`` on that copy: 1.2 s per batch for SmolLM2's 49152 x 576 head, 7x the whole zero-shot item.
-    """
-    backbone, head = parts
-    out, hidden = _forward_without_head(model, backbone, **kwargs)
-    return out, head(hidden[:, -1, :])
-
-
-def _cache_rows(cache, rows: torch.Tensor):
-    """A cache holding batch rows ``rows`` of ``cache`` (repeats allowed); ``cache`` itself is left unchanged
-    (the copy's layers get new tensors from indexing, and a forward replaces them rather than writing into them)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        out = copy.copy(cache)
-        out.layers = [copy.copy(layer) for layer in layers]
-    else:
-        out = copy.deepcopy(cache)
-    out.batch_select_indices(rows)
-    return out
-
-
-def _continue_from_cache(model, parts, cache, cache_key: str, ctx_mask: torch.Tensor, items: list[int],
-                         conts: list[list[int]], pad_id: int, pos_ok: bool) -> list[float]:
-    """``sum_{i>=2} log p(c_i | x, c_<i)`` per continuation ``c = conts[j]`` (at least 2 tokens) after the cached
-    context of batch row ``items[j]`` (``ctx_mask`` (B, T_x) its left-padded mask)."""
-    device = ctx_mask.device
-    width = max(len(c) for c in conts) - 1
-    tail = torch.full((len(conts), width), pad_id, dtype=torch.long)
-    tail_mask = torch.zeros((len(conts), width), dtype=torch.long)
-    for row, cont in enumerate(conts):
-        tail[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-        tail_mask[row, :len(cont) - 1] = 1
-    tail, tail_mask = tail.to(device), tail_mask.to(device)
-    rows = torch.tensor(items, device=device)
-    mask = ctx_mask[rows]                                                                          # (R, T_x)
-    kwargs = {"input_ids": tail, cache_key: _cache_rows(cache, rows), "use_cache": True,
-              "attention_mask": torch.cat([mask, tail_mask], dim=1)}
-    if pos_ok:
-        kwargs["position_ids"] = mask.sum(-1, keepdim=True) + torch.arange(width, device=device)  # (R, W)
-    real = tail_mask.bool()
-    if parts is not None:
-        backbone, head = parts
-        _, hidden = _forward_without_head(model, backbone, **kwargs)
-        logp = torch.log_softmax(head(hidden[real]).float(), dim=-1).cpu()                        # (P, V)
-    else:
-        logp = torch.log_softmax(model(**kwargs).logits[real].float(), dim=-1).cpu()               # (P, V)
-    out, offset = [], 0
-    for cont in conts:
-        n = len(cont) - 1
-        out.append(float(logp[offset:offset + n].gather(-1, torch.tensor(cont[1:]).unsqueeze(-1)).sum()))
-        offset += n
     return out
 
 

@@ -125,7 +125,7 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
             if shard:
                 score = evaluate_tasks(model, tokenizer, {task: shard}, scoring=spec.eval.scoring,
                                        batch_size=spec.eval.batch_size, template=spec.data.template,
-                                       formulation=formulation)[task]
+                                       formulation=formulation, max_length=spec.data.max_length)[task]
                 correct, n = score.accuracy * score.n, score.n
                 correct_norm = (score.accuracy_norm or 0.0) * score.n
                 counts = routing_stats(model, counts=True)

@@ -119,7 +119,7 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
         with scoring.context(device):
             scores = evaluate_tasks(model, tokenizer, getattr(suite, pool), scoring=spec.eval.scoring,
                                     batch_size=spec.eval.batch_size, template=spec.data.template,
-                                    formulation=spec.data.formulation)
+                                    formulation=spec.data.formulation, max_length=spec.data.max_length)
         out[pool] = {task: s.primary_accuracy for task, s in scores.items()}
         out[f"{pool}_scores"] = {task: {"acc": s.accuracy, "acc_norm": s.accuracy_norm, "primary": s.primary_accuracy}
                                  for task, s in scores.items()}

@@ -1,4 +1,4 @@
-"""Evaluation runs the LM head only at the scored positions: scores equal one-row-at-a-time full logits."""
+"""Packed scoring runs the LM head only at the scored positions: scores equal one-row-at-a-time full logits."""
 from __future__ import annotations
 
 import pytest
@@ -43,41 +43,72 @@ def _requests(shared_only: bool = False) -> list[list[tuple[list[int], list[int]
 
 
 @pytest.mark.parametrize("make", [lambda: build_tiny_llama(seed=0)[0], gpt2], ids=["tiny_llama", "gpt2"])
-def test_scores_equal_the_full_logits_computation(make):
+def test_packed_scores_equal_the_full_logits_computation(make):
+    """Packed rows (contexts once, option segments, several items per row, right-padded batches) give each
+    option the log-likelihood of its own plain row, to 1e-4 in fp32."""
     torch.manual_seed(0)
     model = make().eval()
     assert sc.lm_parts(model) is not None  # the gathered path is the one under test
     requests = _requests()
-    rows = sc.build_rows(requests, max_length=64)
-    assert any(len(r.targets) > 1 for r in rows) and len({len(r.input_ids) for r in rows}) > 3
     ref = reference(model, requests)
-    for batch_size in (1, 3, 16):
-        got = sc.continuation_logprobs(model, rows, batch_size=batch_size, pad_id=0)
+    lengths = sorted((g.length for g in sc.build_groups(requests)), reverse=True)
+    assert len(set(lengths[:3])) > 1  # pack_tokens 1 (a row per group), batch 3: the shorter rows are padded
+    for batch_size, pack_tokens in ((1, 1), (3, 1), (16, 1), (1, 30), (4, 30), (16, 256)):
+        got = sc.option_logprobs(model, requests, batch_size=batch_size, pad_id=0, pack_tokens=pack_tokens)
         assert got.keys() == ref.keys()
         for req in ref:
-            assert got[req] == pytest.approx(ref[req], abs=1e-4), (batch_size, req)
+            assert got[req] == pytest.approx(ref[req], abs=1e-4), (batch_size, pack_tokens, req)
 
 
-@pytest.mark.parametrize("make", [lambda: build_tiny_llama(seed=0)[0], gpt2], ids=["tiny_llama", "gpt2"])
-def test_shared_context_cache_scores_equal_one_row_per_option(make):
-    """The key/value-cache path (context once, options continued from its cache) gives the log-likelihoods of the
-    one-row-per-option path and of the plain full forward, batched across items of different context lengths."""
-    torch.manual_seed(0)
-    model = make().eval()
+def test_each_context_runs_once_and_padding_is_not_a_token():
+    """The input positions the forwards run: every item's context once plus each option but its last token."""
+    model = build_tiny_llama(seed=0)[0].eval()
     requests = _requests()
-    ref = reference(model, requests)
-    positions: list[int] = []  # input positions each forward runs (padding included)
-    model.register_forward_pre_hook(lambda _m, _a, kw: positions.append(kw["input_ids"].numel()), with_kwargs=True)
-    rows = sc.continuation_logprobs(model, sc.build_rows(requests, 64), batch_size=1, pad_id=0)
-    row_positions, positions[:] = sum(positions), []
-    for batch_size in (1, 2, 16):
-        got = sc.shared_context_logprobs(model, requests, batch_size=batch_size, pad_id=0, max_length=64)
-        if batch_size == 1:  # unpadded: the contexts ran once per item, not once per option
-            assert sum(positions) < row_positions
-        assert got.keys() == ref.keys()
-        for req in ref:
-            assert got[req] == pytest.approx(ref[req], abs=1e-4), (batch_size, req)
-            assert got[req] == pytest.approx(rows[req], abs=1e-4), (batch_size, req)
+    sc.lm_parts(model)  # its one probe forward (7 tokens, no mask) before counting
+    real: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: real.append(int(kw["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())), with_kwargs=True)
+    sc.option_logprobs(model, requests, batch_size=4, pad_id=0, pack_tokens=16)
+    contexts = sum(sum(len(c) for c in {tuple(c) for c, _ in options}) for options in requests)
+    assert sum(real) == contexts + sum(len(k) - 1 for options in requests for _, k in options)
+
+
+def test_long_items_keep_their_continuation_and_bos_and_match_the_truncated_row():
+    """Issue 29 items 9-10: an option longer than the room keeps every continuation token and the BOS, losing
+    context from the left; the score is that of the row ``[BOS] + context[-keep:] + continuation``."""
+    from orchestrator.models.loading import build_tiny_tokenizer
+
+    model = build_tiny_llama(seed=0)[0].eval()
+    tok = build_tiny_tokenizer()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    ctx = [bos] + list(range(10, 40))                       # 31 tokens, BOS first
+    conts = [[50, 51, 52, 53, 54, 55], [60, 61], [70]]
+    max_length = 12                                         # room: 12 - len(cont) - 1 (eos) context tokens
+    fitted = sc.fit_requests(tok, [[(ctx, c) for c in conts]], max_length)[0]
+    for (got_ctx, got_cont), cont in zip(fitted, conts):
+        keep = max_length - len(cont) - 1
+        assert got_cont == cont and got_ctx == [bos] + ctx[len(ctx) - keep + 1:]   # by hand: BOS + the last keep-1
+        assert len(got_ctx) + len(cont) + 1 == max_length
+    ref = reference(model, [fitted])
+    got = sc.option_logprobs(model, [fitted], batch_size=2, pad_id=0)
+    assert got == pytest.approx(ref, abs=1e-4)
+    assert len(sc.build_groups([fitted])) == 3  # three cuts, three contexts
+    assert eos is not None
+
+
+def test_an_item_whose_continuation_cannot_fit_is_counted_not_scored(caplog):
+    from orchestrator.models.loading import build_tiny_tokenizer
+
+    model = build_tiny_llama(seed=0)[0].eval()
+    tok = build_tiny_tokenizer()
+    fits = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10])]
+    too_long = [([5, 6, 7], [8] * 8), ([5, 6, 7], [10])]   # 8 continuation tokens + eos + 1 context > 9
+    with caplog.at_level("WARNING", logger="orchestrator.evaluation.scoring"):
+        out = sc.item_logprobs(model, tok, [fits, too_long, fits], max_length=9, batch_size=4, name="arc_e")
+    assert out[1] is None and out[0] is not None and out[0] == pytest.approx(out[2])
+    assert len(out[0]) == 2
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "arc_e: 1 of 3 items not scored" in record.getMessage() and "[1]" in record.getMessage()
 
 
 def test_a_model_that_caps_its_logits_after_the_head_is_not_split():
@@ -108,5 +139,5 @@ def test_a_frozen_head_runs_as_one_gemm_not_a_broadcast_bmm(make):
     vocab = model.get_output_embeddings().weight.shape[0]
     requests = [options for options in _requests(shared_only=True)]
     with torch.no_grad(), _Bmm() as seen:
-        sc.shared_context_logprobs(model, requests, batch_size=4, pad_id=0, max_length=64)
+        sc.option_logprobs(model, requests, batch_size=4, pad_id=0)
     assert not [s for s in seen.shapes if s[1][-1] == vocab], seen.shapes

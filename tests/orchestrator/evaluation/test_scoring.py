@@ -72,9 +72,8 @@ def test_sum_and_length_normalised_log_likelihood_by_hand(tok):
     n_tokens = [len(tok("Question: Which?\nAnswer: " + o)["input_ids"]) - len(tok("Question: Which?\nAnswer:")
                                                                               ["input_ids"]) for o in (long, short)]
     assert [len(c) for _, c in reqs] == n_tokens
-    for ll in (sc.continuation_logprobs(model, sc.build_rows([reqs], 512), batch_size=2, pad_id=0),
-               sc.shared_context_logprobs(model, [reqs], batch_size=2, pad_id=0, max_length=512)):
-        assert [ll[0], ll[1]] == pytest.approx([-n * math.log(len(tok)) for n in n_tokens])
+    ll = sc.option_logprobs(model, [reqs], batch_size=2, pad_id=0)
+    assert [ll[0], ll[1]] == pytest.approx([-n * math.log(len(tok)) for n in n_tokens])
     norm = [-n * math.log(len(tok)) / len(o) for n, o in zip(n_tokens, (long, short))]
     score = evaluate_tasks(model, tok, {"arc_e": [ex]}, formulation="cloze")["arc_e"]
     assert n_tokens[1] < n_tokens[0] and score.accuracy == 0.0  # the short wrong option wins on the sum
@@ -86,7 +85,6 @@ def test_batched_left_padded_log_likelihood_matches_unpadded(tiny):
     model, tok = tiny
     requests = [[(tok("Question: what is red?\nAnswer:")["input_ids"], tok(" a tomato", add_special_tokens=False)
                   ["input_ids"]), ([5, 6], [7, 8, 9, 10, 11])], [([40] * 30, [41])]]
-    rows = sc.build_rows(requests, 512)
     reference = {}
     with torch.no_grad():
         flat = 0
@@ -96,18 +94,21 @@ def test_batched_left_padded_log_likelihood_matches_unpadded(tiny):
                 reference[flat] = float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
                 flat += 1
     for batch_size in (1, 3):
-        got = sc.continuation_logprobs(model, rows, batch_size=batch_size, pad_id=tok.pad_token_id)
-        assert got == pytest.approx(reference, abs=1e-4)
+        for pack_tokens in (1, 256):  # a row per group (padded batches), or every group in one row
+            got = sc.option_logprobs(model, requests, batch_size=batch_size, pad_id=tok.pad_token_id,
+                                     pack_tokens=pack_tokens)
+            assert got == pytest.approx(reference, abs=1e-4)
 
 
-def test_label_words_share_one_row(tok):
+def test_options_of_a_shared_context_form_one_group(tok):
     ex = Example("p", "t", ("a red apple", "the blue sky", "green"), 0, "answer1",
                  ("answer1", "answer2", "answer3"), "q")
     reqs = option_requests(get_task("arc_e"), ex, tok, formulation="label")
-    rows = sc.build_rows([reqs], 512)
-    assert len(rows) == 1 and len(rows[0].targets) == 3
+    groups = sc.build_groups([reqs])
+    assert len(groups) == 1 and len(groups[0].options) == 3
+    assert groups[0].length == len(reqs[0][0]) + sum(len(c) - 1 for _, c in reqs)  # the context once
     text_reqs = option_requests(get_task("arc_e"), ex, tok, formulation="cloze")
-    assert len(sc.build_rows([text_reqs], 512)) == 3
+    assert len(sc.build_groups([text_reqs])) == 1  # one shared context, three option segments
 
 
 def test_cloze_contexts(tok):
