@@ -41,11 +41,12 @@ def method_plots(studies: dict[str, Any], folder: Path, target: str = "val/mean_
     return out
 
 
-def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None, path: Path) -> Path | None:
-    """MALoRA's completed trials ``(d, beta, val mean accuracy, trial id)`` in the (d, β) plane, coloured by
-    accuracy (a triangulated surface under them when three or more points span the plane); the best is starred
-    and the trials within z·SE of it (its ties, ``report.search_report.ties``) ringed; the noise band z·SE is
-    marked on the colour bar below the best value."""
+def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None, path: Path,
+                   budget: int | None = None) -> Path | None:
+    """MALoRA's trials ``(d, beta, val mean accuracy after budget evaluations, trial id)`` in the (d, β) plane,
+    coloured by accuracy (a triangulated surface under them when three or more points span the plane); the best
+    completed trial is starred and the trials within z·SE of it (its ties, ``report.search_report.ties``) ringed;
+    the noise band z·SE is marked on the colour bar below the best value."""
     if not pts:
         return None
     d, beta, acc = (np.array([p[i] for p in pts], float) for i in range(3))
@@ -56,8 +57,8 @@ def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None,
         ax.tricontourf(d, beta, 100 * acc, levels=12, cmap="viridis", alpha=0.5, vmin=lo, vmax=hi)
     sc = ax.scatter(d, beta, c=100 * acc, cmap="viridis", vmin=lo, vmax=hi, s=60, edgecolors="k")
     bar = fig.colorbar(sc, ax=ax, label="val mean accuracy (%)")
-    if tie:
-        best = next(p for p in pts if p[3] == tie["best"])
+    best = next((p for p in pts if tie and p[3] == tie["best"]), None)
+    if best is not None:
         ax.scatter([best[0]], [best[1]], marker="*", s=260, color="red", edgecolors="k", label="best", zorder=3)
         tied = [p for p in pts if p[3] in tie["ties"]]
         if tied:
@@ -67,8 +68,9 @@ def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None,
         if ses:
             band = 100 * tie["z"] * float(np.median(ses))
             bar.ax.axhspan(100 * best[2] - band, 100 * best[2], color="red", alpha=0.35)
-            ax.set_title(f"MALoRA val mean accuracy over (d, β)\nval noise: {tie['z']} x SE of a paired difference "
-                         f"= {band:.1f} points (red band on the colour bar)", fontsize=9)
+            ax.set_title(f"MALoRA val mean accuracy after {budget} evaluation(s) over (d, β)\nval noise: "
+                         f"{tie['z']} x SE of a paired difference = {band:.1f} points (red band on the colour bar)",
+                         fontsize=9)
         ax.legend(fontsize=7, loc="best")
     for x, y, a, _ in pts:
         ax.annotate(f"{100 * a:.1f}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)

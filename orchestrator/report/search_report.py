@@ -83,6 +83,7 @@ def trial_table(rows: list[dict], milestones: list[int], max_t: int) -> list[dic
                **{f"val/{t}": task_acc(r, t) for t in tasks}, METRIC: r.get(METRIC),
                "tokens_per_s": r.get("tokens_per_s"), "evaluations": r.get("evaluations"),
                "asha_rung": rung(r, milestones, max_t), "step": r.get("step"),
+               "val_history": r.get("val_history") or {},
                **{k: v for k, v in sorted(r.items()) if k.startswith("routing/mi")},
                **{k: v for k, v in sorted(r.items()) if k.startswith("test/") and k.count("/") <= 2
                   and not k.startswith(("test/acc_norm/", "test/primary/"))},
@@ -136,6 +137,8 @@ def ties(rows: list[dict], n_items: dict[str, int]) -> dict[str, dict[str, Any]]
 def task_matrix(rows: list[dict]) -> tuple[list[str], np.ndarray]:
     """(tasks, (trials, tasks) val accuracies) of the trials that have every task's val accuracy."""
     tasks = tasks_of(rows)
+    if not tasks:
+        return [], np.zeros((0, 0))
     use = [[task_acc(r, t) for t in tasks] for r in rows]
     return tasks, np.array([a for a in use if all(math.isfinite(x) for x in a)], float).reshape(-1, len(tasks))
 
@@ -160,9 +163,20 @@ def seesaw(rows: list[dict]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- importances
-def method_study(spec: SearchSpec, method: str, rows: list[dict]):
-    """An in-memory Optuna study of the method's completed trials (their searched hyperparameters and final val
-    mean accuracy), rebuilt from the rows so that it needs neither Ray nor the journal files."""
+def common_budget(rows: list[dict], budgets: list[int], least: int = 3) -> int | None:
+    """The largest budget (evaluations, from ``budgets``) at which ``least`` or more of the rows have a val mean
+    accuracy (``val_history``): ASHA stops most trials early, so the full budget alone may hold one or two; at an
+    earlier rung every trial that reached it is compared at the same training."""
+    for b in sorted(budgets, reverse=True):
+        if sum(isinstance((r.get("val_history") or {}).get(b), float) for r in rows) >= least:
+            return b
+    return None
+
+
+def method_study(spec: SearchSpec, method: str, rows: list[dict], budget: int | None = None):
+    """An in-memory Optuna study of the method's trials (their searched hyperparameters, and as value the val mean
+    accuracy after ``budget`` evaluations; None: the completed trials' final value), rebuilt from the rows so that
+    it needs neither Ray nor the journal files."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -176,26 +190,32 @@ def method_study(spec: SearchSpec, method: str, rows: list[dict]):
             dists[name] = optuna.distributions.IntDistribution(dom.low, dom.high, log=dom.kind == "logint")
     study = optuna.create_study(direction="maximize", study_name=method)
     for r in rows:
-        if r["method"] != method or r["status"] != "TERMINATED" or not math.isfinite(r.get(METRIC, math.nan)):
+        value = (r.get("val_history") or {}).get(budget) if budget is not None else (
+            r.get(METRIC) if r["status"] == "TERMINATED" else None)
+        if r["method"] != method or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
         params = {k: v for k, v in (r.get("hparams") or {}).items() if k in dists}
         study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                  value=float(r[METRIC])))
+                                                  value=float(value)))
     return study
 
 
-def importances(study) -> tuple[dict[str, float], str]:
+def importances(study, budget: int | None = None) -> tuple[dict[str, float], str]:
     """Optuna's fANOVA importances of the study's parameters for val mean accuracy, with the caveat to print."""
     import optuna
 
     n = len(study.trials)
+    at = f" at {budget} evaluation(s)" if budget is not None else ""
     if n < 3 or not study.trials[0].params:
-        return {}, f"not computed: {n} completed trial(s)"
-    values = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    caveat = (f"fANOVA over {n} completed trials: a random forest fit to {n} points, so an importance below ~0.2 "
-              "is not told apart from none, and an ordering of close values is not a finding" if n < 30 else
-              f"fANOVA over {n} completed trials")
+        return {}, f"not computed: {n} trial(s) with a val score{at}"
+    try:
+        values = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as exc:  # e.g. every trial scored the same: no variance to attribute
+        return {}, f"not computed over {n} trials{at}: {exc}"
+    caveat = (f"fANOVA over {n} trials{at}: a random forest fit to {n} points, so an importance below ~0.2 is not "
+              "told apart from none, and an ordering of close values is not a finding" if n < 30 else
+              f"fANOVA over {n} trials{at}")
     return {k: float(v) for k, v in values.items()}, caveat
 
 
@@ -216,20 +236,24 @@ def write_report(spec: SearchSpec, rows: list[dict], front_ids: set[str], folder
     files.append(folder / "trials.json")
     tie = ties(rows, n_items)
     saw = seesaw(rows)
-    studies = {m.kind: method_study(spec, m.kind, rows) for m in spec.methods}
-    imp = {k: importances(s) for k, s in studies.items()}
+    budgets = {m.kind: common_budget([r for r in rows if r["method"] == m.kind], [*milestones, max_t])
+               for m in spec.methods}
+    studies = {k: method_study(spec, k, rows, b) for k, b in budgets.items()}
+    imp = {k: importances(s, budgets[k]) for k, s in studies.items()}
     drawn = [r for r in rows if isinstance(r.get(METRIC), (int, float)) and math.isfinite(r[METRIC])
              and isinstance(r.get("trainable_params"), (int, float))]
     if drawn:
         files.append(plots.pareto_plot(drawn, front_ids, folder / "front.png", METRIC))
     files += search_plots.method_plots(studies, folder, METRIC)
-    surface = [(dims[0], r["hparams"]["beta"], r[METRIC], r["trial_id"]) for r in rows
-               if r["method"] == "malora" and r["status"] == "TERMINATED" and "beta" in (r.get("hparams") or {})
-               and (dims := malora_dims_of(r["hparams"])) and math.isfinite(r.get(METRIC, math.nan))]
-    files += [p for p in (search_plots.malora_surface(surface, tie.get("malora"), folder / "malora_d_beta.png"),
+    at = budgets.get("malora")  # the surface at one budget: the rung most MALoRA trials share
+    surface = [(dims[0], r["hparams"]["beta"], value, r["trial_id"]) for r in rows
+               if r["method"] == "malora" and "beta" in (r.get("hparams") or {}) and (dims := malora_dims_of(
+                   r["hparams"])) and isinstance(value := (r.get("val_history") or {}).get(at), float)]
+    files += [p for p in (search_plots.malora_surface(surface, tie.get("malora"), folder / "malora_d_beta.png",
+                                                      at),
                           search_plots.seesaw_plot(task_matrix(rows)[1], saw, folder / "seesaw.png")) if p is not None]
     summary = {"ties": tie, "seesaw": saw, "importances": {k: {"values": v, "caveat": c} for k, (v, c) in imp.items()},
-               "front": sorted(front_ids), "provenance": provenance, "from_search": FROM_SEARCH}
+               "front": sorted(front_ids), "budgets": budgets, "provenance": provenance, "from_search": FROM_SEARCH}
     (folder / "report.json").write_text(json.dumps(summary, indent=1, default=str))
     (folder / "report.md").write_text(report_markdown(spec, table, summary, [f.name for f in files]))
     return files + [folder / "report.json", folder / "report.md"]

@@ -61,9 +61,12 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
         searched = {n for n, dom in spec.method(method).hparams if dom.kind != "const"}
         hp = {k: v for k, v in hp.items() if k in searched}  # constants are in MLflow params, not the table
         best = m.get(spec.metric, float("nan"))
-        df = res.metrics_dataframe
+        df, history = res.metrics_dataframe, {}
         if df is not None and spec.metric in getattr(df, "columns", ()):
             best = float(df[spec.metric].max())
+        if df is not None and {"evaluations", "val/mean_acc"} <= set(getattr(df, "columns", ())):
+            # val mean accuracy after each evaluation: the report compares trials at one budget (an ASHA rung)
+            history = {int(e): float(v) for e, v in zip(df["evaluations"], df["val/mean_acc"]) if e == e}
         status = "ERROR" if res.error else "TERMINATED"
         if status == "TERMINATED" and m.get("step", 0) < m.get("total_steps", 0):
             status = "STOPPED"  # ASHA
@@ -78,6 +81,7 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
                      # what the search report reads (report.search_report): speed, the rung, precision, per-task
                      # primary accuracy, per-item val answers and routing diagnostics where the trial logs them
                      **{k: m.get(k) for k in ("tokens_per_s", "evaluations", "precision", "eval_precision")},
+                     "val_history": history,
                      **{k: v for k, v in m.items() if k.startswith(("val/acc/", "val/primary/", "val_correct/",
                                                                      "routing/mi"))}})
     return sorted(rows, key=lambda r: (r["method"], r["trial_id"]))

@@ -28,14 +28,16 @@ def malora(tid, arc, boolq, hp, status="TERMINATED", evaluations=3):
             "val/primary/arc_e": sum(arc) / N, "val/primary/boolq": sum(boolq) / N,
             "val/mean_acc": (sum(arc) + sum(boolq)) / (2 * N), "val_correct/arc_e": arc, "val_correct/boolq": boolq,
             "trainable_params": 1000 * hp["r"], "trainable_share": 0.01 * hp["r"], "tokens_per_s": 900.0,
-            "precision": "fp32", "step": 50 * evaluations, "routing/mi": 0.1 * hp["r"]}
+            "precision": "fp32", "step": 50 * evaluations, "routing/mi": 0.1 * hp["r"],
+            "val_history": {e: (sum(arc) + sum(boolq)) / (2 * N) - 0.01 * (evaluations - e) for e in (1, evaluations)}}
 
 
 def lora(tid, arc, boolq, r, lr):
     return {"trial_id": tid, "method": "lora", "status": "TERMINATED", "hparams": {"r": r, "lr": lr},
             "evaluations": 3, "val/primary/arc_e": arc, "val/primary/boolq": boolq,
             "val/mean_acc": (arc + boolq) / 2, "trainable_params": 500 * r, "trainable_share": 0.005 * r,
-            "tokens_per_s": 1200.0, "precision": "fp32", "step": 150}
+            "tokens_per_s": 1200.0, "precision": "fp32", "step": 150,
+            "val_history": {1: (arc + boolq) / 2 - 0.05, 3: (arc + boolq) / 2}}
 
 
 M1 = malora("m1", items(range(16)), items(range(14)), {"r": 8, "lam": 0.5, "beta": 1.25, "top_k": 2, "lr": 1e-3})
@@ -114,9 +116,23 @@ def test_report_files_from_a_synthetic_trial_table(tmp_path):
     assert table["m1"]["per_item_val"] and not table["l1"]["per_item_val"]
     assert table["m1"]["routing/mi"] == pytest.approx(0.8) and table["m1"]["val/arc_e"] == 0.8
     report = json.loads((tmp_path / "report.json").read_text())
-    assert "3 completed trials" in report["importances"]["malora"]["caveat"]
+    # three MALoRA and three LoRA trials ran the whole budget (3 evaluations): importances compare them there
+    assert report["budgets"] == {"lora": 3, "molora": None, "malora": 3, "mosld": None}
+    assert "over 3 trials at 3 evaluation(s)" in report["importances"]["malora"]["caveat"]
     assert set(report["importances"]["malora"]["values"]) == {"r", "lam", "beta", "top_k", "lr"}
     assert report["importances"]["molora"]["values"] == {}  # no trial of it in this table
     md = (tmp_path / "report.md").read_text()
     assert "| malora | m1 |" in md and "tie: 1 other" in md and "--from-search" in md
     assert "accuracies only (independent binomials" in md and "`abc`" in md and "I(task; expert)" in md
+
+
+def test_importances_compare_trials_at_the_largest_budget_three_of_them_reached():
+    rows = [{"val_history": {1: 0.5, 3: 0.6}}, {"val_history": {1: 0.4}}, {"val_history": {1: 0.45}},
+            {"val_history": {1: 0.55, 3: 0.5}}, {"val_history": {}}]
+    assert search_report.common_budget(rows, [1, 3]) == 1  # only two reached 3 evaluations
+    assert search_report.common_budget(rows[:1], [1, 3]) is None
+    spec = load_space(SPACES / "intra_domain_cpu_search.yaml")
+    at_one = [{**r, "trial_id": str(i), "method": "lora", "status": "STOPPED", "hparams": {"r": 32, "lr": 1e-3}}
+              for i, r in enumerate(rows)]
+    study = search_report.method_study(spec, "lora", at_one, budget=1)
+    assert sorted(t.value for t in study.trials) == [0.4, 0.45, 0.5, 0.55]
