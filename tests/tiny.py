@@ -16,3 +16,9 @@ def tiny_llama(*, hidden_size: int = 64, intermediate_size: int = 128, num_hidde
     return LlamaForCausalLM(LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
                                         num_hidden_layers=num_hidden_layers, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=vocab_size, **config))
+
+
+def small_llama(**overrides) -> LlamaForCausalLM:
+    """:func:`tiny_llama` at width 32 (MLP 48, vocabulary 50): the size of the checkpoint, parameter-count, PEFT and
+    DDP tests; ``overrides`` as tiny_llama's arguments."""
+    return tiny_llama(**{"hidden_size": 32, "intermediate_size": 48, "vocab_size": 50, **overrides})

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from malora import (ConfigError, HydraLoRAConfig, LoRAConfig, MALoRAConfig, MoLoRAConfig, MoSLDConfig,
                     adapter_layers, export_peft, inject_adapters, load_adapter, save_adapter)
 from malora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, adapter_state_dict
+from tests.tiny import small_llama
 
 QKV_FFN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = [
@@ -27,15 +27,9 @@ CONFIGS = [
 IDS = [c.kind for c in CONFIGS]
 
 
-def tiny_llama(intermediate_size: int = 48) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
-
-
 def adapted(cfg, intermediate_size: int = 48):
     """(base copy without adapters, model with ``cfg`` injected and every adapter tensor perturbed)."""
-    model = tiny_llama(intermediate_size)
+    model = small_llama(intermediate_size=intermediate_size)
     base = copy.deepcopy(model)
     inject_adapters(model, cfg)
     torch.manual_seed(1)
@@ -108,7 +102,7 @@ def test_shape_mismatch_raises_even_when_not_strict(tmp_path):
     cfg = LoRAConfig(r=4, target_modules=("up_proj",))
     _, model = adapted(cfg)
     save_adapter(model, cfg, tmp_path)
-    other = tiny_llama(intermediate_size=64)
+    other = small_llama(intermediate_size=64)
     with pytest.raises(CheckpointError, match=r"shape mismatches \(2\): .*lora_B: checkpoint \(48, 4\) vs model \(64, 4\)"):
         load_adapter(other, tmp_path, strict=False)
     assert adapter_layers(other) == []
@@ -122,11 +116,11 @@ def test_model_with_other_adapters_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="different config.*alpha: model has 8.0, given 16.0.*Fix: load into a "
                                               "fresh base model"):
         load_adapter(base, tmp_path)
-    other = tiny_llama()
+    other = small_llama()
     inject_adapters(other, LoRAConfig(r=2))
     with pytest.raises(CheckpointError, match="different config"):
         load_adapter(other, tmp_path)
-    same = tiny_llama()
+    same = small_llama()
     inject_adapters(same, cfg)                                        # same config: weights are overwritten
     assert load_adapter(same, tmp_path) == cfg
     assert torch.equal(logits(same), logits(model))
@@ -170,7 +164,7 @@ def test_config_file_validation(tmp_path, edit, error, match):
 
 def test_save_requires_adapters_matching_cfg_and_peft_export_requires_lora(tmp_path):
     with pytest.raises(CheckpointError, match="no adapter layers"):
-        save_adapter(tiny_llama(), LoRAConfig(), tmp_path)
+        save_adapter(small_llama(), LoRAConfig(), tmp_path)
     _, model = adapted(MoSLDConfig(r=4, num_experts=(2, 3)))
     with pytest.raises(CheckpointError, match=r"cfg does not describe.*num_experts: model has \(2, 3\), given \(2, 2\)"):
         save_adapter(model, MoSLDConfig(r=4, num_experts=(2, 2)), tmp_path)
@@ -220,7 +214,7 @@ def with_quant_linears(model):
 
 def test_bases_that_subclass_linear_round_trip(tmp_path):
     cfg = MoLoRAConfig(r=4, num_experts=3)
-    model = with_quant_linears(tiny_llama())
+    model = with_quant_linears(small_llama())
     base = copy.deepcopy(model)
     inject_adapters(model, cfg)
     with torch.no_grad():
@@ -240,7 +234,7 @@ def test_load_is_atomic_when_the_config_fails_on_one_module(tmp_path):
     cfg_ok = MALoRAConfig(d=8, r_bar=4, num_experts=3, target_modules=("q_proj", "down_proj"))
     _, good = adapted(cfg_ok, intermediate_size=16)
     save_adapter(good, cfg_ok, tmp_path / "ok")
-    narrow = tiny_llama(intermediate_size=16)                          # q_proj fits d=24, down_proj (in 16) not
+    narrow = small_llama(intermediate_size=16)                         # q_proj fits d=24, down_proj (in 16) not
     modules = {n: type(m) for n, m in narrow.named_modules()}
     flags = [p.requires_grad for p in narrow.parameters()]
     with pytest.raises(ConfigError, match="d=24 exceeds the in_features 16"):

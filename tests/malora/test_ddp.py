@@ -12,17 +12,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters, routing_stats
+from tests.tiny import small_llama
 
 WORLD = 2
 
 
 def tiny_model(dropout: float) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    model = small_llama(num_hidden_layers=1)
     inject_adapters(model, MALoRAConfig(d=8, r_bar=4, num_experts=4, top_k=2, dropout=dropout,
                                         target_modules=("q_proj", "down_proj")))
     with torch.no_grad():  # non-zero B: the adapters (and their dropout) change what down_proj's router sees

@@ -16,9 +16,10 @@ from malora import (ConfigError, LoRAConfig, MALoRAConfig, MoLoRAConfig, adapter
                     inject_adapters, reset_routing_stats, routing_stats)
 from malora.layers import MALoRALinear, MoLoRALinear, MoSLDLinear, Router, build_adapter_layer
 from malora.routing import MaskShapeError
-from tests.malora.test_inject import LLAMA_TARGETS, padded, tiny_llama, tiny_llama_double_with
+from tests.malora.test_inject import LLAMA_TARGETS, padded, tiny_llama_double_with
 from tests.malora.test_layers import CONFIGS as LAYER_CONFIGS
 from tests.malora.test_layers import N_IN, N_OUT, PAD_MASK, Holder, expected_counts, reference
+from tests.tiny import tiny_llama
 
 CKPT_CFG = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, balance_coef=0.5, dispatch="dense",
                         target_modules=LLAMA_TARGETS)
@@ -137,7 +138,7 @@ def test_encoder_decoder_models_are_refused_at_injection():
 
 # --------------------------------------------------------------------------------- d. DataParallel
 def test_data_parallel_replicas_are_refused_with_a_pointer_to_ddp():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, target_modules=LLAMA_TARGETS))
     ids, mask, _ = padded()
     # what nn.DataParallel's replicate() makes of each module before calling the copy on its GPU
@@ -152,7 +153,7 @@ def test_data_parallel_replicas_are_refused_with_a_pointer_to_ddp():
 
 # ----------------------------------------------------------------------- e. inference mode and masks
 def test_reset_under_inference_mode_leaves_training_working():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, target_modules=LLAMA_TARGETS))
     ids, mask, pos = padded()
     with torch.inference_mode():
@@ -208,7 +209,7 @@ def test_static_cache_generate_counts_what_dynamic_cache_generate_counts():
     same generate with the default cache, which passes the 2-D padding mask."""
     counts = []
     for cache in (None, "static"):
-        model = tiny_llama()
+        model = tiny_llama().eval()
         model.generation_config.pad_token_id = 0
         inject_adapters(model, MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, target_modules=LLAMA_TARGETS))
         ids, mask, _ = padded(lengths=(6, 3), width=6, left=True)

@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters
 from malora.layers.grouped import IMPLS, default_impl, has_fast_grouped_mm
 from tests.malora.test_grouped import check_grouped_mixture
 from tests.malora.test_layers import CASES, CONFIGS, PAD_MASK, N_IN, ROUTED_TOPK, Holder, make_layer, reference
+from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -121,8 +121,6 @@ def check_grouped_mm_no_host_sync(device: str) -> None:
 def check_bf16_training_step(device: str, dispatch: str = "auto") -> None:
     """bf16 base + adapters (kept in fp32 by design) with non-zero B: the adapters change the loss, which is
     finite and within 2 % of the fp32 model's loss."""
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
     adapter = MALoRAConfig(d=16, r_bar=6, num_experts=4, top_k=2, dropout=0.0, target_modules=("q_proj", "v_proj"),
                            dispatch=dispatch)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
@@ -130,8 +128,7 @@ def check_bf16_training_step(device: str, dispatch: str = "auto") -> None:
     mask[1, 17:] = 0
     losses, base_losses = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+        model = tiny_llama().to(device=device, dtype=dtype)              # the same weights in both dtypes
         with torch.no_grad():
             base_losses[dtype] = model(input_ids=ids, attention_mask=mask, labels=ids).loss.item()
         inject_adapters(model, adapter)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.pytorch_utils import Conv1D
 
@@ -14,6 +14,7 @@ from malora.config import (ConfigError, HydraLoRAConfig, LoRAConfig, MALoRAConfi
 from malora.inject import (adapter_context, adapter_layers, collect_aux_loss, inject_adapters, remove_adapters,
                            reset_routing_stats, routing_stats)
 from malora.layers import AdapterLayer, LoRALinear
+from tests.tiny import tiny_llama
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = {
@@ -24,13 +25,6 @@ CONFIGS = {
     "hydra": HydraLoRAConfig(r=4, num_experts=3, target_modules=LLAMA_TARGETS),
 }
 ROUTED = ["molora", "malora", "mosld", "hydra"]
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -45,7 +39,7 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_identity_at_init_and_only_adapters_train(kind):
-    model = tiny_llama()
+    model = tiny_llama().eval()
     with torch.no_grad():
         base_logits = model(IDS).logits
     frozen = {id(p): p.detach().clone() for p in model.parameters()}  # base params keep their identity
@@ -76,13 +70,13 @@ def test_identity_at_init_and_only_adapters_train(kind):
 
 
 def test_mosld_per_layer_experts():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, CONFIGS["mosld"])
     experts = {name: layer.num_experts for name, layer in adapter_layers(model)}
     assert experts == {"model.layers.0.self_attn.q_proj": 2, "model.layers.0.self_attn.v_proj": 2,
                        "model.layers.1.self_attn.q_proj": 4, "model.layers.1.self_attn.v_proj": 4}
     with pytest.raises(ConfigError, match=r"has 3 per-layer entries but the model has 2 layers.*exactly 2"):
-        inject_adapters(tiny_llama(), MoSLDConfig(num_experts=(2, 4, 6)))
+        inject_adapters(tiny_llama().eval(), MoSLDConfig(num_experts=(2, 4, 6)))
 
 
 def router_inputs(model) -> dict[str, torch.Tensor]:
@@ -113,7 +107,7 @@ def test_aux_loss_and_routing_stats_match_transformers_reference(kind, reduction
     cfg = CONFIGS[kind]
     if kind != "hydra":
         cfg = type(cfg)(**{**cfg.to_dict(), "balance_reduction": reduction, "balance_coef": 0.03})
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, cfg)
     seen = router_inputs(model)
     ids, mask, pos = padded()
@@ -145,7 +139,7 @@ def test_aux_loss_and_routing_stats_match_transformers_reference(kind, reduction
 
 @pytest.mark.parametrize("kind", ["molora", "malora", "mosld"])
 def test_padding_width_pad_id_and_side_do_not_change_stats_or_loss(kind):
-    model = tiny_llama().double()
+    model = tiny_llama().eval().double()
     inject_adapters(model, CONFIGS[kind])
     results = []
     for width, pad_id, left in [(9, 0, False), (14, 77, False), (12, 3, True)]:
@@ -162,7 +156,7 @@ def test_padding_width_pad_id_and_side_do_not_change_stats_or_loss(kind):
 
 
 def test_attention_mask_is_picked_up_positionally_and_stale_masks_are_not_reused():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, CONFIGS["malora"])
     ids, mask, _ = padded()
     with torch.no_grad():
@@ -175,7 +169,7 @@ def test_attention_mask_is_picked_up_positionally_and_stale_masks_are_not_reused
 
 
 def test_left_padded_generation_counts_prompt_and_new_tokens_once():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     model.generation_config.pad_token_id = 0
     inject_adapters(model, CONFIGS["malora"])
     ids, mask, _ = padded(lengths=(6, 3), width=6, left=True)
@@ -186,7 +180,7 @@ def test_left_padded_generation_counts_prompt_and_new_tokens_once():
 
 
 def tiny_llama_double_with(cfg):
-    model = tiny_llama().double()
+    model = tiny_llama().eval().double()
     inject_adapters(model, cfg)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -251,9 +245,7 @@ def test_reentrant_checkpointing_refuses_a_balance_loss_backpropagated_alone():
 
 
 def test_injection_is_atomic_and_retryable():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    model = tiny_llama(intermediate_size=32).eval()
     modules = {name: type(m) for name, m in model.named_modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
@@ -273,7 +265,7 @@ def test_injection_is_atomic_and_retryable():
 
 
 def test_lora_has_no_aux_loss_and_no_routing_stats():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, CONFIGS["lora"])
     model(IDS)
     assert collect_aux_loss(model).item() == 0.0 and routing_stats(model) == {}
@@ -303,13 +295,13 @@ def test_gpt2_conv1d(kind):
 def test_no_match_lists_candidates():
     with pytest.raises(ConfigError, match=r"matched no linear.*candidates \['down_proj', 'gate_proj', 'k_proj', "
                                           r"'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
-        inject_adapters(tiny_llama(), LoRAConfig(target_modules=("query",)))
+        inject_adapters(tiny_llama().eval(), LoRAConfig(target_modules=("query",)))
     with pytest.raises(ConfigError, match=r"candidates \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
         inject_adapters(tiny_gpt2(), LoRAConfig())
 
 
 def test_second_injection_is_refused_and_layers_are_listed():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     inject_adapters(model, LoRAConfig())
     layers = adapter_layers(model)
     assert not any(layer.training for _, layer in layers)             # injected into an eval model: eval mode

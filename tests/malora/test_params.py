@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from malora import (ConfigError, HydraLoRAConfig, LoRAConfig, MALoRAConfig, MoLoRAConfig, MoSLDConfig,
                     analytic_trainable, count_parameters, inject_adapters)
 from malora.params import ParamCount, layer_index, linear_dims, meta_llama, per_linear_trainable
+from tests.tiny import small_llama
 
 REPO = Path(__file__).resolve().parents[2]
 QKV_FFN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,13 +26,6 @@ LLAMA2_7B_TOTAL = 6_738_415_616
 @pytest.fixture(scope="module")
 def llama7b():
     return meta_llama()
-
-
-def tiny_llama(**kw) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=50, **kw)
-    return LlamaForCausalLM(cfg)
 
 
 # ------------------------------------------------------------------------------------------ formulas by hand
@@ -63,7 +57,7 @@ def test_layer_index():
 
 # ---------------------------------------------------------------------------------------------- real counts
 def test_count_parameters_counts_tied_weights_once():
-    model = tiny_llama(tie_word_embeddings=True)
+    model = small_llama(tie_word_embeddings=True)
     count = count_parameters(model)
     embed = 50 * 32
     per_layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 48 + 2 * 32      # q,o + k,v (2 kv heads) + mlp + norms
@@ -79,7 +73,7 @@ def test_count_parameters_counts_tied_weights_once():
     HydraLoRAConfig(r=4, num_experts=3),
 ], ids=lambda c: c.kind)
 def test_real_count_equals_formula_tiny(cfg):
-    model = tiny_llama()
+    model = small_llama()
     base = count_parameters(model).total
     dims = linear_dims(model, cfg.target_modules)
     inject_adapters(model, cfg)

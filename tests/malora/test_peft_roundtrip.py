@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from malora import LoRAConfig, export_peft, inject_adapters
 from malora.checkpoint import CONFIG_NAME, adapter_state_dict
+from tests.tiny import small_llama
 
 peft = pytest.importorskip("peft")
 # peft 0.21 calls a transformers 5 method that warns about its own deprecation; not ours to fix
@@ -35,9 +36,7 @@ def _logits(model, vocab: int) -> torch.Tensor:
 
 
 def test_llama_lora_loads_in_peft(tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    model = small_llama()
     cfg = LoRAConfig(r=4, alpha=12.0, dropout=0.1,
                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     base, model = _perturbed_lora(model, cfg)
