@@ -10,6 +10,12 @@ calls significant at 5 %, and the share of tasks the seesaw rule calls "regresse
   resampled seeds and items jointly, and its seesaw rule ``Δ < −2 · bootstrap SE``.
 
     python benchmarks/stat_calibration.py --old 760b2f8 [--n-sim 2000] [--json]
+
+``--crossed``: the primary test (seeds and items random, ``orchestrator.evaluation.crossed``) against the per-seed t
+over a grid of regimes of the probit model (item ease shared by the methods, a method x item interaction of SD
+``interaction``, a run shift of SD ``run``, answers flipping between seeds), 5 tasks, at 3 and 5 seeds:
+
+    python benchmarks/stat_calibration.py --crossed [--n-sim 3000] [--items 320]
 """
 
 from __future__ import annotations
@@ -49,6 +55,52 @@ def simulate(rng: np.random.Generator, n_sim: int, seeds: int, items: int, seed_
     return a.astype(float), b.astype(float)
 
 
+def probit_null(rng, n_sim, seeds, tasks, items, interaction, run_sd, flip_sd=0.15):
+    """Per task (n_sim, seeds, items) answers of two methods equal over the population of items."""
+    a, b = [], []
+    for _ in range(tasks):
+        mu = rng.normal(0.3, 1.5, size=(n_sim, 1, items))
+        gamma = rng.normal(0.0, interaction, size=(2, n_sim, 1, items))
+        run = rng.normal(0.0, run_sd, size=(2, n_sim, seeds, 1))
+        eta = rng.normal(0.0, flip_sd, size=(2, n_sim, seeds, items))
+        a.append((mu + gamma[0] + run[0] + eta[0] > 0).astype(np.float32))
+        b.append((mu + gamma[1] + run[1] + eta[1] > 0).astype(np.float32))
+    return a, b
+
+
+REGIMES = [(0.3, 0.03), (0.1, 0.03), (0.05, 0.03), (0.0, 0.03), (0.0, 0.05), (0.0, 0.1), (0.3, 0.1), (0.3, 0.0),
+           (0.0, 0.0), (0.5, 0.0), (0.1, 0.0)]
+
+
+def crossed_grid(n_sim: int, items: int, as_json: bool) -> int:
+    from orchestrator.evaluation.crossed import crossed_se
+
+    rows = []
+    for seeds in (3, 5):
+        for k, (interaction, run_sd) in enumerate(REGIMES):
+            a, b = probit_null(np.random.default_rng(100 * seeds + k), n_sim, seeds, 5, items, interaction, run_sd)
+            d = [x - y for x, y in zip(a, b)]
+            mean, se, df, _ = crossed_se(d)
+            t = mean / se
+            per_seed = np.mean([x.mean(axis=-1) for x in d], axis=0)
+            r = t_test(per_seed)
+            rows.append({"seeds": seeds, "interaction": interaction, "run_sd": run_sd,
+                         "flips": float(np.mean([np.mean(x[:, 0] != x[:, 1]) for x in a])),
+                         "crossed_reject": float(np.mean(2 * stats.t.sf(np.abs(t), df) < 0.05)),
+                         "crossed_seesaw": float(np.mean(stats.t.cdf(t, df) < stats.norm.cdf(-2.0))),
+                         "seed_t_reject": float(np.mean(r["p"] < 0.05))})
+    if as_json:
+        print(json.dumps({"n_sim": n_sim, "items": items, "tasks": 5, "rows": rows}))
+        return 0
+    print(f"null, probit model, 5 tasks x {items} items, {n_sim} studies per row; nominal 5 % (seesaw 2.28 %)")
+    print("seeds | interaction | run SD | flips | crossed reject | crossed seesaw | per-seed t reject")
+    for r in rows:
+        print(f"{r['seeds']:>5} | {r['interaction']:>11} | {r['run_sd']:>6} | {100 * r['flips']:4.1f} % | "
+              f"{100 * r['crossed_reject']:12.1f} % | {100 * r['crossed_seesaw']:12.1f} % | "
+              f"{100 * r['seed_t_reject']:15.1f} %")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-sim", type=int, default=2000)
@@ -58,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boot-sims", type=int, default=1000, help="simulations for the (slow) bootstrap columns")
     ap.add_argument("--old", default=None, metavar="COMMIT", help="also run that commit's joint bootstrap")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--crossed", action="store_true", help="the primary test over the probit regimes (docstring)")
     args = ap.parse_args(argv)
+    if args.crossed:
+        return crossed_grid(args.n_sim, args.items if args.items != 500 else 320, args.json)
     old = old_statistics(args.old) if args.old else None
     alpha_seesaw = float(stats.norm.cdf(-2.0))
     rows = []

@@ -1,75 +1,91 @@
-"""Size the intra-domain study by power, from a pilot (issue 23).
+"""Size a study by power: the MDD of the primary comparison (seeds and items random) at other designs.
 
-    python benchmarks/study_power.py --pilot ~/malora_runs/pilot_report/results.json --seeds 3 --items-per-task 300
-    python benchmarks/study_power.py --change-rate 0.2 --tasks 5 --seeds 3 --items-per-task 300
+    python benchmarks/study_power.py --pilot docs/results/<pilot>/results.json --pair malora-molora
+    python benchmarks/study_power.py --seed-sd 0.29 --item-se 0.25 --tasks 5 --pilot-items 320 --target 0.8
 
-Input: ``q``, the share of test items whose correctness differs between two runs. ``--pilot`` reads it from a
-pilot study's ``results.json`` (``search_spaces/intra_domain_cpu_pilot.yaml``): per method and task, the items that
-moved from the zero-shot answer to gold or away from it (``learned_per_item``: ``to_gold + from_gold``), averaged
-over methods and tasks weighted by items. That is a run against zero-shot, so it holds what training changed as
-well as the seed noise: sizing with it errs towards more items. ``--change-rate`` gives ``q`` directly (e.g. the
-share that differs between two seeds of one method, the seed noise itself).
-
-Output (the study's own test, ``orchestrator.evaluation.statistics``: t over the per-seed paired differences with
-S − 1 df, MDD at 80 % power by the noncentral t): the test items per task for a mean Δ vs zero-shot of
-``--delta`` (+3 points) to be detected with 80 % power, and the minimum detectable MALoRA − MoLoRA difference at
-``--items-per-task``. Items are pooled over tasks (the headline is the mean over equal-sized tasks).
+Input, one of: ``--pilot``, a study's results.json with its answers file (``orchestrator.report.answers``): the
+variance components of the pair's paired difference (``orchestrator.evaluation.crossed``); or two figures a report
+states, in points: ``--seed-sd`` (SD over seeds of the per-seed mean difference) and ``--item-se`` (item-level
+bootstrap SE of the mean difference at ``--tasks`` x ``--pilot-items``), which keep the residual in the seed term
+(conservative). Output: the MDD at 80 % power of the study's own test for each design in the grid (``--seeds``,
+``--items``), and the cheapest design (seeds x items) whose MDD is at most ``--target`` points. The study's
+``--dry-run`` then says whether that design fits the time budget.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.evaluation.statistics import change_rate_mdd, items_for_mdd  # noqa: E402
+from orchestrator.evaluation.crossed import Components, components_from_summary, crossed_se  # noqa: E402
+from orchestrator.evaluation.statistics import projected_mdd  # noqa: E402
+from orchestrator.report.answers import AnswersError, read_answers  # noqa: E402
 
 
-def pilot_change_rate(path: Path) -> tuple[float, int, int]:
-    """(q, items counted, tasks) from a pilot's results.json (module docstring)."""
-    results = json.loads(path.read_text())
-    moved, items, tasks = 0.0, 0, set()
-    for method, entry in results["methods"].items():
-        for task, c in (entry.get("learned_per_item") or {}).items():
-            moved += (c["to_gold"] + c["from_gold"]) * c["n_items"]
-            items += c["n_items"]
-            tasks.add(task)
-    if not items:
-        raise ValueError(f"{path}: no learned_per_item in any method. Fix: run the pilot with study.zero_shot: true "
-                         "(search_spaces/intra_domain_cpu_pilot.yaml)")
-    return moved / items, items, len(tasks)
+def pilot_components(path: Path, a: str, b: str) -> Components:
+    """Components of ``a − b`` from a pilot's kept answers (replicate runs, seeds paired by order)."""
+    _, answers = read_answers(path)
+    runs = [r for r in answers["runs"] if r["run"]["role"] == "replicate"]
+    tasks = sorted(answers["splits"])
+
+    def matrix(method: str, task: str) -> np.ndarray:
+        rows = sorted((r for r in runs if r["run"]["method"] == method), key=lambda r: r["run"]["seed"])
+        if not rows:
+            raise AnswersError(f"{path}: no replicate runs of {method!r}. Fix: --pair names two of the study's methods")
+        return np.array([r["metrics"][f"test_correct/{task}"] for r in rows], dtype=float)
+
+    return crossed_se([matrix(a, t) - matrix(b, t) for t in tasks])[3]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pilot", type=Path, help="a pilot study's results.json")
-    src.add_argument("--change-rate", type=float, help="q: share of test items whose correctness differs")
-    p.add_argument("--tasks", type=int, default=None, help="tasks in the mean (default: the pilot's, else 5)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--delta", type=float, default=0.03, help="mean Δ vs zero-shot to detect (default +3 points)")
-    p.add_argument("--items-per-task", type=int, default=300, help="test items per task for the MDD line")
+    p.add_argument("--pilot", type=Path, help="a study's results.json (with its answers file)")
+    p.add_argument("--pair", default="malora-molora", help="a-b: the comparison to size (with --pilot)")
+    p.add_argument("--seed-sd", type=float, help="points: SD over seeds of the per-seed mean difference")
+    p.add_argument("--item-se", type=float, help="points: item-bootstrap SE of the mean difference")
+    p.add_argument("--tasks", type=int, default=5)
+    p.add_argument("--pilot-items", type=int, default=320, help="items per task behind --item-se")
+    p.add_argument("--seeds", default="3,5,8,10", help="seed counts to tabulate")
+    p.add_argument("--items", default="320,500,1000", help="items per task to tabulate")
+    p.add_argument("--target", type=float, default=0.8, help="MDD to reach, points (default: the paper's gap)")
+    p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        q, counted, pilot_tasks = pilot_change_rate(args.pilot) if args.pilot else (args.change_rate, 0, 0)
-    except (OSError, KeyError, ValueError) as exc:
-        print(f"error: --pilot: {exc}", file=sys.stderr)
+        if args.pilot:
+            a, _, b = args.pair.partition("-")
+            comps = pilot_components(args.pilot, a, b)
+        elif args.seed_sd is not None and args.item_se is not None:
+            comps = components_from_summary(args.seed_sd / 100, args.item_se / 100, args.tasks, args.pilot_items)
+        else:
+            raise ValueError("give --pilot FILE, or --seed-sd and --item-se (points)")
+        seeds = [int(x) for x in args.seeds.split(",")]
+        items = [int(x) for x in args.items.split(",")]
+        if min(seeds) < 2 or min(items) < 2:
+            raise ValueError("--seeds and --items need values >= 2")
+    except (AnswersError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not 0 < q <= 1:
-        print(f"error: change rate {q} must lie in (0, 1]", file=sys.stderr)
-        return 2
-    tasks = args.tasks or pilot_tasks or 5
-    pooled = items_for_mdd(args.delta, q, args.seeds, vs_fixed=True)
-    per_task = math.ceil(pooled / tasks)
-    at = args.items_per_task * tasks
-    print(f"change rate q = {q:.4f}" + (f" (pilot {args.pilot}: {counted} run x item pairs)" if args.pilot else ""))
-    print(f"Δ vs zero-shot of {args.delta:+.3f} at 80 % power with {args.seeds} seeds: {pooled} test items pooled over "
-          f"{tasks} tasks = {per_task} per task (data.test_limit)")
-    print(f"at data.test_limit = {args.items_per_task} ({at} items): MDD vs zero-shot "
-          f"{change_rate_mdd(q, at, args.seeds, vs_fixed=True):.4f}, MALoRA - MoLoRA "
-          f"{change_rate_mdd(q, at, args.seeds, vs_fixed=False):.4f}")
+    grid = {(s, i): 100 * projected_mdd(comps, s, i) for s in seeds for i in items}
+    fits = sorted(((s * i, s, i) for (s, i), m in grid.items() if m <= args.target))
+    if args.json:
+        print(json.dumps({"components": comps.as_dict(), "mdd80_points": {f"{s}x{i}": m for (s, i), m in grid.items()},
+                          "cheapest": fits[0][1:] if fits else None, "target": args.target}, indent=1))
+        return 0
+    print(f"variance components (accuracy²): seed {comps.seed:.3g}; item per task "
+          + ", ".join(f"{v:.3g}" for v in comps.item) + "; residual " + ", ".join(f"{v:.3g}" for v in comps.residual))
+    print("MDD at 80 % power (points), seeds x items per task:")
+    print("seeds | " + " | ".join(f"{i:>6}" for i in items))
+    for s in seeds:
+        print(f"{s:>5} | " + " | ".join(f"{grid[(s, i)]:6.2f}" for i in items))
+    if fits:
+        print(f"cheapest design with MDD <= {args.target}: {fits[0][1]} seeds x {fits[0][2]} items per task "
+              f"({grid[fits[0][1:]]:.2f} points)")
+    else:
+        print(f"no design in the grid reaches MDD <= {args.target} points")
     return 0
 
 

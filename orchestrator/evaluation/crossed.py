@@ -26,18 +26,26 @@ means, ``d̄_i`` the item means: ``MS_r,t`` = Σ (d − d̄_s − d̄_i + d̄)²
 
 is (up to the truncation of each item component at 0) unbiased for Var(D): the first term is exactly the squared
 standard error of the t over per-seed differences (the test conditional on the items), the second the method x
-item interaction it leaves out, so the crossed SE is never below the conditional one. The test is ``D / SE``
-against Student t with Satterthwaite's degrees of freedom, ``SE⁴ / Σ_k (c_k m_k)² / df_k`` over the mean-square
-terms ``m_k`` that enter SE² with coefficients ``c_k = ±1`` (df S−1 for v_s, I_t−1 for v_it, (S−1)(I_t−1) for
-MS_r,t). With a dominant seed term the df approaches S−1 (the per-seed t); with a dominant item term it is large.
+item interaction it leaves out, so the crossed SE is never below the conditional one. (Identical per-seed
+differences while answers do change between seeds: v_s = 0 by chance, and the residual's share of it,
+Σ_t MS_r,t / (S I_t T²), stands in.)
 
-Why this form: two others were simulated and rejected. Truncating the seed component too (σ̂_a² at 0) drops the
-S−1-df protection exactly when v_s is small by chance, and rejected up to 7.7 % at 3 seeds; Cochran-Cox critical
-values rejected 2.8-5 %. A bootstrap is worse here: resampling 3 seeds gives 10 distinct multisets and shrinks the
-seed variance by (S−1)/S, and a joint seed+item bootstrap double-counts the residual (0.4-8.4 % at nominal 5 %,
-``benchmarks/stat_calibration.py``). This one rejected 4.3-6.8 % over eleven regimes (interaction SD 0-0.5 on the
-probit scale, run SD 0-0.1, 3 and 5 seeds, 5 tasks x 320 items); the suite pins two of them within [3 %, 7 %]
-(``tests/orchestrator/evaluation/test_crossed.py``).
+The reference distribution: ``D / SE`` is compared with a critical value ``c`` midway between Satterthwaite's and
+Cochran-Cox's. Satterthwaite's df ``SE⁴ / Σ_k (c_k m_k)² / df_k`` over the mean-square terms ``m_k`` in SE²
+(coefficients ``c_k = ±1``; df S−1 for v_s, I_t−1 for v_it, (S−1)(I_t−1) for MS_r,t) is liberal when a 2-df seed
+term is mixed with a small item term (7.4-7.7 % at 3 seeds); Cochran-Cox's variance-weighted mean of the terms'
+own critical values (seed term at S−1 df, item terms at their Satterthwaite df) is conservative (2.8-3.7 %). Their
+midpoint rejected 3.4-5.9 % at nominal 5 % over 22 simulated regimes (method x item interaction SD 0-0.5 on the
+probit scale, run SD 0-0.1, 3 and 5 seeds, 5 tasks x 320 items, about 4 % of answers flipping between seeds), where
+the per-seed t rejected up to 49 % (13-49 % wherever the interaction SD is 0.3 or more):
+``python benchmarks/stat_calibration.py --crossed``. The test reports ``df``: the effective degrees of freedom
+whose two-sided 95 % t quantile is ``c``, so p-values, CIs and the MDD read off one Student t (exact at the 5 %
+level, an approximation at others: the one-sided seesaw flags at Φ(−2) = 2.3 % flagged 1.4-2.6 %). The suite pins
+two regimes within [3 %, 7 %] (``tests/orchestrator/evaluation/test_crossed.py``).
+
+Rejected alternatives: truncating the seed component too (σ̂_a² at 0) drops the S−1-df protection exactly when v_s
+is small by chance (up to 7.7 %); a bootstrap: resampling 3 seeds gives 10 distinct multisets and shrinks the seed
+variance by (S−1)/S, and a joint seed+item bootstrap double-counts the residual (0.4-8.4 % at nominal 5 %).
 
 Power: :func:`project_se` evaluates the same formula for another design (S' seeds, I' items per task) from a
 pilot's components, with the critical-value rule applied to the expected mean squares, so the study's MDD and its
@@ -166,3 +174,12 @@ def project_se(components: Components, seeds: int, items_per_task: int | Sequenc
             rest_denom += v_i ** 2 / (n - 1) + ms_r ** 2 / ((seeds - 1) * (n - 1))
     crit = _critical(np.float64(term_a), np.float64(rest), np.float64(rest_denom), seeds, 0.95)
     return math.sqrt(term_a + rest), float(_df_for_critical(np.asarray(crit), seeds - 1, 0.95))
+
+
+def components_from_summary(seed_sd: float, item_se: float, tasks: int, items_per_task: int) -> Components:
+    """Components from two figures a report states, when a pilot's per-item answers are not at hand: ``seed_sd``,
+    the SD over seeds of the per-seed mean-over-tasks difference, and ``item_se``, the item-level bootstrap SE of
+    the mean difference at ``tasks`` x ``items_per_task`` items. The residual cannot be told from the seed term
+    then, so it stays in it (it does not shrink with more items): the projection errs towards a larger MDD."""
+    item = item_se ** 2 * tasks * items_per_task   # item_se² = (1/T²) Σ_t b_t / I with equal b_t
+    return Components(seed_sd ** 2, (item,) * tasks, (0.0,) * tasks, 0, (items_per_task,) * tasks)

@@ -11,8 +11,8 @@ with T tasks the headline is the mean over tasks.
   seeds *and* items are random. The mean-over-tasks paired difference ``D`` is tested with the crossed seed x item
   variance of ``orchestrator.evaluation.crossed`` -- the per-seed t's variance plus the method x item
   interaction's -- against Student t with Satterthwaite's df. A simulation of the null with seed noise and a
-  method x item interaction, in the study's regime, rejects at 4-7 % at nominal 5 % where the per-seed t rejects
-  13-18 % (``tests/orchestrator/evaluation/test_crossed.py``, ``benchmarks/stat_calibration.py``).
+  method x item interaction, in the study's regime, rejects at 3.4-5.9 % at nominal 5 % where the per-seed t
+  rejects up to 49 % (``tests/orchestrator/evaluation/test_crossed.py``, ``benchmarks/stat_calibration.py``).
 - Beside it, conditional on the scored items (:func:`seed_t`, ``unit`` "seed"): the per-seed paired differences
   ``d_s = (1/T) Σ_t (mean_i A_t[s, i] − mean_i B_t[s, i])`` (seeds paired by index, items by position) tested
   with t over seeds: ``d̄ ± t_{1-α/2, S-1} · sd(d)/sqrt(S)``. It answers "on these items"; with one seed the unit
@@ -25,12 +25,10 @@ with T tasks the headline is the mean over tasks.
   test finds with probability 0.8, given its standard error ``se`` and ``df``:
   ``MDD = λ* · se`` where λ* solves ``P(|T'| > t_{1-α/2, df}) = 0.8`` for ``T'`` noncentral t with ``df`` degrees
   of freedom and noncentrality λ (scipy's ``nct``). λ* = 5.65 at df = 2 (S = 3), 2.80 for large df.
-- Sizing from a pilot (:func:`change_rate_mdd`, :func:`items_for_mdd`): if a share ``q`` of the pooled test items
-  changes correctness between two runs, each changed item moving a run's accuracy by ±1/I in a balanced direction,
-  then ``Var(a_s − a_s') = q / I`` and one run's between-seed variance is ``q / (2I)``. A Δ against a fixed
-  reference (the zero-shot model) has ``sd(d) = sqrt(q / (2I))``, a difference of two trained methods
-  ``sqrt(q / I)``; with S seeds ``se = sd / sqrt(S)`` and the MDD is ``λ*_{S−1} · se``, so the pooled items needed
-  for a target MDD ``δ`` are ``I = q · λ*² / (k · S · δ²)`` (k = 2 against a fixed reference, 1 between methods).
+- Sizing a study (:func:`projected_mdd`): the MDD of the primary test at another design (S' seeds, I' items per
+  task), from a pilot's variance components (``crossed.Components``: from its per-item answers, or
+  ``crossed.components_from_summary`` of a reported seed SD and item-bootstrap SE), by the same variance model
+  and critical-value rule as the test itself (``crossed.project_se``).
 - Seesaw regressions (:func:`seesaw_regressions`): a task regresses only when its Δ against the reference is
   significantly negative in the one-sided primary test, at ``α₁ = Φ(−k)`` (k = ``noise_multiple``, 2: as rare as
   a 2-sigma normal drop, 2.3 %): ``Δ < −t_{1−α₁, df} · se``. Because the test is calibrated, pure noise gives
@@ -49,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import optimize, stats
 
-from orchestrator.evaluation.crossed import crossed_se
+from orchestrator.evaluation.crossed import Components, crossed_se, project_se
 
 CONFIDENCE = 0.95
 POWER = 0.80
@@ -239,23 +237,10 @@ def mdd80(se: float, df: float, *, power: float = POWER, confidence: float = CON
     return _noncentrality(min(round(float(df), 2), 1e6), power, confidence) * float(se)
 
 
-def change_rate_mdd(change_rate: float, items: int, seeds: int, *, vs_fixed: bool, power: float = POWER,
-                    confidence: float = CONFIDENCE) -> float:
-    """MDD of the t-test over ``seeds`` seeds on ``items`` pooled test items when a share ``change_rate`` of items
-    changes correctness between runs (module docstring); ``vs_fixed``: against a fixed reference (zero-shot)."""
-    if seeds < 2:
-        raise ValueError("the t-test over seeds needs at least 2 seeds")
-    variance = change_rate / (2 * items) * (1 if vs_fixed else 2)   # of one per-seed difference d_s
-    return mdd80(math.sqrt(variance / seeds), seeds - 1, power=power, confidence=confidence)
-
-
-def items_for_mdd(delta: float, change_rate: float, seeds: int, *, vs_fixed: bool, power: float = POWER,
-                  confidence: float = CONFIDENCE) -> int:
-    """Smallest pooled test-item count whose :func:`change_rate_mdd` is at most ``delta``."""
-    if seeds < 2:
-        raise ValueError("the t-test over seeds needs at least 2 seeds")
-    lam = _noncentrality(seeds - 1, power, confidence)
-    return max(1, math.ceil(change_rate * lam ** 2 / ((2 if vs_fixed else 1) * seeds * delta ** 2) - 1e-9))
+def projected_mdd(components: Components, seeds: int, items_per_task: int, *, power: float = POWER) -> float:
+    """MDD of the primary test at ``seeds`` seeds and ``items_per_task`` items from a pilot's ``components``."""
+    se, df = project_se(components, seeds, items_per_task)
+    return mdd80(se, df, power=power)
 
 
 # ------------------------------------------------------------------------------------------ bootstrap

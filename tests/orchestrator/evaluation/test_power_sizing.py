@@ -1,4 +1,5 @@
-"""Sizing from a pilot's answer-change rate (``statistics.change_rate_mdd`` / ``items_for_mdd``) and its script."""
+"""Sizing a study by power (``statistics.projected_mdd``, ``crossed.components_from_summary``) and its script:
+a simulation at the projected MDD finds it in 80 % of studies; the summary-figure components by hand."""
 
 import json
 import math
@@ -8,57 +9,52 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from orchestrator.evaluation.statistics import change_rate_mdd, items_for_mdd
+from orchestrator.evaluation.crossed import Components, components_from_summary, crossed_se, project_se
+from orchestrator.evaluation.statistics import projected_mdd
 
 SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "study_power.py"
 
 
-def power_at(delta: float, se: float, df: int) -> float:
-    """The two-sided 5 % t-test's power at true difference ``delta`` (scipy's noncentral t, computed here)."""
-    crit = stats.t.ppf(0.975, df)
-    return stats.nct.sf(crit, df, delta / se) + stats.nct.cdf(-crit, df, delta / se)
-
-
-def test_pool_size_by_hand():
-    # q = 0.2, S = 3 (lambda* = 5.65 at df 2): I = 0.2 * 5.65^2 / (2 * 3 * 0.03^2) = 1182 pooled items
-    n = items_for_mdd(0.03, 0.2, 3, vs_fixed=True)
-    assert n == pytest.approx(0.2 * 5.65 ** 2 / (2 * 3 * 0.03 ** 2), abs=3)
-    se = lambda items: math.sqrt(0.2 / (2 * items) / 3)  # noqa: E731  sd of a per-seed Δ vs a fixed reference
-    assert power_at(0.03, se(n), 2) >= 0.80 > power_at(0.03, se(n - 1), 2)
-
-
-def test_method_difference_mdd_by_hand():
-    # A - B: var(d_s) = q / I; q = 0.2, I = 1500, S = 3: se = sqrt(0.2 / 1500 / 3) = 0.006667; MDD = 5.65 se = 0.0377
-    assert change_rate_mdd(0.2, 1500, 3, vs_fixed=False) == pytest.approx(5.65 * math.sqrt(0.2 / 1500 / 3), rel=2e-3)
-    # against a fixed reference half the variance: the MDD shrinks by sqrt(2)
-    assert change_rate_mdd(0.2, 1500, 3, vs_fixed=True) == pytest.approx(
-        change_rate_mdd(0.2, 1500, 3, vs_fixed=False) / math.sqrt(2))
-    with pytest.raises(ValueError, match="2 seeds"):
-        change_rate_mdd(0.2, 1500, 1, vs_fixed=False)
-
-
-def test_variance_model_matches_a_simulation():
-    # two runs whose correctness differs on a share q of I items, balanced in direction: var(a - a') = q / I
+def test_a_true_difference_of_the_projected_mdd_is_found_four_times_in_five():
+    """Continuous paired differences d[t][s, i] = δ + a_s + b_ti + e_tsi with known components (accuracy²):
+    5 tasks, 4 seeds x 200 items. At δ = the projected MDD, 2,000 simulated studies reject in 80 % ± 3."""
     rng = np.random.default_rng(0)
-    q, items, draws = 0.2, 400, 20_000
-    flips = rng.random((draws, items)) < q
-    signs = rng.choice([-1.0, 1.0], size=(draws, items))
-    diffs = (flips * signs).mean(axis=1)
-    assert diffs.var() == pytest.approx(q / items, rel=0.03)
+    sd_a, sd_b, sd_e, tasks, seeds, items = 0.004, 0.12, 0.15, 5, 4, 200
+    comps = Components(sd_a ** 2, (sd_b ** 2,) * tasks, (sd_e ** 2,) * tasks, 0, (items,) * tasks)
+    delta = projected_mdd(comps, seeds, items)
+    n = 2000
+    a = rng.normal(0, sd_a, (n, seeds, 1))
+    diffs = [delta + a + rng.normal(0, sd_b, (n, 1, items)) + rng.normal(0, sd_e, (n, seeds, items))
+             for _ in range(tasks)]
+    mean, se, df, _ = crossed_se(diffs)
+    from scipy import stats
+    power = float(np.mean(2 * stats.t.sf(np.abs(mean) / se, df) < 0.05))
+    assert power == pytest.approx(0.80, abs=0.03)
+    # and the projected SE is the spread of the estimate over those studies
+    assert project_se(comps, seeds, items)[0] == pytest.approx(float(mean.std()), rel=0.06)
 
 
-def test_script_reads_a_pilot(tmp_path):
-    # methods a, b on tasks x (100 items: 10 % to gold, 10 % from gold) and y (300 items: 5 % + 5 %)
-    cell = lambda n, up, down: {"n_items": n, "to_gold": up, "from_gold": down}  # noqa: E731
-    per = {"x": cell(100, 0.1, 0.1), "y": cell(300, 0.05, 0.05)}
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"methods": {"a": {"learned_per_item": per}, "b": {"learned_per_item": per}}}))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--pilot", str(path), "--seeds", "3",
-                          "--items-per-task", "300"], capture_output=True, text=True, check=True).stdout
-    q = (2 * (0.2 * 100 + 0.1 * 300)) / 800  # 0.125, weighted by items
-    assert f"q = {q:.4f}" in out
-    pooled = items_for_mdd(0.03, q, 3, vs_fixed=True)
-    assert f"{pooled} test items pooled over 2 tasks = {math.ceil(pooled / 2)} per task" in out
-    assert f"MALoRA - MoLoRA {change_rate_mdd(q, 600, 3, vs_fixed=False):.4f}" in out
+def test_components_from_summary_figures_by_hand():
+    # seed SD 0.29 points, item SE 0.25 points at 5 tasks x 320 items: SE² at S, I is 0.29²/S + 0.25² x 320 / I
+    comps = components_from_summary(0.0029, 0.0025, 5, 320)
+    for seeds, items in ((3, 320), (5, 1000)):
+        se, _ = project_se(comps, seeds, items)
+        assert se == pytest.approx(math.sqrt(0.0029 ** 2 / seeds + 0.0025 ** 2 * 320 / items))
+    assert projected_mdd(comps, 5, 1000) < projected_mdd(comps, 5, 500) < projected_mdd(comps, 3, 500)
+
+
+def test_the_script_tabulates_and_refuses_bad_input(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--seed-sd", "0.29", "--item-se", "0.25", "--seeds", "3,5",
+                          "--items", "320,1000", "--json"], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    comps = components_from_summary(0.0029, 0.0025, 5, 320)
+    assert got["mdd80_points"]["5x1000"] == pytest.approx(100 * projected_mdd(comps, 5, 1000))
+    cheapest = min((s * i, s, i) for s, i in ((3, 320), (3, 1000), (5, 320), (5, 1000))
+                   if got["mdd80_points"][f"{s}x{i}"] <= 0.8)
+    assert tuple(got["cheapest"]) == cheapest[1:]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--seed-sd", "0.3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--item-se" in bad.stderr
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--pilot", str(tmp_path / "none.json")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
