@@ -134,7 +134,9 @@ def remove_adapters(model: nn.Module) -> list[str]:
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
-    """The model's balance loss from its latest forward: ``reduce_l coef * N * sum_i f_i P_i`` (0-dim).
+    """The model's balance loss from its latest forward: ``reduce_l coef * N * sum_i f_i P_i`` (0-dim). A forward
+    under ``no_grad`` while a grad-enabled one still awaits its backward leaves that one's loss, with its gradient
+    (:mod:`malora.routing`).
 
     ``reduce`` over the routed modules l that ran in that forward is the config's ``balance_reduction``:
 
