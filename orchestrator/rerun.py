@@ -110,6 +110,22 @@ def recorded_items(storage_path: str | None, spec: Any, method: str, seed: int) 
     return None
 
 
+def kept_items(results_path: Path, method: str, seed: int) -> dict[str, list[int]] | None:
+    """The replicate's per-item test correctness from the answers file a report keeps beside its results.json
+    (``orchestrator.report.answers``); None for a report written before answers were kept."""
+    from orchestrator.report.answers import AnswersError, read_answers
+
+    try:
+        _, answers = read_answers(results_path)
+    except AnswersError:
+        return None
+    for r in answers["runs"]:
+        run = r["run"]
+        if run["role"] == "replicate" and run["method"] == method and run["seed"] == seed:
+            return {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith("test_correct/")} or None
+    return None
+
+
 def compare(recorded: dict[str, float], rerun: dict[str, list[int]],
             items: dict[str, list[int]] | None) -> dict[str, dict[str, Any]]:
     """Per task: recorded and rerun accuracy, difference, and (with per-item records) items that changed."""
@@ -164,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = load_space(space)
         except SpaceError as exc:
             raise RerunError(str(exc)) from None
-        items = recorded_items(args.storage_path, spec, args.method, args.seed)
+        items = recorded_items(args.storage_path, spec, args.method, args.seed) or (
+            kept_items(args.results, args.method, args.seed) if args.results else None)
         if results:
             recorded = recorded_cell(results, args.method, args.seed)
         elif items:

@@ -87,3 +87,14 @@ def test_the_clock_sums_every_launch_a_killed_one_included(tmp_path):
     assert summary["launches"][0]["running_s"] == pytest.approx(0.4, abs=0.12)
     assert summary["running_s"] == pytest.approx(0.7, abs=0.2)
     assert summary["elapsed_s"] >= summary["running_s"] + 0.2   # the stopped time shows as the difference
+
+
+def test_rerun_reads_a_cells_items_from_the_kept_answers(tmp_path):
+    from orchestrator.rerun import kept_items
+
+    _, results, folder = _study(tmp_path)
+    items = kept_items(folder / "results.json", "molora", 2)
+    # the per-item answers behind the recorded per-seed accuracy of that cell
+    for t in TASKS:
+        assert sum(items[t]) / len(items[t]) == pytest.approx(results["methods"]["molora"]["per_task"][t]["per_seed"]["2"])
+    assert kept_items(folder / "results.json", "molora", 9) is None
