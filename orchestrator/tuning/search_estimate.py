@@ -11,7 +11,8 @@ ASHA decides ``E``. With grace ``g``, reduction factor ``η`` and ``T`` evaluati
 (``K`` rungs) runs to ``T``. Asynchronous ASHA promotes more than that while its rungs are sparsely filled (the
 first trial at a rung always goes on), so the estimate also gives the ceiling with no trial stopped.
 After the trials, the chosen ones (best per method and the Pareto front, assumed to be twice the number of
-methods) score the test pool once, in one task; before them, the zero-shot reference scores val and test.
+methods, at the methods' mean scoring rate) score the test pool once, in one task; before them, the zero-shot
+reference scores val and test.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def search_estimate(spec: SearchSpec, rates: Rates, splits: dict[str, dict], mix
     nominal, ceiling = (estimate(search_shapes(spec, splits, mixture, stop), rates, slots=slots,
                                  zero_shot_items=zero) for stop in (True, False))
     chosen = 2 * len(spec.methods)
-    per_trial = sum(s["test"] * max(rates.score_s_per_item[m.kind][t] for m in spec.methods)
-                    for t, s in splits.items())
+    per_trial = sum(s["test"] * sum(rates.score_s_per_item[m.kind][t] for m in spec.methods) / len(spec.methods)
+                    for t, s in splits.items())  # a chosen trial is of any method: their mean rate
     return nominal, ceiling, chosen * per_trial
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def test_rungs_and_nominal_stops():
 
 
 def test_search_estimate_by_hand():
-    spec = load_space(SPACES / "intra_domain_cpu_search.yaml")  # 24 trials, 4 methods, eval every 50 of 150 steps
+    spec = load_space(SPACES / "intra_domain_cpu_search.yaml")  # 4 methods, eval every 50 of 150 steps, ASHA rf 3
+    spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, num_trials=24))
     methods = [m.kind for m in spec.methods]
     rates = Rates(train_tokens_per_s=dict.fromkeys(methods, 1000.0),
                   score_s_per_item={m: dict.fromkeys(TASKS, 0.1) for m in [*methods, "zero_shot"]},
@@ -38,7 +40,7 @@ def test_search_estimate_by_hand():
     # 2 slots: the 16 short trials first (1120 s each slot), then the 8 long ones (1600 s each slot)
     assert nominal.wall_s == pytest.approx(zero + 16 * 140 / 2 + 8 * 400 / 2)
     assert ceiling.wall_s == pytest.approx(zero + 24 * 400 / 2)
-    assert test_s == pytest.approx(8 * 5 * 320 * 0.1)  # twice the methods, the whole test pool each
+    assert test_s == pytest.approx(8 * 5 * 320 * 0.1)  # twice the methods, the whole test pool each, mean rate
 
 
 def test_calibration_configs_are_each_methods_heaviest_corner():
