@@ -4,7 +4,8 @@
 
     {"format": 1,
      "configs": {method: config}, "splits": {task: {train, val, test, test_sha256, test_majority}},
-     "runs": [{"run": {role, method, seed, task, ...}, "metrics": {...}}],   # one per study run
+     "runs": [{"run": {role, method, seed, task, ...}, "metrics": {...},    # one per study run
+               "history": {task: [[step, val accuracy], ...]}}],
      "zero_shot": {"test_correct": {task: [1/0]}, "test_chosen": {task: [index]}, ...} | null}
 
 Per run, ``metrics`` holds what the report reads: per task and test item, in pool order, ``test_correct/<task>``
@@ -44,7 +45,8 @@ def kept_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def answers_record(configs: dict[str, dict], splits: dict[str, dict], done: list[dict],
                    reference: dict | None) -> dict[str, Any]:
     return {"format": FORMAT, "configs": configs, "splits": splits,
-            "runs": [{"run": r["run"], "metrics": kept_metrics(r["metrics"])} for r in done],
+            "runs": [{"run": r["run"], "metrics": kept_metrics(r["metrics"]),
+                      **({"history": r["history"]} if r.get("history") else {})} for r in done],
             "zero_shot": {k: reference[k] for k in ZERO_SHOT if k in reference} if reference else None}
 
 

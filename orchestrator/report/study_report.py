@@ -35,6 +35,7 @@ from orchestrator.evaluation import statistics as st
 from orchestrator.evaluation.changes import item_changes
 from orchestrator.evaluation.multiplicity import adjust, tost, verdict
 from orchestrator.report import plots, tracking
+from orchestrator.report.seesaw_report import seesaw_over_training_plot, seesaw_section
 from orchestrator.report.answers import AnswersError, answers_record, read_answers, write_answers
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
@@ -400,14 +401,47 @@ def _write_files(spec: SearchSpec, results: dict[str, Any], answers: dict[str, A
     results["answers"] = {"file": answers_path.name, "sha256": sha,
                           "holds": "per run and task: each test item's correct, chosen (and gold, per-option "
                                    "log-likelihoods where recorded); zero-shot's; configs and splits"}
+    seesaw, seesaw_text, figures = seesaw_diagnostics(results, answers["runs"], folder)
+    if seesaw:
+        results["seesaw_diagnostics"] = seesaw
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (folder / "results.md").write_text("# Results\n\n" + markdown(results))
+    (folder / "results.md").write_text("# Results\n\n" + markdown(results) + ("\n" + seesaw_text if seesaw_text else ""))
     files = [folder / "results.json", folder / "results.md", write_csv(results, folder / "results.csv"),
              answers_path, plots.study_accuracy_plot(results, folder / "accuracy_per_task.png"),
-             plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png")]
+             plots.study_accuracy_vs_params(results, folder / "accuracy_vs_params.png"), *figures]
     if results["single_task"]:
         files.append(plots.study_delta_heatmap(results, folder / "delta_vs_single_task.png"))
     return files
+
+
+def seesaw_diagnostics(results: dict[str, Any], runs: list[dict], folder: Path
+                       ) -> tuple[dict[str, Any], str, list[Path]]:
+    """The seesaw section (``report.seesaw_report``: gradient cosines, I(task; expert), Δ vs single-task beside
+    the most conflicting partner) and the val-accuracy-over-training plot with each single-task reference's end.
+    ``runs``: the answers file's runs (final metrics with ``diagnostics``; ``history`` {task: [[step, acc]]})."""
+    deltas = {m: {t: c["delta_vs_single_task"]["diff"] for t, c in e["per_task"].items()
+                  if c.get("delta_vs_single_task")} for m, e in results["methods"].items()}
+    section, text, figures = seesaw_section(runs, deltas, folder)
+    histories: dict[str, dict[Any, dict]] = {}
+    single_final: dict[str, list[float]] = {}
+    for r in runs:
+        history = {t: [tuple(x) for x in pts] for t, pts in (r.get("history") or {}).items()}
+        if not history:
+            continue
+        run = r["run"]
+        if run["role"] == "single_task":
+            if history.get(run["task"]):
+                single_final.setdefault(run["task"], []).append(history[run["task"]][-1][1])
+        else:
+            histories.setdefault(run["method"], {})[run["seed"]] = history
+    if histories:
+        path = seesaw_over_training_plot(histories, single_final, folder / "seesaw_over_training.png")
+        if path is not None:
+            figures = [*figures, path]
+            text += ("\n" if text else "## Seesaw\n\n") + (
+                "Each task's val accuracy over training per method (mean over seeds, band min-max), the single-task "
+                f"reference's final val accuracy beside it: ![val accuracy over training]({path.name})\n")
+    return section, text, figures
 
 
 def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,

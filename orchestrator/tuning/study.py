@@ -146,6 +146,14 @@ def study_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ run
+def val_history(result: Any) -> dict[str, list[tuple[int, float]]]:
+    """{task: [(step, val primary accuracy)]} of a finished run, from Tune's per-report results."""
+    from orchestrator.report.seesaw_report import history_of
+
+    frame = getattr(result, "metrics_dataframe", None)
+    return history_of(frame.to_dict("records")) if frame is not None and len(frame) else {}
+
+
 def study_name(spec: SearchSpec) -> str:
     return f"{spec.name}-study"
 
@@ -276,8 +284,8 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
                     len(runs), len(spec.methods), spec.study.seeds, spec.study.single_task, parent_id)
         results = tuner.fit()
         # a run counts only with its final, test-scored report (a trial can end without one if it was stopped)
-        done = [{"run": r.config["run"], "metrics": dict(r.metrics or {})} for r in results
-                if not r.error and "test/mean_acc" in (r.metrics or {})]
+        done = [{"run": r.config["run"], "metrics": dict(r.metrics or {}), "history": val_history(r)}
+                for r in results if not r.error and "test/mean_acc" in (r.metrics or {})]
         failed = [r.config["run"] for r in results if r.error or "test/mean_acc" not in (r.metrics or {})]
         if failed or len(done) < len(runs):
             tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": f"{len(failed)} failed runs"})

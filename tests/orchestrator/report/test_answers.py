@@ -98,3 +98,39 @@ def test_rerun_reads_a_cells_items_from_the_kept_answers(tmp_path):
     for t in TASKS:
         assert sum(items[t]) / len(items[t]) == pytest.approx(results["methods"]["molora"]["per_task"][t]["per_seed"]["2"])
     assert kept_items(folder / "results.json", "molora", 9) is None
+
+
+def test_the_report_draws_the_seesaw_from_the_runs_diagnostics_and_histories(tmp_path):
+    from orchestrator.evaluation.diagnostics_record import diagnostics_record
+    from tests.orchestrator.report.test_study_report import LORA, MOLORA, SINGLE
+
+    spec = _spec(tmp_path)
+    spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, single_task=True, n_boot=200))
+    done = _runs("lora", LORA) + _runs("molora", MOLORA) + [
+        r for t in TASKS for r in _runs("lora", {t: SINGLE[t]}, role="single_task")]
+    cos = [[1.0, -0.5], [-0.5, 1.0]]
+    routing = {"mi": 0.2, "mi_norm": 0.2, "max_share": 0.6, "mi_by_layer": {"l0": 0.2}, "mi_by_group": {"mlp_late": 0.2},
+               "mi_norm_by_group": {"mlp_late": 0.2}, "most": {"layer": "l0", "mi": 0.2, "share": [[1, 0], [0, 1]]},
+               "least": {"layer": "l0", "mi": 0.2, "share": [[1, 0], [0, 1]]}}
+    conflict = {"tasks": list(TASKS), "cos": {"all": cos}, "most_negative": {"all": {"pair": list(TASKS), "value": -0.5}},
+                "mean": {"all": -0.5}, "probe": {"seed": 0, "keys": {t: [t] for t in TASKS}}}
+    for r in done:
+        run = r["run"]
+        tasks = [run["task"]] if run["role"] == "single_task" else list(TASKS)
+        r["history"] = {t: [[2, 0.4], [4, 0.5 + 0.01 * run["seed"]]] for t in tasks}
+        if run["role"] == "replicate":
+            r["metrics"]["diagnostics"] = diagnostics_record(list(TASKS), routing, conflict)
+    configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
+    results = study_report.build_results(spec, configs, done, None, _split(4), wall_s=1.0, command="cmd")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    study_report._write_files(spec, results, study_report.answers_record(configs, _split(4), done, None), folder)
+    text = (folder / "results.md").read_text()
+    assert "seesaw_over_training.png" in text and (folder / "seesaw_over_training.png").stat().st_size > 0
+    section = json.loads((folder / "results.json").read_text())["seesaw_diagnostics"]
+    # piqa's most conflicting partner is boolq (cosine -0.5), beside piqa's Δ vs single-task
+    row = next(r for r in section["methods"]["lora"]["conflict_table"] if r["task"] == "piqa")
+    assert row["partner"] == "boolq" and row["cos"] == pytest.approx(-0.5)
+    assert row["delta"] == pytest.approx(results["methods"]["lora"]["per_task"]["piqa"]["delta_vs_single_task"]["diff"])
+    again = study_report.rewrite_report(spec, folder / "results.json", tmp_path / "again", command="again")
+    assert again["results"]["seesaw_diagnostics"]["methods"]["lora"]["conflict_table"] == section["methods"]["lora"]["conflict_table"]
