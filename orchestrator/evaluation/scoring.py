@@ -86,8 +86,9 @@ class Group:
 
     @property
     def length(self) -> int:
-        """Positions the group takes in a packed row: the context, then every option but its last token."""
-        return len(self.context) + sum(len(c) - 1 for _, c in self.options)
+        """Positions the group takes in a packed row: the context, then one per distinct option prefix
+        ``c[:i]`` (1 <= i < len(c)): options that begin alike share those positions (:func:`_layout`)."""
+        return len(self.context) + len({c[:i] for _, c in self.options for i in range(1, len(c))})
 
 
 def build_groups(requests: Sequence[Sequence[Request]]) -> list[Group]:
@@ -246,53 +247,57 @@ def _forward_without_head(model: nn.Module, backbone: nn.Module, **inputs: Any) 
 
 @dataclass(frozen=True)
 class _Layout:
-    """One packed row: its ids and, per position, the position id, the group and the segment (0 = context,
-    k >= 1 = option k); ``reads[(request, i)]`` is the position whose distribution predicts continuation token i."""
+    """One packed row: its ids, position ids, and per position the positions it may attend to (``sees``);
+    ``reads[(request, i)]`` is the position whose distribution predicts continuation token i."""
 
     ids: list[int]
     positions: list[int]
-    group: list[int]
-    segment: list[int]
+    sees: list[list[int]]
     reads: dict[tuple[int, int], int]
 
 
 def _layout(groups: Sequence[Group], members: Sequence[int]) -> _Layout:
-    ids, positions, group, segment, reads = [], [], [], [], {}
+    """The row of ``groups[members]``: per group its context, then a prefix tree of its options' tokens but the
+    last (one position per distinct prefix ``c[:i]``, at position id ``len(context) + i - 1``, seeing the context
+    and the prefix's own earlier tokens), so an option's path through the tree is its own row ``x + c``."""
+    ids, positions, sees, reads = [], [], [], {}
     for g in members:
         ctx, start = groups[g].context, len(ids)
-        ids += ctx
-        positions += range(len(ctx))
-        group += [g] * len(ctx)
-        segment += [0] * len(ctx)
-        last = start + len(ctx) - 1  # the context's last position predicts every option's first token
-        for k, (req, cont) in enumerate(groups[g].options, start=1):
-            reads[(req, 0)] = last
-            at = len(ids)
-            ids += cont[:-1]
-            positions += range(len(ctx), len(ctx) + len(cont) - 1)
-            group += [g] * (len(cont) - 1)
-            segment += [k] * (len(cont) - 1)
+        context_span = list(range(start, start + len(ctx)))
+        for t, token in enumerate(ctx):
+            ids.append(token)
+            positions.append(t)
+            sees.append(context_span[:t + 1])
+        node: dict[tuple[int, ...], int] = {}  # option prefix c[:i] -> its position
+        for req, cont in groups[g].options:
+            reads[(req, 0)] = start + len(ctx) - 1  # the context's last position predicts every first token
+            path: list[int] = []
             for i in range(1, len(cont)):
-                reads[(req, i)] = at + i - 1
-    return _Layout(ids, positions, group, segment, reads)
+                prefix = cont[:i]
+                if prefix not in node:
+                    node[prefix] = len(ids)
+                    ids.append(cont[i - 1])
+                    positions.append(len(ctx) + i - 1)
+                    sees.append(context_span + path + [len(ids) - 1])
+                path.append(node[prefix])
+                reads[(req, i)] = node[prefix]
+    return _Layout(ids, positions, sees, reads)
 
 
 def _packed_inputs(layouts: Sequence[_Layout], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``position_ids`` (B, L) and the bool ``attention_mask`` (B, 1, L, L) of right-padded rows:
-    query q may see key j when both are of one group, j <= q, and j is context or of q's own segment."""
+    """``input_ids``, ``position_ids`` (B, L) and the bool ``attention_mask`` (B, 1, L, L) of right-padded rows
+    (query q may see key j where ``j in sees[q]``; padding sees nothing and is seen by nothing)."""
     width = max(len(r.ids) for r in layouts)
     ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(layouts), width), dtype=torch.long)
-    group = torch.full((len(layouts), width), -1, dtype=torch.long)  # -1: padding, of no group
-    segment = torch.zeros((len(layouts), width), dtype=torch.long)
+    mask = torch.zeros((len(layouts), 1, width, width), dtype=torch.bool)
     for b, r in enumerate(layouts):
         n = len(r.ids)
         ids[b, :n], positions[b, :n] = torch.tensor(r.ids), torch.tensor(r.positions)
-        group[b, :n], segment[b, :n] = torch.tensor(r.group), torch.tensor(r.segment)
-    same = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)             # (B, L, L)
-    own = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": (same & own & causal)[:, None]}
+        rows = torch.tensor([q for q, keys in enumerate(r.sees) for _ in keys])
+        cols = torch.tensor([k for keys in r.sees for k in keys])
+        mask[b, 0, rows, cols] = True
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
 
 
 @torch.no_grad()

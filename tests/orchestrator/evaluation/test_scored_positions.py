@@ -37,6 +37,8 @@ def _requests(shared_only: bool = False) -> list[list[tuple[list[int], list[int]
             requests.append([(ctx, [t]) for t in rand(len(cont_lens))])
         else:
             requests.append([(ctx, rand(n)) for n in cont_lens])
+    ctx, common = rand(8), rand(3)  # PIQA-like minimal pairs: options that begin alike share positions
+    requests.append([(ctx, common + rand(2)), (ctx, common + rand(1)), (ctx, common[:1] + rand(3)), (ctx, common)])
     if not shared_only:
         requests.append([(rand(6), rand(3)), (rand(8), rand(2))])  # WinoGrande-like: a context per option
     return requests
@@ -61,7 +63,7 @@ def test_packed_scores_equal_the_full_logits_computation(make):
 
 
 def test_each_context_runs_once_and_padding_is_not_a_token():
-    """The input positions the forwards run: every item's context once plus each option but its last token."""
+    """The input positions the forwards run: every item's context once plus one per distinct option prefix."""
     model = build_tiny_llama(seed=0)[0].eval()
     requests = _requests()
     sc.lm_parts(model)  # its one probe forward (7 tokens, no mask) before counting
@@ -70,7 +72,11 @@ def test_each_context_runs_once_and_padding_is_not_a_token():
         lambda _m, _a, kw: real.append(int(kw["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())), with_kwargs=True)
     sc.option_logprobs(model, requests, batch_size=4, pad_id=0, pack_tokens=16)
     contexts = sum(sum(len(c) for c in {tuple(c) for c, _ in options}) for options in requests)
-    assert sum(real) == contexts + sum(len(k) - 1 for options in requests for _, k in options)
+    # options of one context that begin alike share their first positions: count the distinct prefixes
+    prefixes = sum(len({(tuple(c), tuple(k[:i])) for c, k in options for i in range(1, len(k))})
+                   for options in requests)
+    assert prefixes < sum(len(k) - 1 for options in requests for _, k in options)  # some are shared
+    assert sum(real) == contexts + prefixes
 
 
 def test_long_items_keep_their_continuation_and_bos_and_match_the_truncated_row():

@@ -106,7 +106,8 @@ def test_options_of_a_shared_context_form_one_group(tok):
     reqs = option_requests(get_task("arc_e"), ex, tok, formulation="label")
     groups = sc.build_groups([reqs])
     assert len(groups) == 1 and len(groups[0].options) == 3
-    assert groups[0].length == len(reqs[0][0]) + sum(len(c) - 1 for _, c in reqs)  # the context once
+    assert [len(c) for _, c in reqs] == [2, 2, 2] and len({c[0] for _, c in reqs}) == 1  # " answer" + k
+    assert groups[0].length == len(reqs[0][0]) + 1  # the context once, " answer" once for all three labels
     text_reqs = option_requests(get_task("arc_e"), ex, tok, formulation="cloze")
     assert len(sc.build_groups([text_reqs])) == 1  # one shared context, three option segments
 
