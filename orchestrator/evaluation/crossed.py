@@ -183,3 +183,14 @@ def components_from_summary(seed_sd: float, item_se: float, tasks: int, items_pe
     then, so it stays in it (it does not shrink with more items): the projection errs towards a larger MDD."""
     item = item_se ** 2 * tasks * items_per_task   # item_se² = (1/T²) Σ_t b_t / I with equal b_t
     return Components(seed_sd ** 2, (item,) * tasks, (0.0,) * tasks, 0, (items_per_task,) * tasks)
+
+
+def bound_from_summary(seed_se: float, item_se: float, seeds: int, items: int,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """``(SE, df)`` bounding the crossed test from two standard errors a report recorded without its per-item
+    answers: ``seed_se`` of the per-seed t (v_s / S) and ``item_se`` of the item-level bootstrap (≈ Σ_t v_it /
+    (I_t T²) at these seeds). Their squares sum to the crossed SE² plus one residual share, so the SE errs large;
+    df by the test's critical-value rule, the item term with ``items`` − 1 df."""
+    term_a, rest = seed_se ** 2, item_se ** 2
+    crit = _critical(np.float64(term_a), np.float64(rest), np.float64(rest ** 2 / (items - 1)), seeds, confidence)
+    return math.sqrt(term_a + rest), float(_df_for_critical(np.asarray(crit), seeds - 1, confidence))

@@ -107,3 +107,21 @@ def test_too_few_seeds_or_items_are_refused():
         crossed_se([np.zeros((1, 5))])
     with pytest.raises(ValueError, match="at least 2 seeds and 2 items"):
         project_se(crossed_se([np.eye(3)])[3], 1, 100)
+
+
+def test_the_bound_from_a_reports_two_ses_is_never_below_the_crossed_se():
+    """A report without per-item answers recorded the per-seed t's SE and the item bootstrap's SE: their
+    root-sum-of-squares bounds the crossed SE (it counts the residual twice)."""
+    from orchestrator.evaluation.crossed import bound_from_summary
+    from orchestrator.evaluation.statistics import item_bootstrap
+
+    rng = np.random.default_rng(21)
+    for interaction in (0.0, 0.4):
+        a, b = probit_null(rng, n_sim=1, seeds=3, tasks=5, items=320, interaction=interaction, run_sd=0.03)
+        x, y = {str(t): a[t][0] for t in range(5)}, {str(t): b[t][0] for t in range(5)}
+        crossed, conditional = crossed_t(x, y), seed_t(x, y)
+        boot = item_bootstrap(x, y, n_boot=4000, seed=1)
+        se, df = bound_from_summary(conditional.se, boot.se, 3, 1600)
+        assert se == pytest.approx(math.hypot(conditional.se, boot.se))
+        assert se >= crossed.se * 0.97                     # the bootstrap SE is itself an estimate (±3 %)
+        assert 2 <= df <= 1600
