@@ -293,3 +293,18 @@ def parse_training_args(argv: list[str] | None, description: str) -> argparse.Na
     if args.quick:
         args.model, args.rounds, args.train_limit = "tiny-llama", 2, 100
     return args
+
+
+def scoring_at(rev: str):
+    """``orchestrator/evaluation/scoring.py`` as it was at git revision ``rev``, as a module of its own (an earlier
+    scorer to time against this checkout's, in one process: ``eval_throughput.py --baseline``, ``cloze_scoring.py``)."""
+    import subprocess
+    from types import ModuleType
+
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:orchestrator/evaluation/scoring.py"],
+                          check=True, capture_output=True, text=True).stdout
+    module = ModuleType(f"scoring_at_{rev}")
+    module.__file__ = f"{rev}:orchestrator/evaluation/scoring.py"
+    sys.modules[module.__name__] = module  # dataclasses look their module up while the class is built
+    exec(compile(text, module.__file__, "exec"), module.__dict__)
+    return module

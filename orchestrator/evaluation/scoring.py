@@ -14,18 +14,19 @@ Length (:func:`fit_requests`): each (context, continuation) pair is cut as train
 fit is not scored: it is counted, logged and returned as None (its pick is then -1, never a silent score).
 
 Packing (:func:`option_logprobs`): the options of an item that share a context form a *group*: the context once,
-then each option's tokens but its last, every option in its own segment::
+then the options' tokens but their last as a prefix tree (one position per distinct prefix, so options that begin
+alike, such as PIQA's minimal pairs, share those positions; unrelated options are separate branches)::
 
-    [x_1 .. x_T | c1_1 .. c1_{n1-1} | c2_1 .. c2_{n2-1} | ...]      positions 0..T-1, then T.. again per option
+    [x_1 .. x_T | c1_1 .. c1_{n1-1} | c2_1 .. c2_{n2-1} | ...]      positions 0..T-1, then T.. again per branch
 
-A (L, L) attention mask lets a position see the earlier positions of its group's context and of its own
-segment only, and ``position_ids`` restart at T in every segment, so each option's log-probabilities are those of
-the plain row ``x + c_k`` (to fp32 summation order). Groups (sorted by length, longest first) are packed first-fit
-into rows of ``pack_tokens`` positions, ``batch_size`` rows per forward, right-padded to the longest (padding
-attends to nothing and is gathered from nowhere). The LM head runs only at the positions that predict an option
-token: for an HF causal LM split as ``logits = head(backbone(x))`` (:func:`lm_parts`) the hidden states
-``h`` (B, L, H) are gathered at those P positions (the context's last position once per group, shared by its K
-options) and only ``head(h_P)`` (P, V) and its float32 log-softmax are computed; other models' full logits are
+A (L, L) attention mask lets a position see its group's context and its own ancestors in the tree only, and
+``position_ids`` continue from T along every branch, so each option's log-probabilities are those of the plain
+row ``x + c_k`` (to fp32 summation order). Groups (sorted by length, longest first) are packed first-fit into rows
+of ``pack_tokens`` positions, ``batch_size`` rows per forward, right-padded to the longest (padding attends to
+nothing and is gathered from nowhere). The LM head runs only at the positions that predict an option token: for
+an HF causal LM split as ``logits = head(backbone(x))`` (:func:`lm_parts`) the hidden states ``h`` (B, L, H) are
+gathered at those P distinct positions (the context's last position once per group, shared by its K options) and
+only ``head(h_P)`` (P, V) and its float32 log-softmax are computed; other models' full logits are
 gathered. So nothing is padded to an item's longest option, no context runs twice, and no position outside the
 continuations meets the (V, H) head.
 """
