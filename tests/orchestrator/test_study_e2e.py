@@ -63,7 +63,7 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
     # the search trained with seed 0 (train.seed): the replicates use the next two seeds, and the plan says so
     assert res["model"] == "tiny-llama" and res["seeds"] == [1, 2]
     plan = json.loads((tmp_path / "ray_results" / "smoke-study" / "plan.json").read_text())
-    assert plan["seeds"] == {"search": [0], "replicate": [1, 2]}
+    assert plan["seeds"] == {"search": [0], "choice": [], "replicate": [1, 2]}
     assert set(res["split"]) == {"boolq", "arc_e"} and res["split"]["boolq"]["test"] == 8
     assert set(res["zero_shot"]) == {"boolq", "arc_e"} and set(res["single_task"]) >= {"boolq", "arc_e", "mean"}
     assert set(res["methods"]) == {"lora", "malora"}
@@ -112,7 +112,21 @@ def test_smoke_study_reports_test_with_intervals_and_nested_runs(tmp_path, share
         (shared_data_dir / "commonsense/boolq/test.json").read_bytes()).hexdigest()
     assert set(prov["packages"]) >= {"torch", "ray", "mlflow", "optuna", "scipy", "malora"}
     (c,) = res["comparisons"]
-    assert set(c["seed_t"]) >= {"mean", "ci95", "p", "df"} and c["mdd80"] >= 0 and "n_boot" in c["bootstrap"]
+    assert set(c["seed_t"]) >= {"mean", "ci95", "p", "df"} and "n_boot" in c["bootstrap"]
+    assert c["primary"] in ("seed+item", "seed") and (c["mdd80"] is None or c["mdd80"] >= 0) and "verdict" in c
+    # the running time of every launch (one here), and every answer kept: the report again, without training
+    assert res["meta"]["running_s"] > 0 and len(res["meta"]["launches"]) == 1
+    assert res["answers"]["file"] == "answers.json.gz" and (out / "answers.json.gz").is_file()
+    again = subprocess.run([sys.executable, "-m", "orchestrator.study", "--space", str(space), "--report-only",
+                            "--results", str(out / "results.json"), "--out", str(tmp_path / "again")],
+                           cwd=tmp_path, env=_env(shared_data_dir), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    redone = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert redone["comparisons"][0]["diff"] == pytest.approx(c["diff"])
+    for m in res["methods"]:
+        assert redone["methods"][m]["mean"] == res["methods"][m]["mean"]
+        assert {t: v["per_seed"] for t, v in redone["methods"][m]["per_task"].items()} == {
+            t: v["per_seed"] for t, v in res["methods"][m]["per_task"].items()}
     zero = next(r for r in children if r.data.tags.get("malora.role") == "zero_shot")
     assert zero.data.metrics["test/primary/boolq"] == pytest.approx(res["zero_shot"]["boolq"])
     assert "| malora − lora |" in proc.stdout and "Test accuracy (%)" in (out / "results.md").read_text()
