@@ -61,8 +61,14 @@ def _runs(tmp_path: Path, experiment: str) -> tuple[object, list]:
 
 
 def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
-    proc = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir))
+    proc = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir), "--out", "report_out")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the search report: in --out, in the storage and as the parent run's artifacts; the Optuna journals
+    for folder in (tmp_path / "report_out", tmp_path / "ray_results" / "smoke" / "report"):
+        assert len((folder / "trials.csv").read_text().splitlines()) == 3, folder
+        assert (folder / "report.md").is_file() and (folder / "front.png").is_file()
+    journals = tmp_path / "ray_results" / "smoke" / "optuna"
+    assert f"optuna-dashboard {journals / 'lora.journal'}" in proc.stdout and (journals / "malora.journal").is_file()
     assert "Best trial per method (chosen on val val/mean_acc" in proc.stdout and "Pareto front" in proc.stdout
     # the live table: our objective and best-so-far columns, the searched hyperparameters, the best-trial line
     assert "best val so far" in proc.stdout and "malora.beta" in proc.stdout and "Best so far: " in proc.stdout
@@ -74,6 +80,8 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     assert {"ref/val/acc/boolq", "ref/val/acc/arc_e", "ref/val/mean_acc", "ref/test/mean_acc"} <= set(parent.data.metrics)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "summary")} >= {
         "summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/pareto.json"}
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/report.md", "report/trials.csv", "report/trials.json", "report/front.png", "report/report.json"}
     # the pools are recorded: sizes and fingerprints as params and in splits.json
     splits = json.loads(Path(c.download_artifacts(parent.info.run_id, "splits.json", str(tmp_path))).read_text())
     assert splits["boolq"]["val"] == 8 and splits["boolq"]["test"] == 8
@@ -219,6 +227,17 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, shared
     assert sorted(p.name for p in train_dir.glob("checkpoint_*")) == ckpts_before
     rows = json.loads((tmp_path / "ray_results" / "smoke" / "pareto.json").read_text())
     assert rows and all(r["trial_id"] in trial_ids for r in rows)
+    # the per-method Optuna journals survived the kill: each study holds its method's one completed trial
+    import optuna
+
+    from orchestrator.tuning.searcher import journal_storage
+
+    for method in ("lora", "malora"):
+        study = optuna.load_study(study_name=f"smoke.{method}",
+                                  storage=journal_storage(tmp_path / "ray_results" / "smoke" / "optuna" /
+                                                          f"{method}.journal"))
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(done) == 1 and len(done[0].values) == 2, (method, study.trials)
 
 
 def test_asha_keeps_its_rungs_across_a_sigkill_and_resume(tmp_path, shared_data_dir):
