@@ -264,6 +264,17 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def _machine(m: Any) -> str:
+    """One line from ``models.hardware.machine_info()`` (CPU model, logical CPUs, bf16 flags, GPUs, torch)."""
+    if not isinstance(m, dict) or not isinstance(m.get("cpu"), dict):
+        return str(m)
+    cpu = m["cpu"]
+    flags = [f for f in cpu.get("flags") or () if "bf16" in f or f in ("avx2", "avx512f")]
+    gpus = ", ".join(g["name"] if isinstance(g, dict) else str(g) for g in m.get("gpus") or ()) or "no GPU"
+    return (f"{cpu.get('model')} ({cpu.get('logical_cpus')} logical CPUs; {' '.join(flags) or 'no avx2/bf16 flags'})"
+            f", {gpus}, torch {m.get('torch')}, {m.get('os')}")
+
+
 def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any], files: list[str]) -> str:
     """report.md: provenance, the front, the chosen trials with their ties and test, importances, the (d, beta)
     surface, the seesaw across trials, and every trial."""
@@ -273,7 +284,7 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
     out = [f"# Search report: {spec.name}", "",
            f"- command: `{prov.get('command')}`", f"- commit: `{prov.get('commit')}`"
            + (" (uncommitted changes in the tree)" if prov.get("dirty") else ""),
-           f"- machine: {prov.get('machine')}", f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
+           f"- machine: {_machine(prov.get('machine'))}", f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
            f"eval {', '.join(prov.get('eval_precision') or ['?'])}", f"- wall time: {prov.get('wall_s')} s",
            f"- trials: {len(table)} (" + ", ".join(f"{s} {sum(r['state'] == s for r in table)}" for s in
                                                    ("TERMINATED", "STOPPED", "ERROR")) + "); `trials.csv`, `trials.json`",

@@ -102,7 +102,9 @@ def test_seesaw_rank_correlation_and_slopes_over_the_scored_trials():
 def test_report_files_from_a_synthetic_trial_table(tmp_path):
     spec = load_space(SPACES / "intra_domain_cpu_search.yaml")
     prov = {"command": "python -m orchestrator.search --space x.yaml", "commit": "abc", "dirty": False,
-            "machine": {"cpu": "test"}, "precision": ["fp32"], "eval_precision": ["fp32"], "wall_s": 12.0}
+            "machine": {"cpu": {"model": "AMD EPYC", "flags": ["avx2", "fma"], "logical_cpus": 2}, "gpus": [],
+                        "os": "Linux", "torch": "2.13"},
+            "precision": ["fp32"], "eval_precision": ["fp32"], "wall_s": 12.0}
     files = search_report.write_report(spec, ROWS, {"m1", "l1"}, tmp_path, provenance=prov,
                                        n_items={"arc_e": N, "boolq": N}, milestones=[1], max_t=3)
     names = {f.name for f in files}
@@ -124,6 +126,7 @@ def test_report_files_from_a_synthetic_trial_table(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| malora | m1 |" in md and "tie: 1 other" in md and "--from-search" in md
     assert "accuracies only (independent binomials" in md and "`abc`" in md and "I(task; expert)" in md
+    assert "- machine: AMD EPYC (2 logical CPUs; avx2), no GPU, torch 2.13" in md and "wall time: 12.0 s" in md
 
 
 def test_importances_compare_trials_at_the_largest_budget_three_of_them_reached():
