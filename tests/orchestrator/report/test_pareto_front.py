@@ -61,3 +61,16 @@ def test_staircase_holds_each_accuracy_until_the_next_budget():
     # an exact tie on the front is one corner of the staircase, twice
     xs, ys = staircase([row("b", 0.6, 200), row("c", 0.6, 200)], "trainable_params", "val/mean_acc")
     assert (xs, ys) == ([200, 200], [0.6, 0.6])
+
+
+def test_pareto_png_draws_the_front_as_a_staircase(monkeypatch, tmp_path):
+    from orchestrator.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = [row("h", 0.45, 50), row("a", 0.50, 100), row("e", 0.70, 400), row("d", 0.55, 800)]
+    plots.pareto_plot(rows, {"h", "a", "e"}, tmp_path / "pareto.png")
+    (line,) = [ln for ln in figures[0].axes[0].get_lines() if ln.get_label() == "Pareto front"]
+    # a step held until the next budget (was: straight segments between the front's points)
+    assert line.get_drawstyle() == "steps-post"
+    assert list(line.get_xdata()) == [50, 100, 400, 800] and list(line.get_ydata()) == [0.45, 0.50, 0.70, 0.70]
