@@ -58,7 +58,9 @@ def test_label_scoring_follows_the_logits_on_a_real_item(shared_data_dir, tok):
     with torch.no_grad():
         model.table[prev, wrong_last] = 6.0
     score = evaluate_tasks(model, tok, {"arc_e": [ex]}, formulation="label")["arc_e"]
-    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25, (0,), "acc", (0,), (2,), (2,))
+    assert score.logliks[0][2] == max(score.logliks[0]) and len(score.logliks[0]) == 4   # option 3 is the likeliest
+    assert score == TaskScore(0.0, 1, 0.0, "loglik/label", 0.25, (0,), "acc", (0,), (2,), (2,), gold=(0,),
+                              logliks=score.logliks)
 
 
 def test_sum_and_length_normalised_log_likelihood_by_hand(tok):
@@ -177,6 +179,21 @@ def test_evaluate_tasks_end_to_end(tiny, shared_data_dir):
         assert got.chosen == tuple(chosen), formulation
         assert got.accuracy == sum(c == ex.answer_index for c, ex in zip(chosen, arc[:6])) / 6
     assert model.training  # the caller's mode is restored
+
+
+def test_an_item_too_long_for_max_length_is_unanswered_and_counted(tiny, caplog):
+    # issue 29 item 9: an option whose continuation alone cannot fit is never scored silently
+    model, tok = tiny
+    short, long = "red", "a very long answer that goes on and on and on about many things"
+    n_long = len(tok(f"Question: q?\nAnswer: {long}")["input_ids"]) - len(tok("Question: q?\nAnswer:")["input_ids"])
+    fits = Example("p", "t", (short, "blue"), 0, "answer1", ("answer1", "answer2"), "q?")
+    too_long = Example("p", "t", (short, long), 0, "answer1", ("answer1", "answer2"), "q?")
+    max_length = n_long  # the long option plus eos leave no room for one context token
+    with caplog.at_level("WARNING", logger="orchestrator.evaluation.scoring"):
+        score = evaluate_tasks(model, tok, {"arc_e": [fits, too_long]}, formulation="cloze", max_length=max_length)
+    assert score["arc_e"].n == 2 and score["arc_e"].chosen[1] == -1 and score["arc_e"].correct[1] == 0
+    assert score["arc_e"].chosen[0] in (0, 1) and score["arc_e"].chosen_norm[1] == -1
+    assert any("arc_e: 1 of 2 items not scored" in r.getMessage() for r in caplog.records)
 
 
 def test_generate_hits_follow_the_generated_text(tiny, shared_data_dir):
