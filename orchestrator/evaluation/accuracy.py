@@ -47,7 +47,9 @@ class TaskScore:
     it was scored; chance = expected accuracy of a uniform random guess; primary = the metric that names the
     task's accuracy (``acc`` or ``acc_norm``). Per item, in the order of the items scored (paired comparisons,
     bootstrap CIs and the learned-per-item check need them): ``correct``/``correct_norm`` 1/0 and
-    ``chosen``/``chosen_norm`` the picked option's index (-1 where a generation named none)."""
+    ``chosen``/``chosen_norm`` the picked option's index (-1 where a generation named none), ``gold`` the right
+    option's index and, when scored by log-likelihood, ``logliks`` every option's log-likelihood (() for an item
+    that could not be scored): what a study keeps so that any statistic can be recomputed."""
 
     accuracy: float
     n: int
@@ -59,6 +61,8 @@ class TaskScore:
     correct_norm: tuple[int, ...] = ()
     chosen: tuple[int, ...] = ()
     chosen_norm: tuple[int, ...] = ()
+    gold: tuple[int, ...] = ()
+    logliks: tuple[tuple[float, ...], ...] = ()
 
     @property
     def primary_accuracy(self) -> float:
@@ -119,15 +123,17 @@ def _score_loglik(model, tokenizer, task, examples, *, formulation, template, ba
                 for ex in examples]
     scored = sc.item_logprobs(model, tokenizer, requests, max_length=max_length, batch_size=batch_size,
                               name=task.name)
-    chosen, chosen_norm = [], []
+    chosen, chosen_norm, logliks = [], [], []
     for ex, scores in zip(examples, scored):
         if scores is None:  # an option longer than max_length: unanswered, counted in scoring's warning
             chosen.append(-1)
             chosen_norm.append(-1)
+            logliks.append(())
             continue
         chosen.append(sc.pick(scores))
         chosen_norm.append(sc.pick([s / n for s, n in zip(scores, choice_lengths(task, ex, formulation))]))
-    return chosen, chosen_norm
+        logliks.append(tuple(float(x) for x in scores))
+    return chosen, chosen_norm, logliks
 
 
 def _score_generate(model, tokenizer, task, examples, *, template, batch_size, max_new_tokens):
@@ -189,14 +195,15 @@ def evaluate_tasks(
             chance = chance_level(task, examples)
             loglik_ok = scoring == "loglik" and task.scoring != "number" and all(ex.choices for ex in examples)
             if loglik_ok:
-                chosen, chosen_norm = _score_loglik(model, tokenizer, task, examples, formulation=formulation,
-                                                    template=template, batch_size=batch_size,
-                                                    max_length=max_length)
+                chosen, chosen_norm, logliks = _score_loglik(model, tokenizer, task, examples,
+                                                             formulation=formulation, template=template,
+                                                             batch_size=batch_size, max_length=max_length)
                 hits = tuple(int(c == ex.answer_index) for c, ex in zip(chosen, examples))
                 hits_norm = tuple(int(c == ex.answer_index) for c, ex in zip(chosen_norm, examples))
                 results[name] = TaskScore(sum(hits) / len(hits), len(examples), sum(hits_norm) / len(hits),
                                           f"loglik/{formulation}", chance, hits, task.primary_metric(formulation),
-                                          hits_norm, tuple(chosen), tuple(chosen_norm))
+                                          hits_norm, tuple(chosen), tuple(chosen_norm),
+                                          tuple(ex.answer_index for ex in examples), tuple(logliks))
             else:
                 budget = max_new_tokens or (256 if task.scoring == "number" else 32)
                 hits, chosen = _score_generate(model, tokenizer, task, examples, template=template,

@@ -117,4 +117,6 @@ def test_metrics(scores: dict[str, dict[str, float]], items: dict[str, dict[str,
     out["test/mean_acc"] = sum(finite) / len(finite) if finite else float("nan")
     out.update({f"test_correct/{t}": list(v["correct"]) for t, v in items.items()})
     out.update({f"test_chosen/{t}": list(v["chosen"]) for t, v in items.items()})
+    out.update({f"test_gold/{t}": list(v["gold"]) for t, v in items.items() if "gold" in v})
+    out.update({f"test_loglik/{t}": [list(x) for x in v["loglik"]] for t, v in items.items() if "loglik" in v})
     return out

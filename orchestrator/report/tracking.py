@@ -206,12 +206,14 @@ def log_chosen_test(uri: str, exp_id: str, parent_id: str, trial_id: str, metric
 
 
 # per-item results of the final adapter on its held-out items, in pool order: any cell can be re-checked
-PER_ITEM_FILES = (("test_correct/", "test_items.json"), ("test_chosen/", "test_chosen.json"))
+PER_ITEM_FILES = (("test_correct/", "test_items.json"), ("test_chosen/", "test_chosen.json"),
+                  ("test_gold/", "test_gold.json"), ("test_loglik/", "test_loglik.json"))
 
 
 def log_test_items(uri: str, run_id: str, result: dict[str, Any], tmp: Path) -> None:
-    """``eval/test_items.json`` (1/0 per item) and ``eval/test_chosen.json`` (chosen option per item) from a
-    result's ``test_correct/<task>`` and ``test_chosen/<task>`` lists, written through ``tmp``."""
+    """``eval/test_items.json`` (1/0 per item), ``eval/test_chosen.json`` (chosen option per item) and, where
+    recorded, ``eval/test_gold.json`` and ``eval/test_loglik.json`` (every option's log-likelihood) from a
+    result's ``test_correct/<task>``, ``test_chosen/<task>``, ... lists, written through ``tmp``."""
     for prefix, file in PER_ITEM_FILES:
         per_item = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
         if per_item:

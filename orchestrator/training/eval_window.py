@@ -94,6 +94,20 @@ def evaluations_done(step: int, every_n_steps: int) -> int:
     return -(-step // every_n_steps)
 
 
+def _gather_logliks(items: list, mine: tuple, rank: int, world: int, device: torch.device) -> list[list[float]]:
+    """Every item's per-option log-likelihoods (in item order) from the ranks' shards ``items[rank::world]``: one
+    flat vector with each item's options at fixed offsets, this rank's filled, summed over the ranks. An item
+    that could not be scored has NaN options."""
+    sizes = [len(ex.choices) for ex in items]
+    starts = [sum(sizes[:i]) for i in range(len(items))]
+    flat = [0.0] * sum(sizes)
+    for k, scores in zip(range(rank, len(items), world), mine):
+        for j in range(sizes[k]):
+            flat[starts[k] + j] = float(scores[j]) if scores else float("nan")
+    flat = reduce_sum(flat, device) if world > 1 else flat
+    return [list(flat[a:a + n]) for a, n in zip(starts, sizes)]
+
+
 def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[str, list], spec: SearchSpec,
                      rank: int, world: int, device: torch.device
                      ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict[str, dict[str, list[int]]]]:
@@ -103,7 +117,8 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
     share is exact over all real tokens (not a per-rank share weighted by items).
     Returns ({task: {"acc", "acc_norm", "primary"}}, {task: {layer path: fraction (N,) of token-slots per
     expert}}, {task: {"correct": 1/0, "chosen": option index}} per item in the order of ``eval_by_task[task]``,
-    both under the task's primary metric). ``acc_norm`` is NaN where items are generated.
+    both under the task's primary metric, and where scored by log-likelihood "gold" and "loglik" (every option's
+    log-likelihood)). ``acc_norm`` is NaN where items are generated.
     """
     from malora.inject import reset_routing_stats, routing_stats
     from orchestrator.data.tasks import get_task
@@ -143,6 +158,10 @@ def evaluate_sharded(model: torch.nn.Module, tokenizer: Any, eval_by_task: dict[
                 pos += sizes[name]
             per_item[task] = {"correct": [int(round(h)) for h in vec[pos:pos + len(items)]],
                               "chosen": [int(round(c)) for c in vec[pos + len(items):]]}
+            if loglik and all(ex.choices for ex in items):   # gold, and every option's log-likelihood: kept
+                per_item[task]["gold"] = [int(ex.answer_index) for ex in items]
+                per_item[task]["loglik"] = _gather_logliks(items, score.logliks if shard else (), rank, world,
+                                                           device)
             a = vec[0] / total if total else float("nan")
             a_norm = vec[1] / total if total and loglik else float("nan")
             acc[task] = {"acc": a, "acc_norm": a_norm, "primary": a_norm if primary == "acc_norm" else a}

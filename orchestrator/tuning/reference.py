@@ -127,4 +127,6 @@ def base_accuracy(spec: SearchSpec) -> dict[str, dict[str, float]]:
         if pool == "test":  # per item, for the study's intervals, paired comparisons and learned-per-item check
             out["test_correct"] = {task: list(s.primary_correct) for task, s in scores.items()}
             out["test_chosen"] = {task: list(s.primary_chosen) for task, s in scores.items()}
+            out["test_gold"] = {task: list(s.gold) for task, s in scores.items() if s.gold}
+            out["test_loglik"] = {task: [list(x) for x in s.logliks] for task, s in scores.items() if s.logliks}
     return out
