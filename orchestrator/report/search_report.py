@@ -58,6 +58,15 @@ def malora_dims_of(hp: dict, num_experts: int = 8) -> tuple[int, int] | None:
     return None
 
 
+def rungs(grace: int, eta: int, max_t: int) -> list[int]:
+    """ASHA's milestones below ``max_t`` evaluations: ``grace · eta^k`` (Ray's ``AsyncHyperBandScheduler``)."""
+    out, t = [], grace
+    while t < max_t:
+        out.append(t)
+        t *= eta
+    return out
+
+
 def rung(row: dict, milestones: list[int], max_t: int) -> int:
     """The last ASHA milestone (evaluations) the trial reached, or ``max_t`` when it ran its whole budget."""
     done = int(row.get("evaluations") or 0)

@@ -113,13 +113,12 @@ def write_search_report(spec: SearchSpec, rows: list[dict], uri: str, parent_id:
     the parent run's ``report/`` artifacts; returns where it was written."""
     from orchestrator.report import search_report, summary, tracking
     from orchestrator.tuning.plan import asha_max_t
-    from orchestrator.tuning.search_estimate import rungs
 
     _, front = summary.choose(spec, rows)
     a, max_t = spec.search.asha, asha_max_t(spec)
     n_items = {t: s["val"] for t, s in load_pools(spec).splits().items()}
     kwargs = dict(provenance=search_provenance(command, wall_s, rows), n_items=n_items, max_t=max_t,
-                  milestones=rungs(a.grace_period, a.reduction_factor, max_t) if a.enabled else [])
+                  milestones=search_report.rungs(a.grace_period, a.reduction_factor, max_t) if a.enabled else [])
     places = [storage.join(spec.storage_path, spec.name, "report"), *([out_dir] if out_dir else [])]
     for i, place in enumerate(places):
         with storage.local_dir(place) as local:

@@ -21,19 +21,11 @@ import math
 import os
 from typing import Any
 
+from orchestrator.report.search_report import rungs
 from orchestrator.spec.space import SearchSpec
 from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate
 
 BOUND_S = 180 * 60  # issue 32: the CPU search of record within 180 minutes on the 2-core machine
-
-
-def rungs(grace: int, eta: int, max_t: int) -> list[int]:
-    """ASHA's milestones below ``max_t`` evaluations: ``grace · eta^k``."""
-    out, t = [], grace
-    while t < max_t:
-        out.append(t)
-        t *= eta
-    return out
 
 
 def stop_evaluations(n: int, grace: int, eta: int, max_t: int, enabled: bool = True) -> list[int]:

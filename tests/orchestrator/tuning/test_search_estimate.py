@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.spec.space import load_space
 from orchestrator.tuning.estimate import Rates
-from orchestrator.tuning.search_estimate import calibration_configs, rungs, search_estimate, stop_evaluations
+from orchestrator.report.search_report import rungs
+from orchestrator.tuning.search_estimate import calibration_configs, search_estimate, stop_evaluations
 
 SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
 TASKS = ("piqa", "obqa", "boolq", "arc_c", "arc_e")
