@@ -291,16 +291,20 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
     by_id = {r["trial_id"]: r for r in table}
     hp = lambda r: " ".join(f"{k[3:]}={pareto._fmt(v)}" for k, v in r.items() if k.startswith("hp/"))  # noqa: E731
     out = [f"# Search report: {spec.name}", "",
-           f"- command: `{prov.get('command')}`", f"- commit: `{prov.get('commit')}`"
-           + (" (uncommitted changes in the tree)" if prov.get("dirty") else ""),
-           f"- machine: {_machine(prov.get('machine'))}", f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
-           f"eval {', '.join(prov.get('eval_precision') or ['?'])}", f"- wall time: {prov.get('wall_s')} s",
-           f"- trials: {len(table)} (" + ", ".join(f"{s} {sum(r['state'] == s for r in table)}" for s in
-                                                   ("TERMINATED", "STOPPED", "ERROR")) + "); `trials.csv`, `trials.json`",
+           f"- command: `{prov.get('command')}`",
+           f"- commit: `{prov.get('commit')}`" + (" (uncommitted changes in the tree)" if prov.get("dirty") else ""),
+           f"- machine: {_machine(prov.get('machine'))}",
+           f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
+           f"eval {', '.join(prov.get('eval_precision') or ['?'])}",
+           f"- wall time: {prov.get('wall_s')} s",
+           f"- trials: {len(table)} (" + ", ".join(f"{s} {sum(r['state'] == s for r in table)}"
+                                                   for s in ("TERMINATED", "STOPPED", "ERROR"))
+           + "); `trials.csv`, `trials.json`",
            "", "## Front: val mean accuracy against trainable parameters", "",
            "Every trial with a val score is drawn (hollow: not on the front); the front of the completed trials is "
            "the staircase of the best val accuracy each budget attains.", "", "![front](front.png)", "",
-           "| trial | method | hyperparameters | trainable | share % | val mean % | test mean % |", "|---|---|---|---|---|---|---|"]
+           "| trial | method | hyperparameters | trainable | share % | val mean % | test mean % |",
+           "|---|---|---|---|---|---|---|"]
     for tid in summary["front"]:
         r = by_id[tid]
         out.append(f"| {tid} | {r['method']} | {hp(r)} | {r['trainable_params']:,} | {_pct(r['trainable_share'])} "
@@ -325,9 +329,10 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
         out.append(f"- **{method}**: {values} ({imp['caveat']})")
         out += [f"  ![{f}]({f})" for f in files if f in (f"slice_{method}.png", f"contour_{method}.png")]
     if "malora_d_beta.png" in files:
-        out += ["", "## MALoRA's (d, β) surface", "", "Val mean accuracy over d = λ·r·N and β (the paper's Fig. 4(b) "
-                "at this scale); the val noise, z·SE of a paired difference, is drawn as the band around the best.",
-                "", "![malora](malora_d_beta.png)"]
+        out += ["", "## MALoRA's (d, β) surface", "",
+                f"Val mean accuracy after {summary['budgets'].get('malora')} evaluation(s) (the budget most MALoRA "
+                "trials reached) over d = λ·r·N and β (the paper's Fig. 4(b) at this scale); the val noise, z·SE of "
+                "a paired difference, is drawn as the band below the best.", "", "![malora](malora_d_beta.png)"]
     out += ["", "## Seesaw across trials", ""]
     if saw["spearman"] is None:
         out.append(f"Not computed: {saw['trials']} trial(s) with every task's val accuracy (needs 3).")

@@ -113,7 +113,8 @@ def test_report_files_from_a_synthetic_trial_table(tmp_path):
     table = {r["trial_id"]: r for r in json.loads((tmp_path / "trials.json").read_text())}
     assert len(list(csv.DictReader((tmp_path / "trials.csv").open()))) == len(ROWS) == len(table)
     # MALoRA's d = lam r N and r_bar = (2 - lam) r, N = 8
-    assert (table["m3"]["hp/d"], table["m3"]["hp/r_bar"]) == (8, 7) and (table["m1"]["hp/d"], table["m1"]["hp/r_bar"]) == (32, 12)
+    assert (table["m3"]["hp/d"], table["m3"]["hp/r_bar"]) == (8, 7)
+    assert (table["m1"]["hp/d"], table["m1"]["hp/r_bar"]) == (32, 12)
     assert table["m4"]["asha_rung"] == 1 and table["m1"]["asha_rung"] == 3 and table["m4"]["state"] == "STOPPED"
     assert table["m1"]["per_item_val"] and not table["l1"]["per_item_val"]
     assert table["m1"]["routing/mi"] == pytest.approx(0.8) and table["m1"]["val/arc_e"] == 0.8
