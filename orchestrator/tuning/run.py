@@ -209,18 +209,24 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     interrupted = results.num_terminated + results.num_errors < max(len(results), spec.search.num_trials)
     if not interrupted:  # choose on val first, then score test for the chosen trials only
         score_chosen_trials(spec, rows, uri, exp_id, parent_id)
-    places = write_search_report(spec, rows, uri, parent_id, out_dir=out_dir, command=command,
-                                 wall_s=time.perf_counter() - t0)
+    try:  # the report reads what the trials left; a fault in it must not leave the parent run open
+        places = write_search_report(spec, rows, uri, parent_id, out_dir=out_dir, command=command,
+                                     wall_s=time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 (any fault of a figure or a table: said, then the summary goes on)
+        logger.exception("the search report was not written")
+        print(f"warning: the search report was not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        places = []
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
                           time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
     print(text)
     report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
     print(f"then open:  {tracking.runs_url(uri, exp_id)}")
-    print("\nSearch report: " + ", ".join(f"{p}/report.md" for p in places))
+    if places:
+        print("\nSearch report: " + ", ".join(f"{p}/report.md" for p in places))
     dashboards = dashboard_commands(spec)
     if dashboards:
-        print("Optuna dashboard (pip install 'malora[dashboard]'), one study per method:\n  " + "\n  ".join(dashboards))
+        print("Optuna dashboard (pip install -e '.[dashboard]'), one study per method:\n  " + "\n  ".join(dashboards))
     if interrupted:
         print("\nThe search was interrupted; continue it with the same command plus --resume.", file=sys.stderr)
         return 130
