@@ -11,20 +11,18 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters, load_adapter
 from malora.trainer import AdapterTrainer, with_adapters
+from tests.tiny import small_llama
 
 VOCAB, WIDTH = 40, 8
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                        pad_token_id=0))
+    return small_llama(vocab_size=VOCAB, pad_token_id=0)
 
 
 def adapted(balance_coef: float) -> LlamaForCausalLM:

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from malora import MALoRAConfig, adapter_layers, collect_aux_loss, inject_adapters
 from orchestrator.evaluation.scoring import lm_parts
 from orchestrator.training.loss import ResponseLoss
+from tests.tiny import tiny_llama
 
 V = 97
 
 
 def llama(tied: bool) -> torch.nn.Module:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    return tiny_llama(vocab_size=V, hidden_size=32, intermediate_size=64, tie_word_embeddings=tied)
 
 
 def gpt2() -> torch.nn.Module:  # tied head, final LayerNorm ln_f inside model.transformer
