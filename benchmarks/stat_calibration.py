@@ -55,30 +55,18 @@ def simulate(rng: np.random.Generator, n_sim: int, seeds: int, items: int, seed_
     return a.astype(float), b.astype(float)
 
 
-def probit_null(rng, n_sim, seeds, tasks, items, interaction, run_sd, flip_sd=0.15):
-    """Per task (n_sim, seeds, items) answers of two methods equal over the population of items."""
-    a, b = [], []
-    for _ in range(tasks):
-        mu = rng.normal(0.3, 1.5, size=(n_sim, 1, items))
-        gamma = rng.normal(0.0, interaction, size=(2, n_sim, 1, items))
-        run = rng.normal(0.0, run_sd, size=(2, n_sim, seeds, 1))
-        eta = rng.normal(0.0, flip_sd, size=(2, n_sim, seeds, items))
-        a.append((mu + gamma[0] + run[0] + eta[0] > 0).astype(np.float32))
-        b.append((mu + gamma[1] + run[1] + eta[1] > 0).astype(np.float32))
-    return a, b
-
-
 REGIMES = [(0.3, 0.03), (0.1, 0.03), (0.05, 0.03), (0.0, 0.03), (0.0, 0.05), (0.0, 0.1), (0.3, 0.1), (0.3, 0.0),
            (0.0, 0.0), (0.5, 0.0), (0.1, 0.0)]
 
 
 def crossed_grid(n_sim: int, items: int, as_json: bool) -> int:
-    from orchestrator.evaluation.crossed import crossed_se
+    from orchestrator.evaluation.crossed import crossed_se, simulate_null
 
     rows = []
     for seeds in (3, 5):
         for k, (interaction, run_sd) in enumerate(REGIMES):
-            a, b = probit_null(np.random.default_rng(100 * seeds + k), n_sim, seeds, 5, items, interaction, run_sd)
+            a, b = simulate_null(np.random.default_rng(100 * seeds + k), n_sim=n_sim, seeds=seeds, tasks=5,
+                                 items=items, interaction=interaction, run_sd=run_sd)
             d = [x - y for x, y in zip(a, b)]
             mean, se, df, _ = crossed_se(d)
             t = mean / se

@@ -11,25 +11,8 @@ import pytest
 from scipy import stats
 
 from orchestrator.evaluation.crossed import crossed_se, project_se
+from orchestrator.evaluation.crossed import simulate_null as probit_null
 from orchestrator.evaluation.statistics import crossed_t, seed_t
-
-
-def probit_null(rng: np.random.Generator, *, n_sim: int, seeds: int, tasks: int, items: int, interaction: float,
-                run_sd: float, flip_sd: float = 0.15) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Two methods equal over the population of items. Per task, (n_sim, seeds, items) 0/1 answers: item i of
-    method m at seed s is right when ``μ_i + γ_mi + δ_ms + η_msi > 0`` -- ``μ ~ N(0.3, 1.5²)`` the item's ease
-    (shared), ``γ ~ N(0, interaction²)`` the method x item interaction (mean 0: no true difference), ``δ ~ N(0,
-    run_sd²)`` the training run's shift, ``η ~ N(0, flip_sd²)`` what flips between seeds (about 4 % of answers at
-    0.15). Fresh items and seeds in every simulated study."""
-    a, b = [], []
-    for _ in range(tasks):
-        mu = rng.normal(0.3, 1.5, size=(n_sim, 1, items))
-        gamma = rng.normal(0.0, interaction, size=(2, n_sim, 1, items))
-        run = rng.normal(0.0, run_sd, size=(2, n_sim, seeds, 1))
-        eta = rng.normal(0.0, flip_sd, size=(2, n_sim, seeds, items))
-        a.append((mu + gamma[0] + run[0] + eta[0] > 0).astype(np.float32))
-        b.append((mu + gamma[1] + run[1] + eta[1] > 0).astype(np.float32))
-    return a, b
 
 
 def rejection_rate(a: list[np.ndarray], b: list[np.ndarray], alpha: float = 0.05) -> float:
