@@ -23,7 +23,7 @@ from orchestrator.evaluation.diagnostics_record import DIAGNOSTICS_KEY, diagnost
 from orchestrator.evaluation.grad_conflict import Probe, build_probe, conflict_diagnostics
 from orchestrator.evaluation.routing_metrics import routing_diagnostics
 from orchestrator.spec.space import SearchSpec
-from orchestrator.training.trial import TrialModel
+from orchestrator.training.trial import TrialModel, eager_scoring
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ def trial_probe(spec: SearchSpec, trial: TrialModel, train: dict[str, list]) -> 
 def window_diagnostics(trial: TrialModel, probe: Probe | None, util: dict[str, dict[str, Any]], tasks: list[str],
                        rank: int, device: torch.device) -> dict[str, Any]:
     """The evaluation's diagnostic metrics plus :data:`DIAGNOSTICS_KEY` (see the module docstring)."""
-    from orchestrator.training.eval_window import eager_scoring
     from orchestrator.training.loss import ResponseLoss
 
     metrics, routing = routing_diagnostics(util, tasks) if len(tasks) > 1 else ({}, {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -14,15 +13,7 @@ from orchestrator.evaluation.grad_conflict import Probe
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.diagnostics import window_diagnostics
 from orchestrator.training.step import max_over_ranks, peak_memory_mb, window_pad_share
-from orchestrator.training.trial import Optimisation, Progress, TrialModel
-
-
-def eager_scoring() -> contextlib.AbstractContextManager:
-    """Scoring runs compiled blocks (``train.compile``) eagerly: under no_grad they would compile a second time,
-    for a few hundred items a window; a no-op on a model without compiled modules (and on a torch before 2.6,
-    which has no stances: there scoring compiles once more)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+from orchestrator.training.trial import Optimisation, Progress, TrialModel, eager_scoring  # noqa: F401 (re-exported)
 
 
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,
@@ -35,6 +26,7 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     ``test/mean_acc``, the per-item ``test_correct/<task>`` and ``test_sha256/<task>`` (the items they were scored
     on, ``orchestrator.spec.recorded``) appear once, in the final report, and are never
     read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
+    ``val_correct/<task>`` (1/0 per val item) lets two trials be compared on the same val items.
     ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view). The seesaw diagnostics
     (``routing/*``, ``grad_conflict/*``, ``grad_cos/*`` and the ``diagnostics`` record) come from
     :mod:`orchestrator.training.diagnostics`, the gradient conflict on ``probe``.
@@ -44,7 +36,8 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     window_time = max_over_ranks(window["time"], rank, world, device)  # the slowest rank sets the pace
     progress.tokens += int(sum(rank_tokens))
     with trial.eval_precision.context(device.type), eager_scoring():
-        scores, util, _ = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world, device)
+        scores, util, val_items = evaluate_sharded(trial.model, trial.tokenizer, pools["val"], spec, rank, world,
+                                                   device)
         acc = {task: s["primary"] for task, s in scores.items()}  # each task's primary metric: what choices read
         test = {}
         if done == steps and pools["test"]:
@@ -73,6 +66,8 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         "train_examples": notes["train_examples"], "dropped_too_long": notes["dropped_too_long"],
         **{f"tokens_rank/{r}": int(t) for r, t in enumerate(rank_tokens)},
         **divergence, **eval_metrics(acc, util, reference, progress.history, scores=scores), **test, **diagnostics,
+        # per val item, 1/0 under the primary metric in val pool order: the search report's paired ties
+        **{f"val_correct/{t}": list(v["correct"]) for t, v in val_items.items()},
         **trial.precision.record(), **trial.eval_precision.record("eval_"),
         "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,3 +93,11 @@ def training_loss(model: torch.nn.Module) -> torch.nn.Module:
     from orchestrator.training.loss import ResponseLoss
 
     return ResponseLoss(model)
+
+
+def eager_scoring() -> contextlib.AbstractContextManager:
+    """Scoring runs compiled blocks (``train.compile``) eagerly: under no_grad they would compile a second time,
+    for a few hundred items a window; a no-op on a model without compiled modules (and on a torch before 2.6,
+    which has no stances: there scoring compiles once more)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
