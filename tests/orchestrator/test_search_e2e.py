@@ -67,6 +67,10 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
     for folder in (tmp_path / "report_out", tmp_path / "ray_results" / "smoke" / "report"):
         assert len((folder / "trials.csv").read_text().splitlines()) == 3, folder
         assert (folder / "report.md").is_file() and (folder / "front.png").is_file()
+    # the trials recorded their per-item val answers: the ties are paired on the same val items
+    trials = json.loads((tmp_path / "report_out" / "trials.json").read_text())
+    trials = trials["trials"] if isinstance(trials, dict) else trials
+    assert trials and all(t["per_item_val"] for t in trials)
     journals = tmp_path / "ray_results" / "smoke" / "optuna"
     assert f"optuna-dashboard {journals / 'lora.journal'}" in proc.stdout and (journals / "malora.journal").is_file()
     assert "Best trial per method (chosen on val val/mean_acc" in proc.stdout and "Pareto front" in proc.stdout
