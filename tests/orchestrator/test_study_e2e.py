@@ -182,10 +182,13 @@ def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path, shared_
     meta = res["meta"]
     assert meta["command"].endswith(str(space)) and meta["report_command"].endswith("--resume")
     assert meta["elapsed_s"] >= meta["wall_s"] > 0
+    # the study clock: the killed launch and the resumed one, their running times summed (the killed one's to its
+    # last heartbeat, every 30 s)
+    assert len(meta["launches"]) == 2 and meta["elapsed_s"] >= meta["running_s"] >= meta["launches"][1]["running_s"]
     # the resume read the recorded plan (no seed from the search: replicates from train.seed) ...
     assert "study plan from" in again.stdout + again.stderr
     plan = json.loads((tmp_path / "ray_results" / "smoke-study" / "plan.json").read_text())
-    assert plan["seeds"] == {"search": [], "replicate": [0]} and len(plan["runs"]) == 4
+    assert plan["seeds"] == {"search": [], "choice": [], "replicate": [0]} and len(plan["runs"]) == 4
     # ... and refuses a space that is not the one that trained the runs, before anything starts
     raw = yaml.safe_load(space.read_text())
     raw["train"]["lr"] = 2.0e-3
