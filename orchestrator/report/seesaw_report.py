@@ -289,4 +289,5 @@ def seesaw_over_training_plot(histories: Mapping[str, Mapping[Any, Mapping[str, 
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))   # the panels' x labels clear the titles of the row below
     return save_figure(fig, path)
