@@ -275,6 +275,9 @@ class StudySpec:
     equivalence_margin: float = _f(0.008, gt=0, lt=1)
     """Margin δ (accuracy, 0.008 = 0.8 points: the MALoRA paper's intra-domain MALoRA − MoLoRA gap) of the TOST
     that alone may call two methods equivalent: both one-sided tests of |Δ| >= δ reject at 5 %."""
+    time_bound_min: float = _f(150.0, gt=0)
+    """The wall time the study must fit on the machine that runs it: ``--dry-run`` compares its estimate with it
+    (150: issue 23's bound for the CPU study; the powered study's is 240)."""
     choice_seeds: tuple[int, ...] = _f(())
     """Training seeds of the probes and pilots whose results fixed a choice of this study (a learning-rate probe,
     a pilot that sized it): recorded in the plan, and never used by a replicate or single-task run."""

@@ -181,5 +181,5 @@ def study_estimate_text(spec: SearchSpec, *, refresh: bool = False) -> str:
                  f"{m} " + " ".join(f"{t} {s:.2f}" for t, s in per.items())
                  for m, per in rates.score_s_per_item.items() if m != "zero_shot"),
              "               tokens/example: " + ", ".join(f"{t} {n:.0f}" for t, n in rates.tokens_per_example.items()),
-             describe_estimate(est)]
+             describe_estimate(est, spec.study.time_bound_min * 60)]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-BOUND_S = 150 * 60  # issue 23: the whole study within 150 minutes on the machine it runs on
+BOUND_S = 150 * 60  # the default study.time_bound_min (issue 23: the CPU study within 150 minutes)
 
 
 @dataclass(frozen=True)
