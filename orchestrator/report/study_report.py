@@ -78,7 +78,7 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _commit_state() -> dict[str, Any]:
+def commit_state() -> dict[str, Any]:
     """The checkout's HEAD commit and whether tracked files differ from it."""
     return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
 
@@ -96,7 +96,7 @@ def start_record(spec: SearchSpec, command: str, *, resume: bool) -> dict[str, A
     text = storage.read_text(path) if resume else None
     if text is not None:
         return json.loads(text)
-    record = {"command": command, **_commit_state(), "date": _now(), "unix": time.time()}
+    record = {"command": command, **commit_state(), "date": _now(), "unix": time.time()}
     storage.write_text(path, json.dumps(record, indent=1))
     return record
 
@@ -106,7 +106,7 @@ def provenance(command: str, wall_s: float, start: dict[str, Any] | None = None)
 
     ``start`` (:func:`start_record`): the first launch; its command and commit are the ones reported, and
     ``elapsed_s`` counts from it (equal to ``wall_s`` for a study that ran in one go)."""
-    here = _commit_state()
+    here = commit_state()
     start = start or {"command": command, **here, "date": _now(), "unix": time.time() - wall_s}
     return {"command": start["command"], "commit": start["commit"], "dirty": start["dirty"],
             "report_command": command, "report_commit": here["commit"],

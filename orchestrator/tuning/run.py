@@ -99,9 +99,9 @@ def search_provenance(command: str | None, wall_s: float, rows: list[dict]) -> d
     """What produced a search report: the command, the checkout's commit (and whether it was dirty), the machine,
     the precisions the trials recorded, the wall time."""
     from orchestrator.models.hardware import machine_info
-    from orchestrator.report.study_report import _commit_state
+    from orchestrator.report.study_report import commit_state
 
-    return {"command": command, **_commit_state(), "machine": machine_info(),
+    return {"command": command, **commit_state(), "machine": machine_info(),
             "precision": sorted({str(r["precision"]) for r in rows if r.get("precision")}),
             "eval_precision": sorted({str(r["eval_precision"]) for r in rows if r.get("eval_precision")}),
             "wall_s": round(float(wall_s), 1)}
