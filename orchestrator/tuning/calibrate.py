@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec.space import SearchSpec
-from orchestrator.tuning.estimate import Rates, RunShape, evaluations
+from orchestrator.tuning.estimate import Rates, RunShape, evaluations, probe_examples
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = Path.home() / ".cache" / "malora" / "calibration"
@@ -152,7 +152,7 @@ def study_shapes(spec: SearchSpec, runs: list[dict[str, Any]], splits: dict[str,
         name = f"{run['role']} {run['task'] or run['method']} seed {run['seed']}"
         out.append(RunShape(name, run["method"], steps, per_step, tasks,
                             {k: splits[k]["val"] for k in tasks}, {k: splits[k]["test"] for k in tasks},
-                            evaluations(steps, spec.eval.every_n_steps)))
+                            evaluations(steps, spec.eval.every_n_steps), probe_examples(spec, len(tasks))))
     return out
 
 

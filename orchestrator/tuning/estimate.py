@@ -5,9 +5,11 @@ Per run ``j`` of the study's grid (``tuning.study.plan_runs``), with its method 
 of its tasks' examples: the mixture's shares for a multi-task run, the one task for a single-task run), ``E_j``
 evaluations (``ceil(S_j / every_n_steps)``), ``V_jt`` / ``T_jt`` val / test items of task ``t`` it scores:
 
-    time_j = setup_m + S_j · b · τ_j / R_m + Σ_t (E_j · V_jt + T_jt) · s_mt
+    time_j = setup_m + (S_j · b + E_j · P_j) · τ_j / R_m + Σ_t (E_j · V_jt + T_jt) · s_mt
 
-``R_m`` real tokens/s of one trial of method ``m`` (its threads), ``s_mt`` seconds per scored item of task ``t``
+``P_j`` the gradient-conflict probe's examples per evaluation (``eval.probe_items`` per task of a multi-task
+run with ``eval.grad_conflict``; a forward and backward each, so at the training rate), ``R_m`` real tokens/s of
+one trial of method ``m`` (its threads), ``s_mt`` seconds per scored item of task ``t``
 (its options: 2 for BoolQ / PIQA, 4 for ARC / OBQA), ``setup_m`` building the run (model, adapters, data). The
 runs go to ``c`` concurrent slots in grid order, each to the slot free first (how Tune fills
 ``max_concurrent_trials``), so the study's wall time is the zero-shot reference (its val + test items scored
@@ -21,6 +23,7 @@ import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 BOUND_S = 150 * 60  # the default study.time_bound_min (issue 23: the CPU study within 150 minutes)
 
@@ -52,6 +55,8 @@ class RunShape:
     val_items: Mapping[str, int]
     test_items: Mapping[str, int]
     evaluations: int
+    probe_examples: int = 0
+    """The gradient-conflict probe's examples at each evaluation (``P_j``; 0 without it)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,12 @@ class Estimate:
         return self.wall_s > bound_s
 
 
+def probe_examples(spec: Any, n_tasks: int) -> int:
+    """``P_j``: the gradient-conflict probe's examples per evaluation, ``eval.probe_items`` per task of a multi-task
+    run with ``eval.grad_conflict`` on (a single-task run has no pair to compare)."""
+    return spec.eval.probe_items * n_tasks if spec.eval.grad_conflict and n_tasks > 1 else 0
+
+
 def tokens_per_example(shape: RunShape, rates: Rates) -> float:
     """``τ_j``: the mean real tokens of the run's examples, weighted by each task's examples in its stream."""
     total = sum(shape.tasks.values())
@@ -77,8 +88,8 @@ def tokens_per_example(shape: RunShape, rates: Rates) -> float:
 
 def run_parts(shape: RunShape, rates: Rates) -> tuple[float, float, float]:
     """(setup, training, scoring) seconds of one run (module docstring)."""
-    train = shape.steps * shape.examples_per_step * tokens_per_example(shape, rates) / \
-        rates.train_tokens_per_s[shape.method]
+    examples = shape.steps * shape.examples_per_step + shape.evaluations * shape.probe_examples
+    train = examples * tokens_per_example(shape, rates) / rates.train_tokens_per_s[shape.method]
     per_item = rates.score_s_per_item[shape.method]
     score = sum((shape.evaluations * shape.val_items.get(t, 0) + shape.test_items.get(t, 0)) * per_item[t]
                 for t in set(shape.val_items) | set(shape.test_items))

@@ -23,7 +23,7 @@ from typing import Any
 
 from orchestrator.report.search_report import rungs
 from orchestrator.spec.space import SearchSpec
-from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate
+from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate, probe_examples
 
 BOUND_S = 180 * 60  # issue 32: the CPU search of record within 180 minutes on the 2-core machine
 
@@ -67,7 +67,7 @@ def search_shapes(spec: SearchSpec, splits: dict[str, dict], mixture: dict[str, 
         for m in spec.methods:
             steps = min(max_steps, e * spec.eval.every_n_steps)
             shapes.append(RunShape(f"{m.kind} trial {i}", m.kind, steps, per_step, dict(mixture),
-                                   {k: s["val"] for k, s in splits.items()}, {}, e))
+                                   {k: s["val"] for k, s in splits.items()}, {}, e, probe_examples(spec, len(mixture))))
     return shapes
 
 

@@ -28,6 +28,19 @@ def test_run_parts_by_hand():
     assert run_parts(SHAPES[1], RATES) == pytest.approx((20.0, 880.0, 140.0))   # half the tokens/s, double s/item
     assert run_parts(SHAPES[2], RATES) == pytest.approx((10.0, 200.0, 30.0))    # 25*32*100/400; (50+100)*0.2
     assert run_parts(SHAPES[3], RATES) == pytest.approx((10.0, 240.0, 30.0))    # 75*32*40/400; (100+200)*0.1
+    # the gradient-conflict probe: 2 evaluations x 16 examples at the training rate, 2*16*55/400 = 4.4 s more
+    probed = RunShape("lora", "lora", 100, 32, {"a": 300, "b": 100}, VAL, TEST, 2, probe_examples=16)
+    assert run_parts(probed, RATES) == pytest.approx((10.0, 444.4, 70.0))
+
+
+def test_probe_examples_per_evaluation():
+    from types import SimpleNamespace
+
+    from orchestrator.tuning.estimate import probe_examples
+
+    on = SimpleNamespace(eval=SimpleNamespace(grad_conflict=True, probe_items=8))
+    off = SimpleNamespace(eval=SimpleNamespace(grad_conflict=False, probe_items=8))
+    assert (probe_examples(on, 5), probe_examples(on, 1), probe_examples(off, 5)) == (40, 0, 0)
 
 
 def test_estimate_schedules_runs_on_slots():

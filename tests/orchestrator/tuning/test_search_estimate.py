@@ -34,13 +34,14 @@ def test_search_estimate_by_hand():
                   setup_s=dict.fromkeys(methods, 10.0), tokens_per_example=dict.fromkeys(TASKS, 50.0))
     splits = {t: {"val": 100, "test": 320} for t in TASKS}
     nominal, ceiling, test_s = search_estimate(spec, rates, splits, dict.fromkeys(TASKS, 400), slots=2)
-    # a trial of E evaluations: setup 10 + 50 E steps x 32 examples x 50 tokens / 1000 + E x 500 val items x 0.1
-    # = 10 + 130 E; per method 4 trials stop at E = 1 and 2 run E = 3 (stop_evaluations(6, 1, 3, 3))
-    assert nominal.train_s == pytest.approx(16 * 80 + 8 * 240) and nominal.score_s == pytest.approx(16 * 50 + 8 * 150)
+    # a trial of E evaluations: setup 10 + 50 E steps x 32 examples x 50 tokens / 1000 + E x 500 val items x 0.1,
+    # plus E gradient-conflict probes of 8 items x 5 tasks x 50 tokens / 1000 = 2 s each: 10 + 132 E;
+    # per method 4 trials stop at E = 1 and 2 run E = 3 (stop_evaluations(6, 1, 3, 3))
+    assert nominal.train_s == pytest.approx(16 * 82 + 8 * 246) and nominal.score_s == pytest.approx(16 * 50 + 8 * 150)
     zero = 5 * 420 * 0.1
-    # 2 slots: the 16 short trials first (1120 s each slot), then the 8 long ones (1600 s each slot)
-    assert nominal.wall_s == pytest.approx(zero + 16 * 140 / 2 + 8 * 400 / 2)
-    assert ceiling.wall_s == pytest.approx(zero + 24 * 400 / 2)
+    # 2 slots: the 16 short trials first (1136 s each slot), then the 8 long ones (1624 s each slot)
+    assert nominal.wall_s == pytest.approx(zero + 16 * 142 / 2 + 8 * 406 / 2)
+    assert ceiling.wall_s == pytest.approx(zero + 24 * 406 / 2)
     assert test_s == pytest.approx(8 * 5 * 320 * 0.1)  # twice the methods, the whole test pool each, mean rate
 
 
