@@ -130,8 +130,12 @@ def budget_lines(spec: SearchSpec, counts: dict[str, MethodCount]) -> list[str]:
     budget = counts[ref].low
     lines = []
     for c in counts.values():
-        span = f"{c.low:,}" + (f"-{c.high:,}" if c.high != c.low else "")
-        lines.append(f"    {c.method:7s} {span} trainable ({100 * c.share:.2f} % of the base), "
-                     + (f"{c.low / budget:.3f}x the budget" if budget else "no budget (0)")
-                     + (" (the budget)" if c.method == ref else ""))
+        ranged = c.high != c.low   # a searched rank: every figure is a range over the corners of the domains
+        span = f"{c.low:,}" + (f"-{c.high:,}" if ranged else "")
+        share = f"{100 * c.share:.2f}" + (f"-{100 * c.high / c.base:.2f}" if ranged and c.base else "")
+        ratio = f"{c.low / budget:.3f}" + (f"-{c.high / budget:.3f}" if ranged else "") if budget else ""
+        lines.append(f"    {c.method:7s} {span} trainable ({share} % of the base), "
+                     + (f"{ratio}x the budget" if budget else "no budget (0)")
+                     + (" (the budget's smallest corner)" if c.method == ref and ranged
+                        else " (the budget)" if c.method == ref else ""))
     return lines
