@@ -10,7 +10,8 @@ with T tasks the headline is the mean over tasks.
 - Method comparison ``A − B`` (:func:`compare`), the primary test (``unit`` "seed+item", :func:`crossed_t`):
   seeds *and* items are random. The mean-over-tasks paired difference ``D`` is tested with the crossed seed x item
   variance of ``orchestrator.evaluation.crossed`` -- the per-seed t's variance plus the method x item
-  interaction's -- against Student t with Satterthwaite's df. A simulation of the null with seed noise and a
+  interaction's -- against Student t with the effective df of that module (a critical value midway between
+  Satterthwaite's and Cochran-Cox's). A simulation of the null with seed noise and a
   method x item interaction, in the study's regime, rejects at 3.4-5.9 % at nominal 5 % where the per-seed t
   rejects up to 49 % (``tests/orchestrator/evaluation/test_crossed.py``, ``benchmarks/stat_calibration.py``).
 - Beside it, conditional on the scored items (:func:`seed_t`, ``unit`` "seed"): the per-seed paired differences
@@ -120,24 +121,27 @@ def t_test(d: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, np.ndarra
     if n < 2:
         raise ValueError("a t-test needs at least 2 units (seeds or items)")
     mean, se = d.mean(axis=-1), d.std(axis=-1, ddof=1) / math.sqrt(n)
-    se = np.where(se > SE_FLOOR, se, 0.0)   # rounding residue of identical differences (1e-19) is no spread
-    return {"mean": mean, "se": se, **_t_from(mean, se, n - 1, confidence)}
+    return {"mean": mean, **_t_from(mean, se, n - 1, confidence)}
 
 
 def _t_from(mean: np.ndarray, se: np.ndarray, df: float, confidence: float) -> dict[str, np.ndarray]:
-    """Half-width and two-sided p of ``mean`` with standard error ``se`` under Student t with ``df``."""
-    mean, se = np.asarray(mean, dtype=float), np.asarray(se, dtype=float)
+    """``se`` (below ``SE_FLOOR``: 0), half-width and two-sided p of ``mean`` under Student t with ``df``; a zero
+    ``se`` gives half-width 0 and p NaN (undetermined)."""
+    mean = np.asarray(mean, dtype=float)
+    se = np.asarray(se, dtype=float)
+    se = np.where(se > SE_FLOOR, se, 0.0)   # rounding residue of identical differences (1e-19) is no spread
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.abs(mean) / se
-    p = np.where(se > 0, 2 * stats.t.sf(t, df), np.nan)
-    return {"half": stats.t.ppf(0.5 + confidence / 2, df) * se, "p": p, "df": df}
+        p = np.where(se > 0, 2 * stats.t.sf(t, df), np.nan)
+        half = np.where(se > 0, stats.t.ppf(0.5 + confidence / 2, df) * se, 0.0)
+    return {"se": se, "half": half, "p": p, "df": df}
 
 
 @dataclass(frozen=True)
 class TTest:
     """A t-test of a paired difference: ``unit`` "seed+item" (the primary, seeds and items random: :func:`crossed_t`),
     "seed" (t over the per-seed differences, conditional on the items: :func:`seed_t`) or "item" (one seed).
-    ``n`` units (seeds, or items), ``df`` degrees of freedom (Satterthwaite's, fractional, for "seed+item"),
+    ``n`` units (seeds, or items), ``df`` degrees of freedom (the effective df, fractional, for "seed+item"),
     ``se`` the standard error. ``p`` NaN: undetermined (SE 0)."""
 
     mean: float
@@ -184,18 +188,17 @@ def seed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confidence:
     seeds = diffs[0].shape[0]
     if seeds >= 2:
         r = t_test(per_seed_differences(a, b), confidence)
-        mean, se, n, unit = float(r["mean"]), float(r["se"]), seeds, "seed"
+        mean, n, unit = float(r["mean"]), seeds, "seed"
     else:
         items = [d[0] for d in diffs]
         if min(x.size for x in items) < 2:
             raise ValueError("a one-seed comparison needs at least 2 items per task")
         mean = float(np.mean([x.mean() for x in items]))
         se = math.sqrt(sum(x.var(ddof=1) / x.size for x in items)) / len(items)
-        se = se if se > SE_FLOOR else 0.0
         n, unit = sum(x.size for x in items), "item"
         r = _t_from(mean, se, n - len(items), confidence)
     half = float(r["half"])
-    return TTest(mean, mean - half, mean + half, float(r["p"]), int(r["df"]), se, n, unit)
+    return TTest(mean, mean - half, mean + half, float(r["p"]), int(r["df"]), float(r["se"]), n, unit)
 
 
 def crossed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confidence: float = CONFIDENCE) -> TTest:
@@ -204,15 +207,11 @@ def crossed_t(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], confiden
     diffs = _paired(a, b)
     if diffs[0].shape[0] < 2:
         return seed_t(a, b, confidence)
-    mean, se, df, _ = crossed_se(diffs)
-    mean, se, df = float(mean), float(se), float(df)
-    if se > SE_FLOOR:
-        half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
-        p = float(2 * stats.t.sf(abs(mean) / se, df))
-    else:
-        half, p, se = 0.0, float("nan"), 0.0
-    return TTest(mean, mean - half, mean + half, p, df, se, int(diffs[0].shape[0] + sum(d.shape[1] for d in diffs)),
-                 "seed+item")
+    mean, se, df, _ = crossed_se(diffs, confidence)
+    r = _t_from(float(mean), float(se), float(df), confidence)
+    mean, half = float(mean), float(r["half"])
+    return TTest(mean, mean - half, mean + half, float(r["p"]), float(df), float(r["se"]),
+                 int(diffs[0].shape[0] + sum(d.shape[1] for d in diffs)), "seed+item")
 
 
 @functools.cache
@@ -231,7 +230,7 @@ def _noncentrality(df: float, power: float, confidence: float) -> float:
 
 def mdd80(se: float, df: float, *, power: float = POWER, confidence: float = CONFIDENCE) -> float:
     """Minimum detectable difference of the two-sided t-test: ``λ* · se`` (module docstring); ``df`` may be
-    fractional (Satterthwaite's, rounded to 0.01 for the cache). NaN when ``se`` or ``df`` is undetermined."""
+    fractional (the crossed test's effective df, rounded to 0.01 for the cache). NaN when ``se`` or ``df`` is undetermined."""
     if not (se > 0 and df > 0) or math.isnan(float(df)):
         return float("nan")
     return _noncentrality(min(round(float(df), 2), 1e6), power, confidence) * float(se)
