@@ -101,16 +101,18 @@ def _df_for_critical(crit: np.ndarray, low: float, confidence: float) -> np.ndar
     return np.exp((lo + hi) / 2)
 
 
-def _critical(term_a, rest, rest_denom, seeds: int, confidence: float):
-    """Midpoint of Satterthwaite's and Cochran-Cox's critical values (module docstring) for SE² = term_a + rest,
-    ``term_a`` with S−1 df, ``rest`` the item terms with Satterthwaite denominator ``rest_denom``."""
+def _effective_df(term_a, rest, rest_denom, seeds: int, confidence: float) -> np.ndarray:
+    """The test's df (module docstring) for SE² = term_a + rest, ``term_a`` with S−1 df, ``rest`` the item terms
+    with Satterthwaite denominator ``rest_denom``: the df whose quantile is the midpoint of Satterthwaite's and
+    Cochran-Cox's critical values."""
     q = 0.5 + confidence / 2
     se2 = term_a + rest
     with np.errstate(divide="ignore", invalid="ignore"):
         satterthwaite = stats.t.ppf(q, se2 ** 2 / (term_a ** 2 / (seeds - 1) + rest_denom))
         rest_crit = stats.t.ppf(q, np.where(rest > 0, rest ** 2 / np.where(rest_denom > 0, rest_denom, 1.0), 1e6))
         cochran_cox = (term_a * stats.t.ppf(q, seeds - 1) + rest * rest_crit) / se2
-    return (satterthwaite + cochran_cox) / 2
+    crit = np.nan_to_num((satterthwaite + cochran_cox) / 2, nan=1.0)
+    return _df_for_critical(crit, seeds - 1, confidence)
 
 
 def crossed_se(diffs: Sequence[np.ndarray], confidence: float = 0.95
@@ -144,12 +146,11 @@ def crossed_se(diffs: Sequence[np.ndarray], confidence: float = 0.95
     residual_share = sum(p[2] / (s * n * n_tasks ** 2) for p, n in zip(parts, items))
     term_a = np.where((term_a <= 1e-24) & (rest <= 0), residual_share, term_a)
     se2 = term_a + rest
-    crit = _critical(term_a, rest, rest_denom, s, confidence)
-    df = np.where(se2 > 0, _df_for_critical(np.nan_to_num(crit, nan=1.0), s - 1, confidence), np.nan)
+    df = np.where(se2 > 0, _effective_df(term_a, rest, rest_denom, s, confidence), np.nan)
     comps = None
-    if big_d.ndim == 0:
-        residual = sum(float(p[2]) / (n * n_tasks ** 2) for p, n in zip(parts, items))
-        comps = Components(max(0.0, float(per_seed.var(ddof=1)) - residual), tuple(float(v) for v in item_var),
+    if big_d.ndim == 0:   # σ̂_a² = v_s − (1/T²) Σ_t MS_r,t / I_t = v_s − S · residual_share
+        comps = Components(max(0.0, float(per_seed.var(ddof=1)) - s * float(residual_share)),
+                           tuple(float(v) for v in item_var),
                            tuple(float(p[2]) for p in parts), s, tuple(items))
     return big_d, np.sqrt(se2), df, comps
 
@@ -172,8 +173,8 @@ def project_se(components: Components, seeds: int, items_per_task: int | Sequenc
             v_i, ms_r = (b + er / seeds) / (n * n_tasks ** 2), er / (seeds * n * n_tasks ** 2)
             rest += v_i - ms_r
             rest_denom += v_i ** 2 / (n - 1) + ms_r ** 2 / ((seeds - 1) * (n - 1))
-    crit = _critical(np.float64(term_a), np.float64(rest), np.float64(rest_denom), seeds, 0.95)
-    return math.sqrt(term_a + rest), float(_df_for_critical(np.asarray(crit), seeds - 1, 0.95))
+    return math.sqrt(term_a + rest), float(_effective_df(np.float64(term_a), np.float64(rest),
+                                                        np.float64(rest_denom), seeds, 0.95))
 
 
 def components_from_summary(seed_sd: float, item_se: float, tasks: int, items_per_task: int) -> Components:
@@ -192,8 +193,8 @@ def bound_from_summary(seed_se: float, item_se: float, seeds: int, items: int,
     (I_t T²) at these seeds). Their squares sum to the crossed SE² plus one residual share, so the SE errs large;
     df by the test's critical-value rule, the item term with ``items`` − 1 df."""
     term_a, rest = seed_se ** 2, item_se ** 2
-    crit = _critical(np.float64(term_a), np.float64(rest), np.float64(rest ** 2 / (items - 1)), seeds, confidence)
-    return math.sqrt(term_a + rest), float(_df_for_critical(np.asarray(crit), seeds - 1, confidence))
+    return math.sqrt(term_a + rest), float(_effective_df(np.float64(term_a), np.float64(rest),
+                                                        np.float64(rest ** 2 / (items - 1)), seeds, confidence))
 
 
 def simulate_null(rng: np.random.Generator, *, n_sim: int, seeds: int, tasks: int, items: int, interaction: float,
