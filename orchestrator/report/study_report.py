@@ -36,7 +36,7 @@ from orchestrator.evaluation.changes import item_changes
 from orchestrator.evaluation.multiplicity import adjust, tost, verdict
 from orchestrator.report import plots, tracking
 from orchestrator.report.seesaw_report import seesaw_over_training_plot, seesaw_section
-from orchestrator.report.answers import AnswersError, answers_record, read_answers, write_answers
+from orchestrator.report.answers import answers_record, read_answers, write_answers
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.recorded import formulation_of, item_hashes, precision_of
 from orchestrator.spec.space import SearchSpec
@@ -157,8 +157,12 @@ def check_comparable(spec: SearchSpec, done: list[dict], splits: dict[str, dict]
 
 def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], reference: dict | None,
                   splits: dict[str, dict], *, wall_s: float, command: str, start: dict[str, Any] | None = None,
-                  provenance_record: dict[str, Any] | None = None) -> dict[str, Any]:
+                  provenance_record: dict[str, Any] | None = None, clock: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """Every number of the study (the ``results.json`` layout of the module docstring).
+
+    ``clock``: ``tuning.clock.StudyClock.summary()`` (``running_s`` summed over every launch, ``elapsed_s`` since
+    the first, the ``launches``); with it the provenance's ``wall_s`` is the running time, else this launch's.
 
     ``provenance_record``: ``orchestrator.tuning.provenance.study_provenance`` of the study (model and data
     hashes, packages, machine); the report adds the runs' common ``precision`` and ``formulation``."""
@@ -264,6 +268,9 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
     out["meta"] = provenance(command, wall_s, start)
     out["provenance"] = {**(provenance_record or {}), "precision": precision, "formulation": formulation,
                          "wall_s": round(float(wall_s), 1)}
+    if clock:
+        out["meta"].update(clock)
+        out["provenance"].update(wall_s=clock["running_s"], elapsed_s=clock["elapsed_s"])
     return out
 
 
@@ -395,7 +402,7 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _write_files(spec: SearchSpec, results: dict[str, Any], answers: dict[str, Any], folder: Path) -> list[Path]:
+def _write_files(results: dict[str, Any], answers: dict[str, Any], folder: Path) -> list[Path]:
     """results.json (naming the answers file and its hash), results.md, .csv, the answers and the plots."""
     answers_path, sha = write_answers(answers, folder)
     results["answers"] = {"file": answers_path.name, "sha256": sha,
@@ -450,16 +457,12 @@ def write_report(spec: SearchSpec, configs: dict[str, dict], done: list[dict], r
                  provenance_record: dict[str, Any] | None = None, clock: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
     """Compute, write (``out_dir`` or ``<storage>/<name>-study/results``, local or a URI) and log to the parent run.
-    ``clock``: ``StudyClock.summary()`` (the running time summed over the launches, the span since the first)."""
+    ``clock``: as :func:`build_results`."""
     results = build_results(spec, configs, done, reference, splits, wall_s=wall_s, command=command, start=start,
-                            provenance_record=provenance_record)
-    if clock:
-        results["meta"].update(clock)
-        results["provenance"]["wall_s"] = clock["running_s"]
-        results["provenance"]["elapsed_s"] = clock["elapsed_s"]
+                            provenance_record=provenance_record, clock=clock)
     dest = out_dir or storage.join(spec.storage_path, f"{spec.name}-study", "results")
     with storage.local_dir(dest) as folder:  # a URI: written here, uploaded when the block ends
-        files = _write_files(spec, results, answers_record(configs, splits, done, reference), folder)
+        files = _write_files(results, answers_record(configs, splits, done, reference), folder)
         c = tracking.client(uri)
         for f in files:
             c.log_artifact(parent_id, str(f), "results")
@@ -476,18 +479,18 @@ def rewrite_report(spec: SearchSpec, results_path: str | Path, out_dir: str | Pa
     """``--report-only``: every statistic, table and plot again from a written report's answers, no training.
 
     The runs' provenance, first launch and wall time are the recorded ones; ``meta.report_command`` names this
-    command. Raises :class:`AnswersError` (bad file) or :class:`ReportError` (runs that cannot share a table)."""
+    command. Raises ``answers.AnswersError`` (bad file) or :class:`ReportError` (runs that cannot share a table)."""
     recorded, answers = read_answers(results_path)
     meta = recorded.get("meta") or {}
     start = {"command": meta.get("command", command), "commit": meta.get("commit"), "dirty": meta.get("dirty"),
              "date": meta.get("started", meta.get("date")), "unix": time.time() - meta.get("elapsed_s", 0.0)}
     prov = {k: v for k, v in (recorded.get("provenance") or {}).items()
-            if k not in ("precision", "formulation", "wall_s")}
+            if k not in ("precision", "formulation", "wall_s", "elapsed_s")}
+    clock = {k: meta[k] for k in ("running_s", "elapsed_s", "launches")} if "running_s" in meta else None
     results = build_results(spec, answers["configs"], answers["runs"], answers["zero_shot"], answers["splits"],
                             wall_s=float(meta.get("wall_s", 0.0)), command=command, start=start,
-                            provenance_record=prov)
-    results["meta"].update({k: meta[k] for k in ("elapsed_s", "running_s", "launches") if k in meta})
+                            provenance_record=prov, clock=clock)
     folder = Path(out_dir) if out_dir else Path(results_path).parent
     folder.mkdir(parents=True, exist_ok=True)
-    _write_files(spec, results, answers, folder)
+    _write_files(results, answers, folder)
     return {"table": markdown(results), "dir": str(folder), "results": results}

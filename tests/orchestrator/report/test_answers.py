@@ -34,11 +34,13 @@ def _study(tmp_path):
     reference = {"test_correct": {t: zero[t].tolist() for t in TASKS},
                  "test_chosen": {t: [0] * n for t in TASKS}}
     configs = {"lora": {"method": "lora"}, "molora": {"method": "molora"}}
-    results = study_report.build_results(spec, configs, done, reference, _split(n), wall_s=3.0, command="cmd")
+    clock = {"running_s": 120.0, "elapsed_s": 300.0, "launches": [{"start": 0.0, "running_s": 120.0, "command": "cmd"}]}
+    results = study_report.build_results(spec, configs, done, reference, _split(n), wall_s=3.0, command="cmd",
+                                         clock=clock)
     folder = tmp_path / "report"
     folder.mkdir()
     record = study_report.answers_record(configs, _split(n), done, reference)
-    study_report._write_files(spec, results, record, folder)
+    study_report._write_files(results, record, folder)
     return spec, results, folder
 
 
@@ -56,6 +58,9 @@ def test_the_report_is_written_again_from_its_answers_with_the_same_numbers(tmp_
         assert r["methods"][m]["mean"] == first["methods"][m]["mean"]
         assert r["methods"][m]["delta_vs_zero_shot"]["p"] == pytest.approx(first["methods"][m]["delta_vs_zero_shot"]["p"])
     assert r["meta"]["report_command"] == "report-only" and r["meta"]["command"] == first["meta"]["command"]
+    # the recorded running time stays the study's, not the last launch's
+    assert r["provenance"]["wall_s"] == first["provenance"]["wall_s"] == 120.0
+    assert (r["meta"]["running_s"], r["meta"]["elapsed_s"]) == (120.0, 300.0)
     # the same answers give the same bytes and hash
     assert json.loads((tmp_path / "again" / "results.json").read_text())["answers"]["sha256"] == first["answers"]["sha256"]
 
@@ -124,7 +129,7 @@ def test_the_report_draws_the_seesaw_from_the_runs_diagnostics_and_histories(tmp
     results = study_report.build_results(spec, configs, done, None, _split(4), wall_s=1.0, command="cmd")
     folder = tmp_path / "out"
     folder.mkdir()
-    study_report._write_files(spec, results, study_report.answers_record(configs, _split(4), done, None), folder)
+    study_report._write_files(results, study_report.answers_record(configs, _split(4), done, None), folder)
     text = (folder / "results.md").read_text()
     assert "seesaw_over_training.png" in text and (folder / "seesaw_over_training.png").stat().st_size > 0
     section = json.loads((folder / "results.json").read_text())["seesaw_diagnostics"]
