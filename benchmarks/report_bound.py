@@ -20,7 +20,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator.evaluation.crossed import bound_from_summary  # noqa: E402
-from orchestrator.evaluation.multiplicity import adjust, tost, verdict  # noqa: E402
+from orchestrator.evaluation.multiplicity import judge_comparisons, tost  # noqa: E402
 from orchestrator.evaluation.statistics import mdd80  # noqa: E402
 
 
@@ -33,10 +33,7 @@ def bounded(results: dict, margin: float) -> list[dict]:
         rows.append({"a": c["a"], "b": c["b"], "diff": c["diff"], "se": se, "df": df,
                      "p": float(2 * stats.t.sf(abs(c["diff"]) / se, df)), "mdd80": mdd80(se, df),
                      "tost": tost(c["diff"], se, df, margin)})
-    holm = adjust({i: r["p"] for i, r in enumerate(rows)}, "holm")
-    for i, r in enumerate(rows):
-        r["p_holm"] = holm[i]
-        r["verdict"] = verdict(r["diff"], r["p_holm"], r["tost"], r["mdd80"])
+    judge_comparisons(rows)
     return rows
 
 

@@ -83,3 +83,12 @@ def verdict(diff: float, p_adjusted: float | None, equivalence: dict, mdd: float
         return f"equivalent within ±{100 * equivalence['margin']:.2g} points (TOST p {equivalence['p']:.3f})"
     mdd_text = f"{100 * mdd:.2f} points" if mdd is not None and not math.isnan(mdd) else "unknown"
     return f"not distinguishable (MDD {mdd_text})"
+
+
+def judge_comparisons(comparisons: list[dict], alpha: float = 0.05) -> None:
+    """Holm across a family of comparisons, then each one's :func:`verdict`: sets ``p_holm`` and ``verdict`` on
+    each dict, which holds ``diff``, ``p``, ``tost`` and ``mdd80``."""
+    adjusted = adjust({i: c["p"] for i, c in enumerate(comparisons)}, "holm")
+    for i, c in enumerate(comparisons):
+        c["p_holm"] = adjusted[i]
+        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"], alpha)

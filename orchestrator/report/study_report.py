@@ -33,7 +33,7 @@ import numpy as np
 from orchestrator.cluster import storage
 from orchestrator.evaluation import statistics as st
 from orchestrator.evaluation.changes import item_changes
-from orchestrator.evaluation.multiplicity import adjust, tost, verdict
+from orchestrator.evaluation.multiplicity import adjust, judge_comparisons, tost
 from orchestrator.report import plots, tracking
 from orchestrator.report.seesaw_report import seesaw_over_training_plot, seesaw_section
 from orchestrator.report.answers import answers_record, read_answers, write_answers
@@ -261,10 +261,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         c = st.compare(X[a], X[b], n_boot=s.n_boot)
         out["comparisons"].append({"a": a, "b": b, **c.as_dict(),
                                    "tost": tost(c.diff, c.primary.se, c.primary.df, s.equivalence_margin)})
-    holm = adjust({i: c["p"] for i, c in enumerate(out["comparisons"])}, "holm")
-    for i, c in enumerate(out["comparisons"]):
-        c["p_holm"] = holm[i]
-        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"])
+    judge_comparisons(out["comparisons"])
     out["meta"] = provenance(command, wall_s, start)
     out["provenance"] = {**(provenance_record or {}), "precision": precision, "formulation": formulation,
                          "wall_s": round(float(wall_s), 1)}

@@ -57,11 +57,6 @@ class StudyClock:
             except OSError:   # a storage hiccup costs one beat, never the study
                 pass
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._index is not None:
-            self._touch()
-
     def summary(self) -> dict[str, Any]:
         """``running_s`` (Σ alive − start), ``elapsed_s`` (first start to now) and the launches."""
         if self._index is not None:
