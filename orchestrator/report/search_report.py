@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.evaluation.statistics import seed_t
 from orchestrator.report import pareto
 from orchestrator.spec.space import SearchSpec
 
@@ -104,19 +105,19 @@ def trial_table(rows: list[dict], milestones: list[int], max_t: int) -> list[dic
 
 # --------------------------------------------------------------------------------------------------- ties
 def paired_difference(a: dict, b: dict, tasks: list[str], n_items: dict[str, int]) -> tuple[float, float, bool]:
-    """(D, SE, paired) of trial a minus trial b on the mean over tasks (module docstring)."""
-    paired = all(isinstance(r.get(f"val_correct/{t}"), list) for r in (a, b) for t in tasks)
+    """(D, SE, paired) of trial a minus trial b on the mean over tasks (module docstring): paired on the same val
+    items, the one-seed paired t of ``statistics.seed_t``; without per-item answers, two binomials."""
+    paired = all(isinstance(r.get(f"val_correct/{t}"), list) and len(r[f"val_correct/{t}"]) > 1
+                 for r in (a, b) for t in tasks)
+    if paired:
+        test = seed_t({t: [a[f"val_correct/{t}"]] for t in tasks}, {t: [b[f"val_correct/{t}"]] for t in tasks})
+        return test.mean, test.se, True
     diffs, var = [], 0.0
     for t in tasks:
-        if paired:
-            d = np.asarray(a[f"val_correct/{t}"], float) - np.asarray(b[f"val_correct/{t}"], float)
-            diffs.append(float(d.mean()))
-            var += float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0
-        else:
-            pa, pb, n = task_acc(a, t), task_acc(b, t), max(1, n_items.get(t, 1))
-            diffs.append(pa - pb)
-            var += (pa * (1 - pa) + pb * (1 - pb)) / n
-    return float(np.mean(diffs)), math.sqrt(var) / len(tasks), paired
+        pa, pb, n = task_acc(a, t), task_acc(b, t), max(1, n_items.get(t, 1))
+        diffs.append(pa - pb)
+        var += (pa * (1 - pa) + pb * (1 - pb)) / n
+    return float(np.mean(diffs)), math.sqrt(var) / len(tasks), False
 
 
 def ties(rows: list[dict], n_items: dict[str, int]) -> dict[str, dict[str, Any]]:
