@@ -13,7 +13,7 @@ from orchestrator.evaluation.grad_conflict import Probe
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.diagnostics import window_diagnostics
 from orchestrator.training.step import max_over_ranks, peak_memory_mb, window_pad_share
-from orchestrator.training.trial import Optimisation, Progress, TrialModel, eager_scoring  # noqa: F401 (re-exported)
+from orchestrator.training.trial import Optimisation, Progress, TrialModel, eager_scoring
 
 
 def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, session: Any, device: torch.device,

@@ -28,13 +28,12 @@ from orchestrator.spec.space import SearchSpec
 from orchestrator.training.checkpoints import (ADAPTER_DIR, TRAIN_STATE, checkpoint_and_report, report_final_again,
                                                restore_progress)
 from orchestrator.training.diagnostics import trial_probe
-from orchestrator.training.eval_window import (eager_scoring, evaluate_sharded, evaluate_window, evaluations_done,
-                                               mean_of)
+from orchestrator.training.eval_window import evaluate_sharded, evaluate_window, evaluations_done, mean_of
 from orchestrator.training.sessions import LocalSession, RaySession, no_buffer_sync
 from orchestrator.training.step import (max_over_ranks, new_window, peak_memory_mb, progress_line, synchronize,
                                         train_step, window_pad_share)
 from orchestrator.training.trial import (Optimisation, Progress, TrialModel, build_optimisation, build_trial_model,
-                                         training_loss)
+                                         eager_scoring, training_loss)
 from orchestrator.training.trial_data import batches, build_training_data, resume_stream, total_steps
 
 __all__ = [  # the loop's parts, importable from here as before the split
