@@ -3,8 +3,10 @@
 Search trials report val only (``trial_driver(score_test=False)``), so no table, live view or MLflow run shows a
 test number beside a val number a user could choose by eye. Once the search is over, the best trial per method
 and the Pareto front are chosen on val (``report.summary.choose``), and then each chosen trial's final adapter
-(its last checkpoint, saved by the worker) is loaded into the base model and scored on test, once, in one Ray
-task that loads the base model once. Cheaper than retraining, and the same adapter that was chosen.
+(its last checkpoint, saved by the worker) is loaded into the base model and scored on test, once. The chosen trials are dealt
+round-robin to as many Ray tasks as the search has trial slots (each loads the base model once and scores its
+share one adapter after another), so test scoring uses the cores the trials used. Cheaper than retraining, and
+the same adapter that was chosen.
 """
 
 from __future__ import annotations
@@ -49,11 +51,19 @@ def adapter_test_scores(spec: SearchSpec, adapters: dict[str, str]) -> dict[str,
     return out
 
 
+def deal(adapters: dict[str, str], n: int) -> list[dict[str, str]]:
+    """``adapters`` dealt round-robin into ``min(n, len(adapters))`` non-empty groups, in their order."""
+    items = list(adapters.items())
+    return [dict(items[i::n]) for i in range(min(max(1, n), len(items)))]
+
+
 def score_chosen(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Score the chosen ``rows`` (each with its ``checkpoint`` folder) on test in one Ray task; ``{trial id: ...}``."""
+    """Score the chosen ``rows`` (each with its ``checkpoint`` folder) on test, one Ray task per trial slot;
+    ``{trial id: test metrics}``."""
     import ray
 
     from orchestrator.training.worker import ADAPTER_DIR
+    from orchestrator.tuning.plan import concurrency
 
     adapters = {r["trial_id"]: storage.join(r["checkpoint"], ADAPTER_DIR) for r in rows if r.get("checkpoint")}
     if not adapters:
@@ -61,8 +71,9 @@ def score_chosen(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[str, dict
     r = spec.resources
     task = ray.remote(num_cpus=max(0.01, r.cpus_per_worker - r.trial_driver_cpus),
                       num_gpus=r.gpus_per_worker)(adapter_test_scores)
+    groups = deal(adapters, concurrency(spec, ray.cluster_resources()))
     t0 = time.perf_counter()
-    scores = ray.get(task.remote(spec, adapters))
+    scores = {k: v for part in ray.get([task.remote(spec, g) for g in groups]) for k, v in part.items()}
     logger.info("test scored after choosing, for %d chosen trials (%.1f s): %s", len(scores),
                 time.perf_counter() - t0, {k: round(v["test/mean_acc"], 4) for k, v in scores.items()})
     return scores

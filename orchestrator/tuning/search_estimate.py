@@ -80,7 +80,7 @@ def search_estimate(spec: SearchSpec, rates: Rates, splits: dict[str, dict], mix
     chosen = 2 * len(spec.methods)
     per_trial = sum(s["test"] * sum(rates.score_s_per_item[m.kind][t] for m in spec.methods) / len(spec.methods)
                     for t, s in splits.items())  # a chosen trial is of any method: their mean rate
-    return nominal, ceiling, chosen * per_trial
+    return nominal, ceiling, math.ceil(chosen / slots) * per_trial  # dealt to the slots (tuning.chosen)
 
 
 def search_estimate_text(spec: SearchSpec, *, refresh: bool = False, bound_s: float = BOUND_S) -> str:

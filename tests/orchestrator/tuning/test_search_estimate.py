@@ -42,7 +42,10 @@ def test_search_estimate_by_hand():
     # 2 slots: the 16 short trials first (1136 s each slot), then the 8 long ones (1624 s each slot)
     assert nominal.wall_s == pytest.approx(zero + 16 * 142 / 2 + 8 * 406 / 2)
     assert ceiling.wall_s == pytest.approx(zero + 24 * 406 / 2)
-    assert test_s == pytest.approx(8 * 5 * 320 * 0.1)  # twice the methods, the whole test pool each, mean rate
+    # twice the methods (8 chosen), the whole test pool each at the mean rate, dealt to the 2 slots: 4 each
+    assert test_s == pytest.approx(4 * 5 * 320 * 0.1)
+    _, _, test_3 = search_estimate(spec, rates, splits, dict.fromkeys(TASKS, 400), slots=3)
+    assert test_3 == pytest.approx(3 * 5 * 320 * 0.1)  # 8 over 3 slots: the longest slot scores 3
 
 
 def test_calibration_configs_are_each_methods_heaviest_corner():

@@ -150,3 +150,13 @@ def test_chosen_adapter_scored_after_the_search_matches_its_in_training_test_sco
         hits = scores[f"test_correct/{task}"]
         assert hits == reports[-1][f"test_correct/{task}"] and len(hits) == 8
     assert scores["test/mean_acc"] == pytest.approx(reports[-1]["test/mean_acc"])
+
+
+def test_chosen_adapters_are_dealt_to_the_slots_each_once():
+    from orchestrator.tuning.chosen import deal
+
+    adapters = {f"t{i}": f"/a/{i}" for i in range(5)}
+    groups = deal(adapters, 2)
+    assert groups == [{"t0": "/a/0", "t2": "/a/2", "t4": "/a/4"}, {"t1": "/a/1", "t3": "/a/3"}]
+    assert deal(adapters, 8) == [{f"t{i}": f"/a/{i}"} for i in range(5)]  # never an empty task
+    assert deal(adapters, 1) == [adapters] and deal({}, 2) == []
