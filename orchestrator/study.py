@@ -68,12 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator.data.tasks import SUITES
 
         n_tasks = len(SUITES[spec.data.suite]) if spec.data.suite else len(spec.data.tasks or ())
-        n_runs = st.seeds * (len(spec.methods) + (n_tasks if st.single_task else 0))
+        st_seeds = min(st.seeds, st.single_task_seeds or st.seeds)
+        n_runs = st.seeds * len(spec.methods) + (st_seeds * n_tasks if st.single_task else 0)
         searched = spec.search.num_trials if st.search and not args.from_search else 0
         print(f"  study        {st.seeds} seeds; configurations from {source}; single-task {single}; "
               f"zero-shot {'on' if st.zero_shot else 'off'}; {st.n_boot} bootstrap draws")
         print(f"  runs         {searched} search trials + {n_runs} study runs ({st.seeds} x {len(spec.methods)} "
-              f"methods" + (f" + {st.seeds} x {n_tasks} single-task runs, each with its task's share of the budget)"
+              f"methods" + (f" + {st_seeds} x {n_tasks} single-task runs, each with its task's share of the budget"
+                            + (f", at the first {st_seeds} of the {st.seeds} seeds)" if st_seeds < st.seeds else ")")
                             if st.single_task else ")"))
         from orchestrator.tuning.record import replicate_seeds
 

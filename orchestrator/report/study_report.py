@@ -174,6 +174,11 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
     methods = [m.kind for m in spec.methods]
     X = {m: {t: _matrix([r for r in replicates if r["run"]["method"] == m], t)[0] for t in tasks} for m in methods}
     ST = {t: _matrix([r for r in singles if r["run"]["task"] == t], t)[0] for t in tasks} if singles else {}
+    st_seeds = sorted({r["run"]["seed"] for r in singles})
+    if singles and any(_matrix([r for r in singles if r["run"]["task"] == t], t)[1] != st_seeds for t in tasks):
+        raise ReportError("the single-task references of the tasks trained at different seeds: "
+                          + "; ".join(f"{t} {_matrix([r for r in singles if r['run']['task'] == t], t)[1]}"
+                                      for t in tasks) + ". Fix: --resume until every reference has finished")
     zero = {t: np.asarray(reference["test_correct"][t], dtype=float) for t in tasks} if reference else {}
     out: dict[str, Any] = {
         "model": spec.model.name, "seeds": sorted({r["run"]["seed"] for r in replicates}),
@@ -184,6 +189,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         "majority_label": {t: splits[t].get("test_majority") for t in tasks},
         "single_task": {t: st.accuracy_interval(ST[t]).as_dict() for t in ST},
         "single_task_method": s.single_task_method if ST else None,
+        "single_task_seeds": st_seeds if ST else None,
         "methods": {}, "comparisons": [], "seesaw": {}, "runs": run_records(spec, done),
         "statistics": {"confidence": st.CONFIDENCE, "interval": "t over seeds (Wilson over items with one seed)",
                        "comparison": "seeds and items random: crossed seed x item variance, effective df "
@@ -208,11 +214,13 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         _, hp = trial_hparams(spec.methods, configs[m])
         per_task, deltas = {}, {}
         seeds = sorted(r["run"]["seed"] for r in runs)  # the row order of X[m][t] (see _matrix)
+        # the method's rows at the references' seeds: all of them, or the first study.single_task_seeds
+        paired = {t: X[m][t][[i for i, seed in enumerate(seeds) if seed in st_seeds]] for t in tasks} if ST else X[m]
         for t in tasks:
             mat = X[m][t]
             iv = st.accuracy_interval(mat).as_dict()
             ref = ST.get(t) if ST else (np.broadcast_to(zero[t], mat.shape) if zero else None)
-            delta = st.compare({t: mat}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
+            delta = st.compare({t: paired[t]}, {t: ref}, n_boot=s.n_boot) if ref is not None else None
             if delta is not None:
                 deltas[t] = delta
             per_task[t] = {"mean": iv["mean"], "ci95": iv["ci95"], "n_seeds": len(seeds), "n_items": mat.shape[1],
@@ -226,7 +234,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
                  "val_mean_acc": float(np.mean([r["metrics"].get("val/mean_acc", np.nan) for r in runs])),
                  "mean": st.mean_over_tasks_interval(X[m]).as_dict(), "per_task": per_task}
         if ST:
-            entry["delta_vs_single_task"] = st.compare(X[m], ST, n_boot=s.n_boot).as_dict()
+            entry["delta_vs_single_task"] = st.compare(paired, ST, n_boot=s.n_boot).as_dict()
         if zero:
             # did training teach anything: the same items scored by the base model (deterministic, so the same
             # row for every seed), and the plain check that the zero-shot mean lies below the method's own 95 % CI
@@ -302,9 +310,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),
                                         _pct(sum(z.values()) / len(z)), "-", *(["0"] if both else [])]) + " |")
     meta, split = results["meta"], results["split"]
+    fewer = results.get("single_task_seeds") if results["single_task"] else None
+    fewer = fewer if fewer and len(fewer) < len(results["seeds"]) else None
     text = [f"Test accuracy (%), mean ± half-width of the 95 % CI ({results['statistics']['interval']}); "
             f"{len(results['seeds'])} seeds {results['seeds']}, model {results['model']}; test items per task: "
-            + ", ".join(f"{t} {split[t]['test']}" for t in tasks) + f" (split seed {results['split_seed']}).",
+            + ", ".join(f"{t} {split[t]['test']}" for t in tasks) + f" (split seed {results['split_seed']})."
+            + (f" The single-task references trained at {len(fewer)} of these seeds {fewer}: each Δ vs single-task "
+               "pairs the methods' runs at those seeds only." if fewer else ""),
             "", *lines, ""]
     if results["comparisons"]:
         margin = 100 * results["statistics"].get("equivalence", {}).get("margin", 0.008)

@@ -261,6 +261,11 @@ class StudySpec:
     papers' settings); a method's constants need not be repeated. With ``search`` true, ignored."""
     single_task: bool = _f(True)
     """Train one LoRA per task on that task alone, same per-task examples and seeds (the papers' "(ST)" rows)."""
+    single_task_seeds: int | None = _f(None, ge=2)
+    """How many of the replicates' seeds (the first ones) the single-task references train at; None: all of them.
+    Fewer saves their runs where the study's question is between methods; each Δ vs single-task then pairs the
+    method's runs at those seeds only (fewer seeds: a wider interval, said in the report). At least 2, so the
+    seed variance of the Δ is measured."""
     single_task_method: str = _f("lora")
     """Method of the single-task references; its configuration is the one chosen (or given) for that method."""
     zero_shot: bool = _f(True)
@@ -595,6 +600,10 @@ def _check_study(study: StudySpec, methods: list[MethodSpec]) -> list[str]:
     if study.single_task and study.single_task_method not in kinds:
         out.append(f"study.single_task_method: {study.single_task_method!r} is not a method of this space "
                    f"({', '.join(kinds)}). Fix: add it under methods, or set study.single_task: false")
+    if study.single_task_seeds is not None and study.single_task_seeds > study.seeds:
+        out.append(f"study.single_task_seeds: {study.single_task_seeds} is more than study.seeds "
+                   f"({study.seeds}); the references train at the first of the replicates' seeds. Fix: at most "
+                   f"{study.seeds}, or leave it out (all of them)")
     for i, pair in enumerate(study.comparisons or ()):
         a, sep, b = str(pair).partition("-")
         if not sep or a not in kinds or b not in kinds:

@@ -121,7 +121,7 @@ def plan_runs(spec: SearchSpec, configs: dict[str, dict[str, Any]],
             steps = max(1, math.ceil(spec.train.max_steps * n / total)) if spec.train.max_steps else None
             runs += [{"role": SINGLE_TASK, "method": st.single_task_method, "seed": s, "task": task,
                       "config": configs[st.single_task_method], "num_train_examples": n, "max_steps": steps}
-                     for s in seeds]
+                     for s in seeds[:st.single_task_seeds]]  # the first ones (None: all)
     return runs
 
 

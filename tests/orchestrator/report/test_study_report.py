@@ -213,3 +213,28 @@ def test_the_report_refuses_runs_scored_on_other_items_or_precisions(tmp_path):
 
     with pytest.raises(study_report.ReportError, match="different formulations: cloze, label"):
         _hand_study(tmp_path, change=label)
+
+
+def test_single_task_references_at_fewer_seeds_pair_the_methods_runs_at_those_seeds(tmp_path):
+    """References at the first 2 of 3 seeds (study.single_task_seeds): lora − single-task on piqa pairs seeds 0, 1
+    only (.25, −.25 by hand), the seed-0/1 rows of lora; the table's seeds stay all three and the text says so."""
+    def two_seed_references(done):
+        done[:] = [r for r in done if r["run"]["role"] != "single_task" or r["run"]["seed"] < 2]
+
+    res = _hand_study(tmp_path, change=two_seed_references)
+    assert res["single_task_seeds"] == [0, 1] and res["seeds"] == [0, 1, 2]
+    assert res["single_task"]["piqa"]["mean"] == pytest.approx((0.5 + 0.75) / 2)
+    d = res["methods"]["lora"]["per_task"]["piqa"]["delta_vs_single_task"]
+    assert d["diff"] == pytest.approx(0.0) and d["seed_t"]["df"] == 1   # (.25 − .25) / 2, one df from two seeds
+    assert d["seed_t"]["ci95"][1] == pytest.approx(stats.t.ppf(0.975, 1) * 0.25)  # SE of (.25, −.25): .25
+    assert res["methods"]["lora"]["per_task"]["piqa"]["mean"] == pytest.approx(0.75)  # the method keeps 3 seeds
+    # the mean Δ over tasks pairs the same rows: lora seeds 0, 1 minus the references' (piqa .25 −.25, boolq .25 .25)
+    assert res["methods"]["lora"]["delta_vs_single_task"]["diff"] == pytest.approx((0.25 + 0.0) / 2)
+    assert "single-task references trained at 2 of these seeds [0, 1]" in study_report.markdown(res)
+
+    def mismatched(done):
+        done[:] = [r for r in done if not (r["run"]["role"] == "single_task" and r["run"]["seed"] == 2
+                                           and r["run"]["task"] == "piqa")]
+
+    with pytest.raises(study_report.ReportError, match=r"different seeds: piqa \[0, 1\]; boolq \[0, 1, 2\]"):
+        _hand_study(tmp_path, change=mismatched)

@@ -412,3 +412,16 @@ def test_a_small_model_in_the_label_formulation_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="orchestrator.spec.space"):
         spec_from_dict(_set(raw, "model.name", "meta-llama/Llama-2-7b-hf"), base_dir=SPACES)
     assert not caplog.records
+
+
+def test_single_task_seeds_at_most_the_replicates_and_at_least_two():
+    raw = _set(_set(smoke_raw(), "study.seeds", 3), "study.single_task_seeds", 4)
+    with pytest.raises(SpaceError) as err:
+        spec_from_dict(raw, base_dir=SPACES)
+    assert err.value.problems == [
+        "study.single_task_seeds: 4 is more than study.seeds (3); the references train at the first of the "
+        "replicates' seeds. Fix: at most 3, or leave it out (all of them)"]
+    with pytest.raises(SpaceError, match="study.single_task_seeds"):
+        spec_from_dict(_set(smoke_raw(), "study.single_task_seeds", 1), base_dir=SPACES)
+    ok = _set(_set(smoke_raw(), "study.seeds", 3), "study.single_task_seeds", 2)
+    assert spec_from_dict(ok, base_dir=SPACES).study.single_task_seeds == 2

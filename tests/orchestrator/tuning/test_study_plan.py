@@ -93,3 +93,13 @@ def test_replicates_never_reuse_a_seed_that_fixed_a_choice(smoke, monkeypatch):
     monkeypatch.setattr(study, "mixture_counts", lambda s: {"boolq": 10})
     runs = study.plan_runs(spec, {"lora": {"method": "lora"}, "malora": {"method": "malora"}}, search_seeds=[])
     assert sorted({r["seed"] for r in runs}) == [1, 3]
+
+
+def test_single_task_references_train_at_the_first_single_task_seeds(smoke, monkeypatch):
+    spec = dataclasses.replace(smoke, study=dataclasses.replace(smoke.study, seeds=3, single_task=True, search=False,
+                                                                single_task_method="lora", single_task_seeds=2))
+    monkeypatch.setattr(study, "mixture_counts", lambda s: {"boolq": 10, "arc_e": 10})
+    runs = study.plan_runs(spec, {"lora": {"method": "lora"}, "malora": {"method": "malora"}}, search_seeds=[])
+    assert [r["seed"] for r in runs if r["role"] == "replicate"] == [0, 1, 2, 0, 1, 2]
+    assert [(r["task"], r["seed"]) for r in runs if r["role"] == "single_task"] == [
+        ("boolq", 0), ("boolq", 1), ("arc_e", 0), ("arc_e", 1)]
