@@ -11,7 +11,9 @@ adapter whose update starts at zero: the closest measured thing to the base mode
 To stay short (a few minutes), the data are encoded from ``CAL_TRAIN_LIMIT`` examples per task; the setup time
 scales the measured encoding time to the run's full stream. The rates are those of one trial alone on this
 machine: two trials at once on two cores share memory bandwidth, and others' jobs on a shared machine slow the
-measurement, so ``--recalibrate`` after the machine has gone quiet.
+measurement, so ``--recalibrate`` after the machine has gone quiet. How much two (or ``c``) trials at once slow each
+other is measured too, with the first method's training in ``c`` processes started together
+(``tuning.contention``), and the estimate scales every run by it.
 
 Cache: ``~/.cache/malora/calibration/<sha256 of the key>.json``; the key holds the CPU model and flags
 (``models.hardware.cpu_info``), the GPUs, torch's version, the model, the resolved precisions, the threads, the
@@ -37,7 +39,8 @@ CACHE_DIR = Path.home() / ".cache" / "malora" / "calibration"
 CAL_TRAIN_LIMIT = 200  # examples per task encoded for the calibration (the length distribution, not the stream)
 
 
-def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int, items: int) -> dict:
+def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int, items: int,
+                    slots: int = 1) -> dict:
     """What the rates depend on (module docstring)."""
     import torch
 
@@ -54,7 +57,8 @@ def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, ste
             "eval_batch_size": spec.eval.batch_size, "scoring": spec.eval.scoring,
             "data": {"suite": d.suite, "tasks": list(d.tasks or ()), "data_dir": d.data_dir, "split_seed": d.split_seed,
                      "max_length": d.max_length, "formulation": d.formulation, "template": d.template},
-            "configs": configs, "steps": steps, "items": items}
+            "configs": configs, "steps": steps, "items": items,
+            **({"slots": slots} if slots > 1 else {})}   # the slowdown of that many trials at once (contention)
 
 
 def cache_path(key: dict) -> Path:
@@ -63,15 +67,20 @@ def cache_path(key: dict) -> Path:
 
 
 def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int = 3, items: int = 16,
-                 refresh: bool = False) -> tuple[Rates, dict]:
-    """(rates, {"path", "cached", "measured_at", "calibration_s"}): from the cache, else measured and stored."""
-    key = calibration_key(spec, configs, steps=steps, items=items)
+                 slots: int = 1, refresh: bool = False) -> tuple[Rates, dict]:
+    """(rates, {"path", "cached", "measured_at", "calibration_s"}): from the cache, else measured and stored;
+    ``slots`` trials at once: their slowdown is measured too (``tuning.contention``)."""
+    from orchestrator.tuning.contention import measure_slowdown
+
+    key = calibration_key(spec, configs, steps=steps, items=items, slots=slots)
     path = cache_path(key)
     if path.exists() and not refresh:
         stored = json.loads(path.read_text())
         return Rates(**stored["rates"]), {"path": str(path), "cached": True, **stored["meta"]}
     t0 = time.perf_counter()
     rates = measure(spec, configs, steps=steps, items=items)
+    contention = measure_slowdown(spec, next(iter(configs.values())), steps=steps, slots=slots)
+    rates = dataclasses.replace(rates, slowdown=contention["slowdown"], slowdown_slots=slots)
     meta = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "calibration_s": round(time.perf_counter() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +89,7 @@ def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps:
     return rates, {"path": str(path), "cached": False, **meta}
 
 
-def _task_spec(spec: SearchSpec, task: str | None) -> SearchSpec:
+def calibration_spec(spec: SearchSpec, task: str | None) -> SearchSpec:
     """The space with ``CAL_TRAIN_LIMIT`` training examples per task (of one task, or the whole suite)."""
     limit = min(spec.data.train_limit or CAL_TRAIN_LIMIT, CAL_TRAIN_LIMIT)
     data = dataclasses.replace(spec.data, train_limit=limit, num_train_examples=None)
@@ -95,10 +104,10 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
 
     from orchestrator.data.suites import load_pools
     from orchestrator.training import worker
+    from orchestrator.tuning import contention
     from orchestrator.tuning.study import mixture_counts
 
     device = torch.device("cuda" if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
-    session = worker.LocalSession()
     full_examples = sum(mixture_counts(spec).values())
     tokens, train_rate, score, setup = {}, {}, {}, {}
     for kind, config in configs.items():
@@ -107,21 +116,13 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
         t_model = time.perf_counter() - t0
         if not tokens:  # per task: the mean real tokens of a training example (data only, once)
             for task in load_pools(spec).tasks:
-                enc, _, _ = worker.build_training_data(_task_spec(spec, task), trial.tokenizer)
+                enc, _, _ = worker.build_training_data(calibration_spec(spec, task), trial.tokenizer)
                 tokens[task] = sum(len(e["input_ids"]) for e in enc) / len(enc)
         t1 = time.perf_counter()
-        encoded, pools, _ = worker.build_training_data(_task_spec(spec, None), trial.tokenizer)
+        encoded, pools, _ = worker.build_training_data(calibration_spec(spec, None), trial.tokenizer)
         setup[kind] = t_model + (time.perf_counter() - t1) * full_examples / len(encoded)
-        optim = worker.build_optimisation(trial, spec, steps + 1)
-        loss = worker.training_loss(trial.model)
-        stream = worker.resume_stream(encoded, spec, session, trial.tokenizer, 0)
-        warm = worker.new_window(device)
-        worker.train_step(loss, trial, optim, stream, spec, 1, 0, warm, device)  # warm-up (and compilation)
-        window = worker.new_window(device)
-        for step in range(1, steps + 1):
-            worker.train_step(loss, trial, optim, stream, spec, 1, step, window, device)
-        train_rate[kind] = window["tokens"] / window["time"]
-        setup[kind] += max(0.0, warm["time"] - window["time"] / steps)      # train.compile: its compilation
+        train_rate[kind], warm_s, step_s = contention.train_rate(spec, trial, encoded, steps, device)
+        setup[kind] += max(0.0, warm_s - step_s)      # train.compile: its compilation
         score[kind] = {}
         with trial.eval_precision.context(device.type), worker.eager_scoring():
             first = next(iter(pools["val"]))
@@ -133,7 +134,7 @@ def measure(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int,
                 score[kind][task] = (time.perf_counter() - t2) / len(pool[:items])
         logger.info("calibration %s: %.0f tokens/s, %.2f s/item, setup %.0f s", kind, train_rate[kind],
                     sum(score[kind].values()) / len(score[kind]), setup[kind])
-        del trial, optim, loss, stream
+        del trial
     score["zero_shot"] = dict(score["lora" if "lora" in score else next(iter(configs))])
     return Rates(train_rate, score, setup, tokens)
 
@@ -160,7 +161,7 @@ def study_estimate_text(spec: SearchSpec, *, refresh: bool = False) -> str:
     """The --dry-run lines of a study with fixed configurations: the measured rates and the wall-time estimate."""
     import os
 
-    from orchestrator.tuning.estimate import describe_estimate, estimate
+    from orchestrator.tuning.estimate import describe_estimate, estimate, slowdown_text
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.study import fixed_configs, mixture_counts, plan_runs
     from orchestrator.data.suites import load_pools
@@ -168,15 +169,16 @@ def study_estimate_text(spec: SearchSpec, *, refresh: bool = False) -> str:
     configs = fixed_configs(spec)
     runs = plan_runs(spec, configs)
     splits = load_pools(spec).splits()
-    rates, meta = cached_rates(spec, configs, refresh=refresh)
     slots = concurrency(spec, {"CPU": float(os.cpu_count() or 1)})
+    rates, meta = cached_rates(spec, configs, slots=slots, refresh=refresh)
     zero_items = {t: s["val"] + s["test"] for t, s in splits.items()} if spec.study.zero_shot else {}
     est = estimate(study_shapes(spec, runs, splits, mixture_counts(spec)), rates, slots=slots,
                    zero_shot_items=zero_items)
     source = (f"cached {meta['path']}" if meta["cached"] else f"measured now in {meta['calibration_s']} s, stored "
               f"in {meta['path']}")
     lines = [f"  rates        measured {meta['measured_at']} ({source}; --recalibrate to measure again), one trial "
-             f"alone: " + ", ".join(f"{m} {r:.0f} tokens/s" for m, r in rates.train_tokens_per_s.items()),
+             f"alone: " + ", ".join(f"{m} {r:.0f} tokens/s" for m, r in rates.train_tokens_per_s.items())
+             + slowdown_text(rates, slots),
              "               scoring s/item: " + "; ".join(
                  f"{m} " + " ".join(f"{t} {s:.2f}" for t, s in per.items())
                  for m, per in rates.score_s_per_item.items() if m != "zero_shot"),

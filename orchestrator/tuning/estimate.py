@@ -13,8 +13,10 @@ one trial of method ``m`` (its threads), ``s_mt`` seconds per scored item of tas
 (its options: 2 for BoolQ / PIQA, 4 for ARC / OBQA), ``setup_m`` building the run (model, adapters, data). The
 runs go to ``c`` concurrent slots in grid order, each to the slot free first (how Tune fills
 ``max_concurrent_trials``), so the study's wall time is the zero-shot reference (its val + test items scored
-once, before the runs, at the base model's ``s_0t``) plus that schedule's makespan. Ray's own start per trial
-(a few seconds, ``benchmarks/README.md`` "Orchestration overhead") and the report are not counted.
+once, before the runs, at the base model's ``s_0t``) plus that schedule's makespan, each run's time multiplied by
+the measured slowdown ``k`` of ``c`` trials at once when ``c > 1`` (``tuning.contention``; the zero-shot reference
+runs alone). Ray's own start per trial (a few seconds, ``benchmarks/README.md`` "Orchestration overhead") and the
+report are not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Rates:
     """Method -> seconds to build one run (load the model, inject the adapter, encode the data)."""
     tokens_per_example: Mapping[str, float]
     """Task -> mean real tokens of a training example (the space's formulation and max_length)."""
+    slowdown: float = 1.0
+    """``k``: how much longer a run takes while ``slowdown_slots`` trials share the machine (``tuning.contention``;
+    1.0: one slot, a GPU per slot, or a cache from before it was measured)."""
+    slowdown_slots: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,16 @@ def makespan(durations: Sequence[float], slots: int) -> float:
     return max(free)
 
 
+def shared(rates: Rates, slots: int) -> float:
+    """The factor on a run's time with ``slots`` trials at once: the measured slowdown ``k``, 1 for one slot."""
+    return rates.slowdown if slots > 1 else 1.0
+
+
 def estimate(shapes: Sequence[RunShape], rates: Rates, *, slots: int, zero_shot_items: Mapping[str, int]) -> Estimate:
-    """The study's wall time: the zero-shot reference, then the runs on ``slots`` concurrent slots."""
-    parts = [run_parts(s, rates) for s in shapes]
+    """The study's wall time: the zero-shot reference, then the runs on ``slots`` concurrent slots, each slowed
+    by the others (``shared``)."""
+    k = shared(rates, slots)
+    parts = [tuple(k * x for x in run_parts(s, rates)) for s in shapes]
     zero = sum(n * rates.score_s_per_item["zero_shot"][t] for t, n in zero_shot_items.items())
     runs = [(s.name, sum(p)) for s, p in zip(shapes, parts)]
     return Estimate(zero, runs, slots, zero + makespan([d for _, d in runs], slots),
@@ -116,6 +129,15 @@ def estimate(shapes: Sequence[RunShape], rates: Rates, *, slots: int, zero_shot_
 def evaluations(steps: int, every_n_steps: int) -> int:
     """Evaluations of a run: at every multiple of ``every_n_steps`` and at the last step."""
     return math.ceil(steps / every_n_steps)
+
+
+def slowdown_text(rates: Rates, slots: int) -> str:
+    """The rates line's tail: the measured slowdown of ``slots`` trials at once, which the estimate applies."""
+    if slots <= 1:
+        return ""
+    if rates.slowdown_slots != slots:
+        return f"; slowdown of {slots} trials at once not measured (a cache from before it was): --recalibrate"
+    return f"; {slots} trials at once each run {rates.slowdown:.2f}x slower (measured; applied to every run)"
 
 
 def describe_estimate(est: Estimate, bound_s: float = BOUND_S) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from orchestrator.report.search_report import rungs
 from orchestrator.spec.space import SearchSpec
-from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate, probe_examples
+from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate, probe_examples, shared, slowdown_text
 
 BOUND_S = 180 * 60  # issue 32: the CPU search of record within 180 minutes on the 2-core machine
 
@@ -80,7 +80,8 @@ def search_estimate(spec: SearchSpec, rates: Rates, splits: dict[str, dict], mix
     chosen = 2 * len(spec.methods)
     per_trial = sum(s["test"] * sum(rates.score_s_per_item[m.kind][t] for m in spec.methods) / len(spec.methods)
                     for t, s in splits.items())  # a chosen trial is of any method: their mean rate
-    return nominal, ceiling, math.ceil(chosen / slots) * per_trial  # dealt to the slots (tuning.chosen)
+    # dealt to the slots (tuning.chosen), each slowed by the others
+    return nominal, ceiling, math.ceil(chosen / slots) * per_trial * shared(rates, min(slots, chosen))
 
 
 def search_estimate_text(spec: SearchSpec, *, refresh: bool = False, bound_s: float = BOUND_S) -> str:
@@ -90,8 +91,8 @@ def search_estimate_text(spec: SearchSpec, *, refresh: bool = False, bound_s: fl
     from orchestrator.data.suites import load_pools
     from orchestrator.tuning.study import mixture_counts
 
-    rates, meta = cached_rates(spec, calibration_configs(spec), refresh=refresh)
     slots = concurrency(spec, {"CPU": float(os.cpu_count() or 1)})
+    rates, meta = cached_rates(spec, calibration_configs(spec), slots=slots, refresh=refresh)
     nominal, ceiling, test_s = search_estimate(spec, rates, load_pools(spec).splits(), mixture_counts(spec), slots)
     m = lambda s: f"{s / 60:.1f} min"  # noqa: E731
     total, worst = nominal.wall_s + test_s, ceiling.wall_s + test_s
@@ -99,7 +100,7 @@ def search_estimate_text(spec: SearchSpec, *, refresh: bool = False, bound_s: fl
     return "\n".join([
         f"  rates        measured {meta['measured_at']} ({source}; --recalibrate to measure again), one trial "
         "alone at each method's all-high corner: " + ", ".join(
-            f"{k} {r:.0f} tokens/s" for k, r in rates.train_tokens_per_s.items()),
+            f"{k} {r:.0f} tokens/s" for k, r in rates.train_tokens_per_s.items()) + slowdown_text(rates, slots),
         f"  estimate     {m(total)} wall on {slots} slot(s) at ASHA's nominal rate: zero-shot "
         f"{m(nominal.zero_shot_s)}, {len(nominal.run_s)} trials (training {m(nominal.train_s)} + val "
         f"{m(nominal.score_s)} summed), test of ~{2 * len(spec.methods)} chosen trials {m(test_s)}",

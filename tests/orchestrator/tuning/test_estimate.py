@@ -57,6 +57,34 @@ def test_estimate_schedules_runs_on_slots():
     assert "within it" in describe_estimate(est, bound_s=1100.0)
 
 
+def test_the_measured_slowdown_of_trials_at_once_scales_every_run_but_not_the_zero_shot():
+    import dataclasses
+
+    from orchestrator.tuning.estimate import slowdown_text
+
+    zero = {"a": 250, "b": 150}
+    slowed = dataclasses.replace(RATES, slowdown=1.5, slowdown_slots=2)
+    est = estimate(SHAPES, slowed, slots=2, zero_shot_items=zero)
+    # runs 1.5 x (520, 1040, 240, 280): A 780 -> 1140 -> 1560, B 1560: makespan 1560, plus the 27.5 s zero-shot
+    assert [d for _, d in est.run_s] == pytest.approx([780.0, 1560.0, 360.0, 420.0])
+    assert est.wall_s == pytest.approx(27.5 + 1560.0) and est.train_s == pytest.approx(1.5 * 1760.0)
+    # one slot: nothing shares the machine, the slowdown does not apply
+    assert estimate(SHAPES, slowed, slots=1, zero_shot_items=zero).wall_s == pytest.approx(2107.5)
+    assert "2 trials at once each run 1.50x slower" in slowdown_text(slowed, 2)
+    assert "not measured" in slowdown_text(RATES, 2) and slowdown_text(RATES, 1) == ""
+
+
+def test_slowdown_is_the_alone_rate_over_the_mean_rate_together():
+    from orchestrator.tuning.contention import measure_slowdown, slowdown
+
+    assert slowdown(120.0, [70.0, 80.0]) == pytest.approx(120.0 / 75.0)
+    assert slowdown(100.0, [101.0, 103.0]) == 1.0   # faster together: noise, never below 1
+    spec = load_space("search_spaces/intra_domain_cpu.yaml")
+    # one slot: nothing to measure (no process is started, so no model is needed)
+    assert measure_slowdown(spec, {}, steps=3, slots=1) == {"slots": 1, "slowdown": 1.0, "alone": None,
+                                                            "together": None}
+
+
 def test_makespan_fills_the_slot_free_first():
     assert makespan([5.0, 1.0, 1.0, 1.0], 2) == pytest.approx(5.0)   # B takes 1, 1, 1 while A runs 5
     assert makespan([1.0, 1.0, 5.0], 2) == pytest.approx(6.0)        # the 5 starts at 1
@@ -88,5 +116,6 @@ def test_calibration_cache_key_names_the_machine_and_the_setting():
     assert (key["model"], key["batch_size"], key["threads"]) == ("smollm2-135m-instruct", 32, 1)
     other_cpu = {**key, "cpu": {**key["cpu"], "flags": []}}
     other_configs = calibration_key(spec, {**configs, "lora": {**configs["lora"], "lora.r": 16}}, steps=3, items=16)
-    paths = {cache_path(key), cache_path(other_cpu), cache_path(other_configs)}
-    assert len(paths) == 3 and cache_path(dict(key)) == cache_path(key)
+    two_slots = calibration_key(spec, configs, steps=3, items=16, slots=2)   # rates plus the slowdown of 2 at once
+    paths = {cache_path(key), cache_path(other_cpu), cache_path(other_configs), cache_path(two_slots)}
+    assert len(paths) == 4 and cache_path(dict(key)) == cache_path(key) and "slots" not in key

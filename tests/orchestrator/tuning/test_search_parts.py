@@ -160,3 +160,32 @@ def test_chosen_adapters_are_dealt_to_the_slots_each_once():
     assert groups == [{"t0": "/a/0", "t2": "/a/2", "t4": "/a/4"}, {"t1": "/a/1", "t3": "/a/3"}]
     assert deal(adapters, 8) == [{f"t{i}": f"/a/{i}"} for i in range(5)]  # never an empty task
     assert deal(adapters, 1) == [adapters] and deal({}, 2) == []
+
+
+@pytest.mark.slow  # two spawned processes build a tiny model each, ~20 s
+def test_trials_started_together_each_report_a_rate_and_the_slowdown_follows(smoke):
+    """tuning.contention: n spawned trial processes behind one barrier each return their own training rate (real
+    tokens/s of the timed steps: finite, positive), and the slowdown is the alone rate over their mean."""
+    from orchestrator.tuning.contention import concurrent_rates, measure_slowdown
+
+    config = {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 5.0e-3}
+    rates = concurrent_rates(smoke, config, steps=2, n=2)
+    assert len(rates) == 2 and all(math.isfinite(r) and r > 0 for r in rates)
+    measured = measure_slowdown(smoke, config, steps=2, slots=2)
+    assert measured["slowdown"] == pytest.approx(max(1.0, measured["alone"] / (sum(measured["together"]) / 2)))
+    assert len(measured["together"]) == 2 and measured["slots"] == 2
+
+
+@pytest.mark.slow  # the calibration of one tiny method, plus its slowdown in spawned processes, ~40 s
+def test_calibration_measures_rates_and_the_slowdown_then_reads_them_back(smoke, tmp_path, monkeypatch):
+    from orchestrator.tuning import calibrate
+
+    monkeypatch.setattr(calibrate, "CACHE_DIR", tmp_path)
+    configs = {"lora": {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 5.0e-3}}
+    rates, meta = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2)
+    assert not meta["cached"] and rates.slowdown_slots == 2 and rates.slowdown >= 1.0
+    assert rates.train_tokens_per_s["lora"] > 0 and set(rates.score_s_per_item) == {"lora", "zero_shot"}
+    assert set(rates.tokens_per_example) == {"boolq", "arc_e"} and rates.setup_s["lora"] > 0
+    again, meta2 = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2)
+    assert meta2["cached"] and again == rates
+    assert len(list(tmp_path.glob("*.json"))) == 1
