@@ -67,6 +67,7 @@ def start_mlflow_server(folder: Path, port: int, log_name: str) -> subprocess.Po
         if proc.poll() is not None:
             raise AssertionError(f"mlflow server exited ({proc.returncode}): {(folder / log_name).read_text()[-2000:]}")
         time.sleep(1)
+    stop(proc)  # its worker processes too: a server left starting keeps loading the machine after the test
     raise AssertionError("mlflow server did not come up in 120 s")
 
 

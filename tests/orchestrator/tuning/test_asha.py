@@ -16,15 +16,17 @@ from orchestrator.tuning.asha import TIME_ATTR, ResumableASHA, reported_results
 METRIC = "val/mean_acc"
 
 
-def trial(tmp_path: Path, trial_id: str, history: list[tuple[int, float]] = ()) -> SimpleNamespace:
-    """A stand-in for a restored Tune trial: its id and its storage folder holding ``result.json``."""
+def trial(tmp_path: Path, trial_id: str, history: list[tuple[int, float]] = (), method: str | None = None
+          ) -> SimpleNamespace:
+    """A stand-in for a restored Tune trial: its id, config and its storage folder holding ``result.json``."""
     folder = tmp_path / f"trial_{trial_id}"
     folder.mkdir()
     if history:
         lines = [json.dumps({TIME_ATTR: e, METRIC: v, "training_iteration": i + 1, "step": 2 * e})
                  for i, (e, v) in enumerate(history)]
         (folder / "result.json").write_text("\n".join(lines) + "\n{\"evaluations\": 3, \"val/me")  # cut by a kill
-    return SimpleNamespace(trial_id=trial_id, path=str(folder), storage=SimpleNamespace(
+    return SimpleNamespace(trial_id=trial_id, path=str(folder), config={"method": method} if method else {},
+                           storage=SimpleNamespace(
         storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_dir_name=folder.name))
 
 
@@ -52,7 +54,7 @@ def test_resumed_asha_stops_a_weak_new_trial_as_before_the_interruption(tmp_path
     for s in (resumable, plain):
         s.on_trial_add(None, a)
         s.on_trial_add(None, b)
-    assert resumable.rung_records() == [{4: {}, 2: {"a": 0.85}, 1: {"a": 0.8}}]
+    assert resumable.rung_records() == {"": {4: {}, 2: {"a": 0.85}, 1: {"a": 0.8}}}  # no method: one group
     weak = {TIME_ATTR: 1, METRIC: 0.5}
     assert resumable.on_trial_result(None, b, dict(weak)) == TrialScheduler.STOP
     assert plain.on_trial_result(None, b, dict(weak)) == TrialScheduler.CONTINUE
@@ -82,3 +84,27 @@ def test_a_restarted_trial_is_judged_on_its_own_rung(tmp_path):
 def test_evaluations_come_from_the_step():
     assert [evaluations_done(s, 2) for s in (2, 4)] == [1, 2]
     assert [evaluations_done(s, 4) for s in (4, 8, 10)] == [1, 2, 3]  # a last partial window counts as one
+
+
+def test_each_method_has_its_own_rungs(tmp_path):
+    """LoRA's trial reached rung 1 at 0.8; MoLoRA's first trial arrives at 0.5: against LoRA's rung (one set of
+    rungs, Ray's ASHA) it stops; on MoLoRA's own rungs it is the first and goes on. A second MoLoRA trial at 0.4
+    is judged against the first (0.5) only: stopped. The scheduler pickles (Tune saves it with the Tuner)."""
+    import pickle
+
+    lora, molora = trial(tmp_path, "l", [(1, 0.8)], method="lora"), trial(tmp_path, "m", method="molora")
+    resumable, plain = schedulers()
+    for s in (resumable, plain):
+        s.on_trial_add(None, lora)
+        s.on_trial_add(None, molora)
+    plain.on_trial_result(None, lora, {TIME_ATTR: 1, METRIC: 0.8})   # Ray's ASHA replays nothing: report it
+    first = {TIME_ATTR: 1, METRIC: 0.5}
+    assert plain.on_trial_result(None, molora, dict(first)) == TrialScheduler.STOP
+    assert resumable.on_trial_result(None, molora, dict(first)) == TrialScheduler.CONTINUE
+    second = trial(tmp_path, "m2", method="molora")
+    resumable.on_trial_add(None, second)
+    assert resumable.on_trial_result(None, second, {TIME_ATTR: 1, METRIC: 0.4}) == TrialScheduler.STOP
+    records = resumable.rung_records()
+    assert records["lora"][1] == {"l": 0.8} and records["molora"][1] == {"m": 0.5, "m2": 0.4}
+    again = pickle.loads(pickle.dumps(resumable))
+    assert again.rung_records() == records and "molora" in again.debug_string()
