@@ -79,7 +79,8 @@ def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps:
         return Rates(**stored["rates"]), {"path": str(path), "cached": True, **stored["meta"]}
     t0 = time.perf_counter()
     rates = measure(spec, configs, steps=steps, items=items)
-    contention = measure_slowdown(spec, next(iter(configs.values())), steps=steps, slots=slots)
+    contention = measure_slowdown(spec, next(iter(configs.values())), steps=steps, slots=slots,
+                                  data_spec=calibration_spec(spec, None))
     rates = dataclasses.replace(rates, slowdown=contention["slowdown"], slowdown_slots=slots)
     meta = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "calibration_s": round(time.perf_counter() - t0, 1)}

@@ -51,24 +51,28 @@ def train_rate(spec: SearchSpec, trial: Any, encoded: list, steps: int, device: 
     return window["tokens"] / window["time"], warm["time"], window["time"] / steps
 
 
-def _child(spec: SearchSpec, config: dict[str, Any], steps: int, barrier: Any, out: Any) -> None:
-    """One spawned trial: build it as a run does, then :func:`train_rate` behind ``barrier``; puts its rate."""
+def _child(spec: SearchSpec, data_spec: SearchSpec, config: dict[str, Any], steps: int, barrier: Any,
+           out: Any) -> None:
+    """One spawned trial: build it as a run does (its data from ``data_spec``), then :func:`train_rate` behind
+    ``barrier``; puts its rate."""
     import torch
 
     from orchestrator.training import worker
-    from orchestrator.tuning.calibrate import calibration_spec
 
     device = torch.device("cpu")
     trial = worker.build_trial_model(spec, config, device)   # sets the trial's threads
-    encoded, _, _ = worker.build_training_data(calibration_spec(spec, None), trial.tokenizer)
+    encoded, _, _ = worker.build_training_data(data_spec, trial.tokenizer)
     out.put(train_rate(spec, trial, encoded, steps, device, before_timing=barrier.wait)[0])
 
 
-def concurrent_rates(spec: SearchSpec, config: dict[str, Any], steps: int, n: int) -> list[float]:
-    """Real training tokens/s of each of ``n`` trials of ``config`` started together in spawned processes."""
+def concurrent_rates(spec: SearchSpec, config: dict[str, Any], steps: int, n: int,
+                     data_spec: SearchSpec | None = None) -> list[float]:
+    """Real training tokens/s of each of ``n`` trials of ``config`` started together in spawned processes, trained
+    on the stream of ``data_spec`` (default ``spec``; the calibration passes its shortened data)."""
     ctx = mp.get_context("spawn")   # a fresh interpreter per trial, as Ray's workers are; no forked torch state
     barrier, out = ctx.Barrier(n, timeout=CHILD_TIMEOUT_S), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(spec, config, steps, barrier, out), daemon=True) for _ in range(n)]
+    args = (spec, data_spec or spec, config, steps, barrier, out)
+    procs = [ctx.Process(target=_child, args=args, daemon=True) for _ in range(n)]
     for p in procs:
         p.start()
     rates, deadline = [], time.monotonic() + CHILD_TIMEOUT_S
@@ -95,13 +99,14 @@ def slowdown(alone: float, together: list[float]) -> float:
     return max(1.0, alone / statistics.fmean(together))
 
 
-def measure_slowdown(spec: SearchSpec, config: dict[str, Any], *, steps: int, slots: int) -> dict[str, Any]:
+def measure_slowdown(spec: SearchSpec, config: dict[str, Any], *, steps: int, slots: int,
+                     data_spec: SearchSpec | None = None) -> dict[str, Any]:
     """``{"slots", "slowdown", "alone", "together"}`` for ``slots`` trials of ``config`` at once on this machine's
-    CPUs (``slowdown`` 1.0, nothing measured, for one slot or a GPU per slot)."""
+    CPUs (``slowdown`` 1.0, nothing measured, for one slot or a GPU per slot); data as :func:`concurrent_rates`."""
     if slots <= 1 or spec.resources.gpus_per_worker > 0:
         return {"slots": slots, "slowdown": 1.0, "alone": None, "together": None}
-    (alone,) = concurrent_rates(spec, config, steps, 1)
-    together = concurrent_rates(spec, config, steps, slots)
+    (alone,) = concurrent_rates(spec, config, steps, 1, data_spec)
+    together = concurrent_rates(spec, config, steps, slots, data_spec)
     k = slowdown(alone, together)
     logger.info("calibration: one trial alone %.0f tokens/s, %d at once %s tokens/s each: slowdown %.2f", alone,
                 slots, [round(r) for r in together], k)
