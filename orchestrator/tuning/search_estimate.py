@@ -7,9 +7,11 @@ formula (``tuning.estimate``) with ``E`` evaluations of ``S = E · every_n_steps
 ``max_steps``) and no test items.
 
 ASHA decides ``E``. With grace ``g``, reduction factor ``η`` and ``T`` evaluations at most, its rungs are
-``g η^k < T``; at its nominal rate a share ``η^-k - η^-(k+1)`` of the trials stops at rung ``k`` and ``η^-K``
-(``K`` rungs) runs to ``T``. Asynchronous ASHA promotes more than that while its rungs are sparsely filled (the
-first trial at a rung always goes on), so the estimate also gives the ceiling with no trial stopped.
+``g η^k < T``, one set per method (``tuning.asha``). At its nominal rate a share ``η^-k - η^-(k+1)`` of the trials
+would stop at rung ``k``; asynchronous ASHA promotes more than that while its rungs are sparsely filled (the first
+trial at a rung always goes on: of 4 trials at η 3 about 2.4 run to ``T``, not 1), so ``E`` per trial is its
+expectation under Ray's rule (:func:`stop_evaluations`), and the estimate also gives the ceiling with no trial
+stopped.
 After the trials, the chosen ones (best per method and the Pareto front, assumed to be twice the number of
 methods, at the methods' mean scoring rate) score the test pool once, in one task; before them, the zero-shot
 reference scores val and test.
@@ -21,6 +23,8 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 from orchestrator.report.search_report import rungs
 from orchestrator.spec.space import SearchSpec
 from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate, probe_examples, shared, slowdown_text
@@ -28,16 +32,38 @@ from orchestrator.tuning.estimate import Estimate, Rates, RunShape, estimate, pr
 BOUND_S = 180 * 60  # issue 32: the CPU search of record within 180 minutes on the 2-core machine
 
 
-def stop_evaluations(n: int, grace: int, eta: int, max_t: int, enabled: bool = True) -> list[int]:
-    """Evaluations each of ``n`` trials runs at ASHA's nominal rate (module docstring), most trials first."""
+def stop_evaluations(n: int, grace: int, eta: int, max_t: int, enabled: bool = True, *, draws: int = 4000
+                     ) -> list[int]:
+    """Evaluations each of ``n`` trials of one method runs under Ray's asynchronous ASHA (module docstring), most
+    trials first: the trials that stop at each milestone and those that reach ``max_t``, expected over the orders
+    their scores can come in, rounded to whole trials (largest remainder, summing to ``n``).
+
+    Model: each trial has one score, kept at every rung (rank-correlated across rungs, as a trial's val accuracy
+    largely is), and reaches each rung in the order the trials started; at a rung it stops when its score is below
+    the ``(1 - 1/eta)`` quantile (linear, Ray's ``np.nanpercentile``) of the scores recorded there before it, and is
+    recorded either way. The first trial at a rung always goes on, so few trials keep more than the nominal
+    ``eta^-K``: with one rung the ``k``-th trial goes on with probability ``(1 + (k - 2)/eta) / k`` (``k >= 2``)."""
     if not enabled:
         return [max_t] * n
-    out, left = [], n
-    for k, milestone in enumerate(rungs(grace, eta, max_t)):
-        stop = min(left, round(n * (eta ** -k - eta ** -(k + 1))))
-        out += [milestone] * stop
-        left -= stop
-    return out + [max_t] * left
+    milestones = rungs(grace, eta, max_t)
+    rng = np.random.default_rng(0)
+    stops = np.zeros(len(milestones) + 1)   # trials stopping at each milestone; the last: reaching max_t
+    for _ in range(draws):
+        recorded: list[list[float]] = [[] for _ in milestones]
+        for score in rng.random(n):
+            at = len(milestones)
+            for k, rec in enumerate(recorded):
+                cutoff = np.percentile(rec, 100 * (1 - 1 / eta)) if rec else None
+                rec.append(score)
+                if cutoff is not None and score < cutoff:
+                    at = k
+                    break
+            stops[at] += 1
+    expected = stops / draws
+    counts = np.floor(expected).astype(int)
+    for i in np.argsort(-(expected - counts), kind="stable")[:n - counts.sum()]:
+        counts[i] += 1
+    return [t for t, c in zip([*milestones, max_t], counts) for _ in range(c)]
 
 
 def calibration_configs(spec: SearchSpec) -> dict[str, dict[str, Any]]:
@@ -73,7 +99,7 @@ def search_shapes(spec: SearchSpec, splits: dict[str, dict], mixture: dict[str, 
 
 def search_estimate(spec: SearchSpec, rates: Rates, splits: dict[str, dict], mixture: dict[str, int],
                     slots: int) -> tuple[Estimate, Estimate, float]:
-    """(at ASHA's nominal rate, with no trial stopped, test scoring of the chosen trials in seconds)."""
+    """(at ASHA's expected stopping, with no trial stopped, test scoring of the chosen trials in seconds)."""
     zero = {t: s["val"] + s["test"] for t, s in splits.items()}
     nominal, ceiling = (estimate(search_shapes(spec, splits, mixture, stop), rates, slots=slots,
                                  zero_shot_items=zero) for stop in (True, False))
@@ -101,7 +127,7 @@ def search_estimate_text(spec: SearchSpec, *, refresh: bool = False, bound_s: fl
         f"  rates        measured {meta['measured_at']} ({source}; --recalibrate to measure again), one trial "
         "alone at each method's all-high corner: " + ", ".join(
             f"{k} {r:.0f} tokens/s" for k, r in rates.train_tokens_per_s.items()) + slowdown_text(rates, slots),
-        f"  estimate     {m(total)} wall on {slots} slot(s) at ASHA's nominal rate: zero-shot "
+        f"  estimate     {m(total)} wall on {slots} slot(s) at ASHA's expected stopping: zero-shot "
         f"{m(nominal.zero_shot_s)}, {len(nominal.run_s)} trials (training {m(nominal.train_s)} + val "
         f"{m(nominal.score_s)} summed), test of ~{2 * len(spec.methods)} chosen trials {m(test_s)}",
         f"               {m(worst)} if ASHA stopped no trial (training {m(ceiling.train_s)} + val "
