@@ -3,10 +3,10 @@
 Search trials report val only (``trial_driver(score_test=False)``), so no table, live view or MLflow run shows a
 test number beside a val number a user could choose by eye. Once the search is over, the best trial per method
 and the Pareto front are chosen on val (``report.summary.choose``), and then each chosen trial's final adapter
-(its last checkpoint, saved by the worker) is loaded into the base model and scored on test, once. The chosen trials are dealt
-round-robin to as many Ray tasks as the search has trial slots (each loads the base model once and scores its
-share one adapter after another), so test scoring uses the cores the trials used. Cheaper than retraining, and
-the same adapter that was chosen.
+(its last checkpoint, saved by the worker) is loaded into the base model and scored on test, once. The chosen
+trials are dealt round-robin to as many Ray tasks as the search has trial slots (each loads the base model once
+and scores its share one adapter after another), so test scoring uses the cores the trials used. Cheaper than
+retraining, and the same adapter that was chosen.
 """
 
 from __future__ import annotations
