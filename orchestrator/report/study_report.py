@@ -173,12 +173,13 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
     tasks = list(splits)
     methods = [m.kind for m in spec.methods]
     X = {m: {t: _matrix([r for r in replicates if r["run"]["method"] == m], t)[0] for t in tasks} for m in methods}
-    ST = {t: _matrix([r for r in singles if r["run"]["task"] == t], t)[0] for t in tasks} if singles else {}
+    references = {t: _matrix([r for r in singles if r["run"]["task"] == t], t) for t in tasks} if singles else {}
+    ST = {t: matrix for t, (matrix, _) in references.items()}
     st_seeds = sorted({r["run"]["seed"] for r in singles})
-    if singles and any(_matrix([r for r in singles if r["run"]["task"] == t], t)[1] != st_seeds for t in tasks):
+    if any(seeds != st_seeds for _, seeds in references.values()):
         raise ReportError("the single-task references of the tasks trained at different seeds: "
-                          + "; ".join(f"{t} {_matrix([r for r in singles if r['run']['task'] == t], t)[1]}"
-                                      for t in tasks) + ". Fix: --resume until every reference has finished")
+                          + "; ".join(f"{t} {seeds}" for t, (_, seeds) in references.items())
+                          + ". Fix: --resume until every reference has finished")
     zero = {t: np.asarray(reference["test_correct"][t], dtype=float) for t in tasks} if reference else {}
     out: dict[str, Any] = {
         "model": spec.model.name, "seeds": sorted({r["run"]["seed"] for r in replicates}),
