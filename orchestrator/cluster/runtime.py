@@ -31,8 +31,9 @@ def prepare_env(address: str | None) -> None:
         os.environ.update(ray_auth_env())
 
 
-def init_ray(address: str | None) -> dict[str, float]:
-    """Start (or join) Ray and return the cluster's total resources.
+def init_ray(address: str | None, temp_dir: str | None = None) -> dict[str, float]:
+    """Start (or join) Ray and return the cluster's total resources; ``temp_dir``: a local Ray's session folder
+    (default ``$MALORA_RAY_TMP`` or ``/tmp/malora-ray-<uid>``).
 
     Locally: the dashboard on 127.0.0.1 at a free port, announced to every worker as ``RAY_API_SERVER_ADDRESS``.
     Ray Train's placement-group cleaner finds the State API through it; left to auto-detection it fails with
@@ -58,7 +59,7 @@ def init_ray(address: str | None) -> dict[str, float]:
             port = sock.getsockname()[1]
         api = f"http://127.0.0.1:{port}"
         os.environ["RAY_API_SERVER_ADDRESS"] = env_vars["RAY_API_SERVER_ADDRESS"] = api
-        temp = Path(os.environ.get("MALORA_RAY_TMP", f"/tmp/malora-ray-{os.getuid()}"))
+        temp = Path(temp_dir or os.environ.get("MALORA_RAY_TMP", f"/tmp/malora-ray-{os.getuid()}"))
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=str(temp),
                  runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING)
     return dict(ray.cluster_resources())

@@ -13,7 +13,8 @@ scales the measured encoding time to the run's full stream. The rates are those 
 machine: two trials at once on two cores share memory bandwidth, and others' jobs on a shared machine slow the
 measurement, so ``--recalibrate`` after the machine has gone quiet. How much two (or ``c``) trials at once slow each
 other is measured too, with the first method's training in ``c`` processes started together
-(``tuning.contention``), and the estimate scales every run by it.
+(``tuning.contention``), and so are the cores Ray's own processes take beside ``c`` trials on CPUs
+(``tuning.ray_overhead``); the estimate scales every run by both.
 
 Cache: ``~/.cache/malora/calibration/<sha256 of the key>.json``; the key holds the CPU model and flags
 (``models.hardware.cpu_info``), the GPUs, torch's version, the model, the resolved precisions, the threads, the
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ CAL_TRAIN_LIMIT = 200  # examples per task encoded for the calibration (the leng
 
 
 def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int, items: int,
-                    slots: int = 1) -> dict:
+                    slots: int = 1, ray: bool = False) -> dict:
     """What the rates depend on (module docstring)."""
     import torch
 
@@ -58,7 +60,8 @@ def calibration_key(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, ste
             "data": {"suite": d.suite, "tasks": list(d.tasks or ()), "data_dir": d.data_dir, "split_seed": d.split_seed,
                      "max_length": d.max_length, "formulation": d.formulation, "template": d.template},
             "configs": configs, "steps": steps, "items": items,
-            **({"slots": slots} if slots > 1 else {})}   # the slowdown of that many trials at once (contention)
+            **({"slots": slots} if slots > 1 else {}),   # the slowdown of that many trials at once (contention)
+            **({"ray_overhead": True} if ray else {})}   # Ray's own cores measured too (ray_overhead)
 
 
 def cache_path(key: dict) -> Path:
@@ -67,12 +70,15 @@ def cache_path(key: dict) -> Path:
 
 
 def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps: int = 3, items: int = 16,
-                 slots: int = 1, refresh: bool = False) -> tuple[Rates, dict]:
+                 slots: int = 1, refresh: bool = False, ray: bool = True) -> tuple[Rates, dict]:
     """(rates, {"path", "cached", "measured_at", "calibration_s"}): from the cache, else measured and stored;
-    ``slots`` trials at once: their slowdown is measured too (``tuning.contention``)."""
+    ``slots`` trials at once: their slowdown is measured too (``tuning.contention``), and with ``ray`` the cores
+    Ray's own processes take beside CPU trials (``tuning.ray_overhead``: a local Ray for about a minute)."""
+    from orchestrator.tuning import ray_overhead
     from orchestrator.tuning.contention import measure_slowdown
 
-    key = calibration_key(spec, configs, steps=steps, items=items, slots=slots)
+    ray = ray and spec.resources.gpus_per_worker == 0
+    key = calibration_key(spec, configs, steps=steps, items=items, slots=slots, ray=ray)
     path = cache_path(key)
     if path.exists() and not refresh:
         stored = json.loads(path.read_text())
@@ -82,6 +88,10 @@ def cached_rates(spec: SearchSpec, configs: dict[str, dict[str, Any]], *, steps:
     contention = measure_slowdown(spec, next(iter(configs.values())), steps=steps, slots=slots,
                                   data_spec=calibration_spec(spec, None))
     rates = dataclasses.replace(rates, slowdown=contention["slowdown"], slowdown_slots=slots)
+    if ray:
+        cores = ray_overhead.measure_ray_cores(spec, slots)["ray_cores"]
+        rates = dataclasses.replace(rates, ray_cores=cores, ray_slowdown=ray_overhead.ray_factor(
+            cores, slots, ray_overhead.trial_cpus(spec), float(os.cpu_count() or 1)))
     meta = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "calibration_s": round(time.perf_counter() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +170,6 @@ def study_shapes(spec: SearchSpec, runs: list[dict[str, Any]], splits: dict[str,
 
 def study_estimate_text(spec: SearchSpec, *, refresh: bool = False) -> str:
     """The --dry-run lines of a study with fixed configurations: the measured rates and the wall-time estimate."""
-    import os
-
     from orchestrator.tuning.estimate import describe_estimate, estimate, slowdown_text
     from orchestrator.tuning.plan import concurrency
     from orchestrator.tuning.study import fixed_configs, mixture_counts, plan_runs

@@ -15,8 +15,9 @@ runs go to ``c`` concurrent slots in grid order, each to the slot free first (ho
 ``max_concurrent_trials``), so the study's wall time is the zero-shot reference (its val + test items scored
 once, before the runs, at the base model's ``s_0t``) plus that schedule's makespan, each run's time multiplied by
 the measured slowdown ``k`` of ``c`` trials at once when ``c > 1`` (``tuning.contention``; the zero-shot reference
-runs alone). Ray's own start per trial (a few seconds, ``benchmarks/README.md`` "Orchestration overhead") and the
-report are not counted.
+runs alone), and by ``f``, the share of the cores that Ray's own processes take while the trials run
+(``tuning.ray_overhead``). Ray's start per trial (a few seconds, ``benchmarks/README.md`` "Orchestration
+overhead") and the report are not counted.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Rates:
     """``k``: how much longer a run takes while ``slowdown_slots`` trials share the machine (``tuning.contention``;
     1.0: one slot, a GPU per slot, or a cache from before it was measured)."""
     slowdown_slots: int = 1
+    ray_cores: float | None = None
+    """Cores Ray's own processes took while ``slowdown_slots`` trials ran (``tuning.ray_overhead``); None: not
+    measured (trials on GPUs, or a cache from before it was)."""
+    ray_slowdown: float = 1.0
+    """``f``: how much longer a run takes because Ray's processes share its cores (``tuning.ray_overhead``)."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,9 @@ def makespan(durations: Sequence[float], slots: int) -> float:
 
 
 def shared(rates: Rates, slots: int) -> float:
-    """The factor on a run's time with ``slots`` trials at once: the measured slowdown ``k``, 1 for one slot."""
-    return rates.slowdown if slots > 1 else 1.0
+    """The factor on a run's time with ``slots`` trials at once: the measured slowdown ``k`` (1 for one slot) times
+    ``f``, the share of the cores Ray's own processes take (measured at ``rates.slowdown_slots``)."""
+    return (rates.slowdown if slots > 1 else 1.0) * (rates.ray_slowdown if slots == rates.slowdown_slots else 1.0)
 
 
 def estimate(shapes: Sequence[RunShape], rates: Rates, *, slots: int, zero_shot_items: Mapping[str, int]) -> Estimate:
@@ -133,11 +140,13 @@ def evaluations(steps: int, every_n_steps: int) -> int:
 
 def slowdown_text(rates: Rates, slots: int) -> str:
     """The rates line's tail: the measured slowdown of ``slots`` trials at once, which the estimate applies."""
+    ray = (f"; Ray's own processes take {rates.ray_cores:.2f} cores: each run {rates.ray_slowdown:.2f}x longer "
+           "(measured, applied)" if rates.ray_cores is not None else "")
     if slots <= 1:
-        return ""
+        return ray
     if rates.slowdown_slots != slots:
         return f"; slowdown of {slots} trials at once not measured (a cache from before it was): --recalibrate"
-    return f"; {slots} trials at once each run {rates.slowdown:.2f}x slower (measured; applied to every run)"
+    return f"; {slots} trials at once each run {rates.slowdown:.2f}x slower (measured; applied to every run)" + ray
 
 
 def describe_estimate(est: Estimate, bound_s: float = BOUND_S) -> str:

@@ -74,6 +74,29 @@ def test_the_measured_slowdown_of_trials_at_once_scales_every_run_but_not_the_ze
     assert "not measured" in slowdown_text(RATES, 2) and slowdown_text(RATES, 1) == ""
 
 
+def test_rays_own_cores_lengthen_every_run_by_the_trials_share_of_what_is_left():
+    import dataclasses
+
+    from orchestrator.tuning.estimate import slowdown_text
+    from orchestrator.tuning.ray_overhead import ray_factor
+
+    # f = c n / (C - o): two one-CPU trials on 2 cores beside 0.3 cores of Ray get 1.7 cores, 2 / 1.7 = 1.1765
+    assert ray_factor(0.3, 2, 1, 2.0) == pytest.approx(2 / 1.7)
+    assert ray_factor(0.3, 2, 2, 4.0) == pytest.approx(4 / 3.7)
+    assert ray_factor(0.3, 2, 1, 16.0) == 1.0            # cores to spare: no slowdown
+    assert ray_factor(5.0, 2, 1, 2.0) == pytest.approx(20.0)   # Ray takes it all: each trial keeps 5 %
+    zero = {"a": 250, "b": 150}
+    both = dataclasses.replace(RATES, slowdown=1.5, slowdown_slots=2, ray_cores=0.3, ray_slowdown=2 / 1.7)
+    est = estimate(SHAPES, both, slots=2, zero_shot_items=zero)
+    # runs 1.5 x 1.1765 x (520, 1040, 240, 280) = 1.7647 x: the makespan 1040 x 1.7647 = 1835.3, zero-shot alone
+    assert [d for _, d in est.run_s] == pytest.approx([917.65, 1835.29, 423.53, 494.12], rel=1e-4)
+    assert est.wall_s == pytest.approx(27.5 + 1040 * 1.5 * 2 / 1.7)
+    # measured at 2 slots: a plan for another number of slots gets neither factor
+    assert estimate(SHAPES, both, slots=1, zero_shot_items=zero).wall_s == pytest.approx(2107.5)
+    assert "Ray's own processes take 0.30 cores: each run 1.18x longer" in slowdown_text(both, 2)
+    assert "Ray" not in slowdown_text(dataclasses.replace(RATES, slowdown=1.5, slowdown_slots=2), 2)
+
+
 def test_slowdown_is_the_alone_rate_over_the_mean_rate_together():
     from orchestrator.tuning.contention import measure_slowdown, slowdown
 

@@ -182,10 +182,11 @@ def test_calibration_measures_rates_and_the_slowdown_then_reads_them_back(smoke,
 
     monkeypatch.setattr(calibrate, "CACHE_DIR", tmp_path)
     configs = {"lora": {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 5.0e-3}}
-    rates, meta = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2)
+    rates, meta = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2, ray=False)  # Ray: ray-marked
     assert not meta["cached"] and rates.slowdown_slots == 2 and rates.slowdown >= 1.0
+    assert rates.ray_cores is None and rates.ray_slowdown == 1.0
     assert rates.train_tokens_per_s["lora"] > 0 and set(rates.score_s_per_item) == {"lora", "zero_shot"}
     assert set(rates.tokens_per_example) == {"boolq", "arc_e"} and rates.setup_s["lora"] > 0
-    again, meta2 = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2)
+    again, meta2 = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2, ray=False)
     assert meta2["cached"] and again == rates
     assert len(list(tmp_path.glob("*.json"))) == 1
