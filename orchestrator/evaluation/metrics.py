@@ -16,13 +16,18 @@ Metric names (what Tune sees and MLflow plots):
 * ``util/<task>/<group>/e<i>``: share of the token-slots routed to expert ``i``, averaged over the routed layers
   of one group (group = module name, e.g. ``q_proj``; ``q_proj_n4`` when a module's layers differ in N);
 * ``util_entropy/<task>``: mean over layers of the normalised routing entropy ``H(f) / log N`` in [0, 1]
-  (1 = uniform use of the experts, 0 = a single expert).
+  (1 = uniform use of the experts, 0 = a single expert);
+* ``val/mean_acc_history``: ``val/mean_acc`` after each evaluation so far, the first one first (a list, kept in
+  the trial's checkpoint: Tune rewrites a restarted trial's ``result.json``, so this is where a resumed search
+  finds the earlier evaluations; :func:`mean_acc_history`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -120,3 +125,21 @@ def test_metrics(scores: dict[str, dict[str, float]], items: dict[str, dict[str,
     out.update({f"test_gold/{t}": list(v["gold"]) for t, v in items.items() if "gold" in v})
     out.update({f"test_loglik/{t}": [list(x) for x in v["loglik"]] for t, v in items.items() if "loglik" in v})
     return out
+
+
+HISTORY_KEY = "val/mean_acc_history"
+
+
+def mean_acc_history(results: Iterable[dict]) -> dict[int, float]:
+    """Evaluation number -> ``val/mean_acc`` of one trial, from its reported results in order: each result's own
+    (``evaluations``, ``val/mean_acc``) and the :data:`HISTORY_KEY` list it carries (evaluation ``i + 1`` at
+    index ``i``), so evaluations whose results were lost to a restart are still there; a later result wins."""
+    out: dict[int, float] = {}
+    for r in results:
+        for i, v in enumerate(r.get(HISTORY_KEY) or []):
+            if isinstance(v, numbers.Real) and math.isfinite(v):
+                out[i + 1] = float(v)
+        e, v = r.get("evaluations"), r.get("val/mean_acc")
+        if isinstance(e, numbers.Real) and e == e and isinstance(v, numbers.Real) and math.isfinite(v):
+            out[int(e)] = float(v)
+    return dict(sorted(out.items()))

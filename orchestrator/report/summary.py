@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import storage
+from orchestrator.evaluation.metrics import mean_acc_history
 from orchestrator.report import pareto, plots, tracking
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.space import SearchSpec
@@ -66,7 +67,9 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
             best = float(df[spec.metric].max())
         if df is not None and {"evaluations", "val/mean_acc"} <= set(getattr(df, "columns", ())):
             # val mean accuracy after each evaluation: the report compares trials at one budget (an ASHA rung)
-            history = {int(e): float(v) for e, v in zip(df["evaluations"], df["val/mean_acc"]) if e == e}
+            history = mean_acc_history(df[["evaluations", "val/mean_acc"]].to_dict("records"))
+        # the last result's own list holds the evaluations a restart dropped from the frame
+        history = dict(sorted({**history, **mean_acc_history([m])}.items()))
         status = "ERROR" if res.error else "TERMINATED"
         if status == "TERMINATED" and m.get("step", 0) < m.get("total_steps", 0):
             status = "STOPPED"  # ASHA

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.evaluation.metrics import eval_metrics, reduce_sum, test_metrics
+from orchestrator.evaluation.metrics import HISTORY_KEY, eval_metrics, reduce_sum, test_metrics
 from orchestrator.spec.recorded import scoring_record
 from orchestrator.evaluation.grad_conflict import Probe
 from orchestrator.spec.space import SearchSpec
@@ -27,7 +27,8 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
     on, ``orchestrator.spec.recorded``) appear once, in the final report, and are never
     read by Optuna, ASHA or "best" (``orchestrator.spec.space`` refuses them as objectives).
     ``val_correct/<task>`` (1/0 per val item) lets two trials be compared on the same val items.
-    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view). The seesaw diagnostics
+    ``progress.history`` gets the val accuracies (the previous-evaluation seesaw view; checkpointed), and
+    ``val/mean_acc_history`` reports their means, evaluation 1 first. The seesaw diagnostics
     (``routing/*``, ``grad_conflict/*``, ``grad_cos/*`` and the ``diagnostics`` record) come from
     :mod:`orchestrator.training.diagnostics`, the gradient conflict on ``probe``.
     """
@@ -70,6 +71,9 @@ def evaluate_window(trial: TrialModel, optim: Optimisation, spec: SearchSpec, se
         **{f"val_correct/{t}": list(v["correct"]) for t, v in val_items.items()},
         **trial.precision.record(), **trial.eval_precision.record("eval_"),
         "val/best_mean_acc": max([mean_of(acc), *map(mean_of, progress.history)]),
+        # val mean accuracy after each evaluation so far, this one last: Tune rewrites a restarted trial's
+        # result.json, so a resumed search's ASHA rungs and report read the earlier evaluations from here
+        HISTORY_KEY: [*map(mean_of, progress.history), mean_of(acc)],
     }
     progress.history.append(acc)
     return metrics

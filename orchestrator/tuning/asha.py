@@ -6,7 +6,9 @@ the scheduler as it was when the Tuner was created, so a resumed search starts w
 its resumed trials against nothing. :class:`ResumableASHA` replays each restored trial's reported results
 (its ``result.json`` in the experiment storage, read through Ray's storage filesystem, so object stores work too)
 into its bracket when Tune adds the trial again; the decisions of that replay are discarded (they were taken
-before the interruption).
+before the interruption). Tune rewrites the ``result.json`` of a trial it restarts, so a trial interrupted twice
+keeps only its last launch's lines there; its results also carry ``val/mean_acc`` after every evaluation so far
+(``evaluation.metrics.HISTORY_KEY``, from the trial's checkpoint), which the replay reads too.
 
 The time attribute is ``evaluations`` (reported by the worker, derived from the training step), not Tune's
 ``training_iteration``, which restarts at 1 when a trial is restarted from its checkpoint.
@@ -27,6 +29,8 @@ from typing import Any, Iterator
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
+
+from orchestrator.evaluation.metrics import mean_acc_history
 
 logger = logging.getLogger(__name__)
 TIME_ATTR = "evaluations"
@@ -75,13 +79,20 @@ class ResumableASHA(AsyncHyperBandScheduler):
             self._groups[group] = _Bracket(grace, max_t, rf, 0, stop_last_trials=stop_last)
         self._trial_info[trial.trial_id] = self._groups[group]
         bracket, replayed = self._groups[group], 0
-        for result in reported_results(trial):
-            if result.get(self._time_attr) is None or result.get(self._metric) is None:
-                continue
-            bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+        for time, value in self.replayed_values(list(reported_results(trial))):
+            bracket.on_result(trial, time, self._metric_op * value)
             replayed += 1
         if replayed:
             logger.info("ASHA: trial %s back on its rungs from %d reported results", trial.trial_id, replayed)
+
+    def replayed_values(self, results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        """(time, metric value) pairs to replay from a trial's reported ``results``, in time order. For the time
+        ``evaluations`` and the metric ``val/mean_acc`` that includes the evaluations a restart of the trial
+        dropped from its ``result.json``: each result carries their values (``evaluation.metrics.HISTORY_KEY``)."""
+        if self._time_attr == TIME_ATTR and self._metric == "val/mean_acc":
+            return [(float(e), v) for e, v in mean_acc_history(results).items()]
+        return [(r[self._time_attr], r[self._metric]) for r in results
+                if r.get(self._time_attr) is not None and r.get(self._metric) is not None]
 
     def rung_records(self) -> dict[str, dict[float, dict[str, float]]]:
         """Per group: {milestone: {trial id: recorded value (sign-adjusted for the mode)}}."""

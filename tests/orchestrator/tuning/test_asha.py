@@ -81,6 +81,38 @@ def test_a_restarted_trial_is_judged_on_its_own_rung(tmp_path):
     assert by_iteration.on_trial_result(None, c, dict(result)) == TrialScheduler.CONTINUE
 
 
+def test_a_trial_restarted_twice_keeps_its_earlier_rungs_from_the_reported_history(tmp_path):
+    """Tune rewrites a restarted trial's result.json: after its second restart trial d's file holds only its 3rd
+    evaluation's line. That line's history list (val mean after evaluations 1, 2, 3) puts d back on rungs 1 and 2
+    (0.7, 0.75), so a new trial at 0.6 is judged against a and d at rung 1, as before the restarts."""
+    a = trial(tmp_path, "a", [(1, 0.8), (2, 0.85)])
+    d = trial(tmp_path, "d")
+    (Path(d.path) / "result.json").write_text(json.dumps({TIME_ATTR: 3, METRIC: 0.78, "training_iteration": 1,
+                                                          "val/mean_acc_history": [0.7, 0.75, 0.78]}) + "\n")
+    resumable, _ = schedulers()
+    resumable.on_trial_add(None, a)
+    resumable.on_trial_add(None, d)
+    assert resumable.rung_records()[""] == {4: {}, 2: {"a": 0.85, "d": 0.75}, 1: {"a": 0.8, "d": 0.7}}
+    # without the list only the 3rd evaluation is seen: Ray's bracket puts d on rung 2 at its later 0.78, and
+    # rung 1 loses it
+    (Path(d.path) / "result.json").write_text(json.dumps({TIME_ATTR: 3, METRIC: 0.78}) + "\n")
+    plain_replay, _ = schedulers()
+    plain_replay.on_trial_add(None, d)
+    assert plain_replay.rung_records()[""] == {4: {}, 2: {"d": 0.78}, 1: {}}
+
+
+def test_mean_acc_history_fills_what_a_restart_dropped():
+    from orchestrator.evaluation.metrics import mean_acc_history
+
+    lines = [{"evaluations": 3, "val/mean_acc": 0.6, "val/mean_acc_history": [0.4, 0.5, 0.6]},
+             {"evaluations": 4, "val/mean_acc": 0.65}]
+    assert mean_acc_history(lines) == {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.65}
+    # a later result wins; NaN values and rows without a number are skipped
+    assert mean_acc_history([{"evaluations": 1, "val/mean_acc": 0.3}, {"val/mean_acc_history": [0.35]},
+                             {"evaluations": float("nan"), "val/mean_acc": 0.9},
+                             {"evaluations": 2, "val/mean_acc": float("nan")}]) == {1: 0.35}
+
+
 def test_evaluations_come_from_the_step():
     assert [evaluations_done(s, 2) for s in (2, 4)] == [1, 2]
     assert [evaluations_done(s, 4) for s in (4, 8, 10)] == [1, 2, 3]  # a last partial window counts as one

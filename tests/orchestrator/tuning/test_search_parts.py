@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -122,6 +123,8 @@ def test_worker_loop_bare_and_resumed_from_its_checkpoint(smoke, tmp_path):
                            reference={"boolq": 0.5, "arc_e": 0.5})
     assert [r["step"] for r in resumed] == [4]
     assert resumed[0]["tokens_total"] == reports[-1]["tokens_total"]
+    # the restarted worker reports evaluation 1's val mean too (from its checkpoint), as the first run had it
+    assert resumed[0]["val/mean_acc_history"] == [reports[0]["val/mean_acc"], resumed[0]["val/mean_acc"]]
     # killed after its last checkpoint, before Tune recorded the end: the restarted worker trains nothing and
     # reports the final, test-scored metrics of that checkpoint again (else ASHA and the study would get nothing)
     again_session = LocalSession(resume_dir=str(tmp_path / "step_000004"))
@@ -190,3 +193,19 @@ def test_calibration_measures_rates_and_the_slowdown_then_reads_them_back(smoke,
     again, meta2 = calibrate.cached_rates(smoke, configs, steps=2, items=4, slots=2, ray=False)
     assert meta2["cached"] and again == rates
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_trial_rows_keep_the_evaluations_a_restart_dropped_from_tunes_frame(smoke):
+    """A trial restarted from its checkpoint: Tune's frame has only the rows of its last launch (evaluation 3);
+    the last result's history list brings back evaluations 1 and 2 for the report's common-budget comparisons."""
+    import pandas as pd
+
+    from orchestrator.report.summary import trial_rows
+
+    last = {"trial_id": "t1", "step": 6, "total_steps": 6, "evaluations": 3, "val/mean_acc": 0.6,
+            "val/mean_acc_history": [0.4, 0.5, 0.6]}
+    result = SimpleNamespace(metrics=last, path="/x/trial_t1", config={"method": "lora", "lora.r": 4},
+                             error=None, checkpoint=None, metrics_dataframe=pd.DataFrame([last]))
+    (row,) = trial_rows([result], smoke)
+    assert row["val_history"] == {1: 0.4, 2: 0.5, 3: 0.6} and row["status"] == "TERMINATED"
+    assert row["best val/mean_acc"] == 0.6
