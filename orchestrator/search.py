@@ -11,7 +11,8 @@ At the end the search report (``orchestrator.report.search_report``: every trial
 slice/contour plots per method, MALoRA's (d, β) surface, the seesaw across trials, the ties per method) goes to
 ``<storage>/<name>/report``, ``--out DIR`` and the parent run; the per-method Optuna studies are journal files in
 ``<storage>/<name>/optuna`` (the ``optuna-dashboard`` command is printed). ``--dry-run`` estimates the wall time
-from rates measured once on this machine (``tuning.search_estimate``).
+from rates measured once on this machine (``tuning.search_estimate``); ``--report-only`` writes the report again
+from what the search stored (``tuning.search_rebuild``).
 
 Embedded defaults: a local Ray (dashboard on 127.0.0.1, needed to free a stopped trial's placement group) and
 a SQLite MLflow store in the working directory. ``--address``/``RAY_ADDRESS`` joins a cluster and
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-estimate", action="store_true", help="--dry-run without the wall-time estimate (which "
                    "measures this machine's rates once, minutes, then reads them from a cache)")
     p.add_argument("--recalibrate", action="store_true", help="--dry-run: measure this machine's rates again")
+    p.add_argument("--report-only", action="store_true", help="write the search report again from what the search "
+                   "stored (Tune's experiment, its MLflow runs, its clock), without Ray and without training")
     return p
 
 
@@ -87,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(search_estimate_text(spec, refresh=args.recalibrate))
         return 0
+    command = shlex.join(["python", "-m", "orchestrator.search", *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        from orchestrator.tuning.search_rebuild import rebuild_report
+
+        return rebuild_report(spec, tracking_uri=args.tracking_uri, out_dir=args.out, command=command)
     from orchestrator.tuning.run import run_search  # imports Ray: not needed for --dry-run and bad input
 
     return run_search(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,
-                      out_dir=args.out, command=shlex.join(["python", "-m", "orchestrator.search",
-                                                            *(argv if argv is not None else sys.argv[1:])]))
+                      out_dir=args.out, command=command)
 
 
 if __name__ == "__main__":

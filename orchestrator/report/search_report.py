@@ -274,6 +274,18 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def _wall(prov: dict[str, Any]) -> str:
+    """The running time over every launch and, when it was resumed, the span from the first launch."""
+    wall, launches = prov.get("wall_s"), prov.get("launches") or []
+    if not isinstance(wall, (int, float)) or ("launches" in prov and not launches):
+        return "not recorded (no clock: the search ran before it kept one)"
+    text = f"{wall:.0f} s ({wall / 60:.1f} min) of running time"
+    if len(launches) > 1:
+        text += (f" over {len(launches)} launches (" + ", ".join(f"{x['running_s'] / 60:.1f}" for x in launches)
+                 + f" min), {prov.get('elapsed_s', 0) / 60:.1f} min from the first launch to the last")
+    return text
+
+
 def _machine(m: Any) -> str:
     """One line from ``models.hardware.machine_info()`` (CPU model, logical CPUs, bf16 flags, GPUs, torch)."""
     if not isinstance(m, dict) or not isinstance(m.get("cpu"), dict):
@@ -292,12 +304,14 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
     by_id = {r["trial_id"]: r for r in table}
     hp = lambda r: " ".join(f"{k[3:]}={pareto._fmt(v)}" for k, v in r.items() if k.startswith("hp/"))  # noqa: E731
     out = [f"# Search report: {spec.name}", "",
-           f"- command: `{prov.get('command')}`",
+           f"- command: `{prov['command']}`" if prov.get("command") else "- command: not recorded",
+           *([f"- report written again by: `{prov['report_command']}` (no training)"] if prov.get("report_command")
+             else []),
            f"- commit: `{prov.get('commit')}`" + (" (uncommitted changes in the tree)" if prov.get("dirty") else ""),
            f"- machine: {_machine(prov.get('machine'))}",
            f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
            f"eval {', '.join(prov.get('eval_precision') or ['?'])}",
-           f"- wall time: {prov.get('wall_s')} s",
+           f"- wall time: {_wall(prov)}",
            f"- trials: {len(table)} (" + ", ".join(f"{s} {sum(r['state'] == s for r in table)}"
                                                    for s in ("TERMINATED", "STOPPED", "ERROR"))
            + "); `trials.csv`, `trials.json`",

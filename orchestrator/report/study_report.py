@@ -161,7 +161,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
                   ) -> dict[str, Any]:
     """Every number of the study (the ``results.json`` layout of the module docstring).
 
-    ``clock``: ``tuning.clock.StudyClock.summary()`` (``running_s`` summed over every launch, ``elapsed_s`` since
+    ``clock``: ``tuning.clock.RunClock.summary()`` (``running_s`` summed over every launch, ``elapsed_s`` since
     the first, the ``launches``); with it the provenance's ``wall_s`` is the running time, else this launch's.
 
     ``provenance_record``: ``orchestrator.tuning.provenance.study_provenance`` of the study (model and data

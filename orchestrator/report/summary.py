@@ -122,7 +122,7 @@ def budget_table(rows: list[dict]) -> str:
 def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir: str | Path, wall_s: float,
            status: str = "FINISHED") -> str:
     """Write summary.csv/.md, pareto.json/.png to out_dir (a local folder or a URI) and the parent run; return the
-    terminal summary.
+    terminal summary. ``wall_s``: the search's running time over all its launches (``tuning.clock``).
 
     "Best per method" and the Pareto front are chosen on the validation objective (:func:`choose`); early-stopped
     trials are listed apart. Test accuracy appears only in those two tables, for the chosen trials, scored once
@@ -138,7 +138,7 @@ def finish(uri: str, parent_id: str, spec: SearchSpec, rows: list[dict], out_dir
     n_err = sum(r["status"] == "ERROR" for r in rows)
     text = "\n".join([
         f"\n== search {spec.name}: {len(rows)} trials ({n_err} failed, {len(stopped)} early-stopped) in "
-        f"{wall_s:.0f} s ==",
+        f"{wall_s:.0f} s of running time ==",
         "\nTrials and trainable parameters per method (equal trials per method; share = of all parameters):",
         budget_table(rows),
         "\nAll trials (val only):", pareto.markdown_table(rows, columns),

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from orchestrator.cluster import storage
 from orchestrator.cluster.runtime import init_ray, prepare_env
 from orchestrator.spec.space import SearchSpec
 from orchestrator.data.suites import load_pools
+from orchestrator.tuning.clock import RunClock
 from orchestrator.tuning.plan import concurrency
 from orchestrator.tuning.reference import FormulationMismatch, cached_reference, check_formulation
 from orchestrator.tuning.searcher import dashboard_commands
@@ -95,35 +95,45 @@ def score_chosen_trials(spec: SearchSpec, rows: list[dict], uri: str, exp_id: st
         tracking.log_chosen_test(uri, exp_id, parent_id, trial_id, metrics, int(row.get("step") or 0))
 
 
-def search_provenance(command: str | None, wall_s: float, rows: list[dict]) -> dict:
+def search_clock(spec: SearchSpec) -> RunClock:
+    """The search's launches and their running time, ``<storage>/<name>/search_clock.json`` (``tuning.clock``)."""
+    return RunClock(spec.storage_path, spec.name, filename="search_clock.json")
+
+
+def search_provenance(command: str | None, clock: dict, rows: list[dict], report_command: str | None = None
+                      ) -> dict:
     """What produced a search report: the command, the checkout's commit (and whether it was dirty), the machine,
-    the precisions the trials recorded, the wall time."""
+    the precisions the trials recorded, and from ``clock`` (``RunClock.summary``) the running time summed over
+    every launch (``wall_s``, killed launches included), the span from the first launch (``elapsed_s``) and the
+    launches; ``report_command``: the ``--report-only`` command that wrote the report again, if one did."""
     from orchestrator.models.hardware import machine_info
     from orchestrator.report.study_report import commit_state
 
     return {"command": command, **commit_state(), "machine": machine_info(),
             "precision": sorted({str(r["precision"]) for r in rows if r.get("precision")}),
             "eval_precision": sorted({str(r["eval_precision"]) for r in rows if r.get("eval_precision")}),
-            "wall_s": round(float(wall_s), 1)}
+            "wall_s": clock.get("running_s"), "elapsed_s": clock.get("elapsed_s"),
+            "launches": clock.get("launches", []), **({"report_command": report_command} if report_command else {})}
 
 
-def write_search_report(spec: SearchSpec, rows: list[dict], uri: str, parent_id: str, *, out_dir: str | None,
-                        command: str | None, wall_s: float) -> list[str]:
+def write_search_report(spec: SearchSpec, rows: list[dict], uri: str, parent_id: str | None, *,
+                        out_dir: str | None, command: str | None, clock: dict, report_command: str | None = None
+                        ) -> list[str]:
     """The search report (``report.search_report``) into ``<storage>/<name>/report``, ``out_dir`` when given, and
-    the parent run's ``report/`` artifacts; returns where it was written."""
+    the parent run's ``report/`` artifacts (none without ``parent_id``); returns where it was written."""
     from orchestrator.report import search_report, summary, tracking
     from orchestrator.tuning.plan import asha_max_t
 
     _, front = summary.choose(spec, rows)
     a, max_t = spec.search.asha, asha_max_t(spec)
     n_items = {t: s["val"] for t, s in load_pools(spec).splits().items()}
-    kwargs = dict(provenance=search_provenance(command, wall_s, rows), n_items=n_items, max_t=max_t,
+    kwargs = dict(provenance=search_provenance(command, clock, rows, report_command), n_items=n_items, max_t=max_t,
                   milestones=search_report.rungs(a.grace_period, a.reduction_factor, max_t) if a.enabled else [])
     places = [storage.join(spec.storage_path, spec.name, "report"), *([out_dir] if out_dir else [])]
     for i, place in enumerate(places):
         with storage.local_dir(place) as local:
             files = search_report.write_report(spec, rows, {r["trial_id"] for r in front}, local, **kwargs)
-            if i == 0:
+            if i == 0 and parent_id is not None:
                 c = tracking.client(uri)
                 for f in files:
                     c.log_artifact(parent_id, str(f), "report")
@@ -176,11 +186,11 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     from orchestrator.report import outbox, summary, tracking
     from orchestrator.report.callback import MLflowSearchCallback, journal_path
 
-    t0 = time.perf_counter()
     problem = preflight(spec) or record_search_plan(spec, resume)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    clock = search_clock(spec).start(command or "", resume=resume)
     cluster = init_ray(address)
     outbox.bound_http_requests()  # a dead tracking server costs seconds per call, not ~4 min of retries
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)
@@ -211,13 +221,13 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
         score_chosen_trials(spec, rows, uri, exp_id, parent_id)
     try:  # the report reads what the trials left; a fault in it must not leave the parent run open
         places = write_search_report(spec, rows, uri, parent_id, out_dir=out_dir, command=command,
-                                     wall_s=time.perf_counter() - t0)
+                                     clock=clock.summary())
     except Exception as exc:  # noqa: BLE001 (any fault of a figure or a table: said, then the summary goes on)
         logger.exception("the search report was not written")
         print(f"warning: the search report was not written: {type(exc).__name__}: {exc}", file=sys.stderr)
         places = []
     text = summary.finish(uri, parent_id, spec, rows, storage.join(spec.storage_path, spec.name),
-                          time.perf_counter() - t0, status="KILLED" if interrupted else "FINISHED")
+                          clock.summary()["running_s"], status="KILLED" if interrupted else "FINISHED")
     print(text)
     report_skipped(callback.skipped(), uri, parent_id)
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")

@@ -186,7 +186,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from orchestrator.tuning.live import study_reporter
     from orchestrator.tuning.record import PlanError, check_resume, read_plan, write_plan
     from orchestrator.tuning.run import preflight
-    from orchestrator.tuning.clock import StudyClock
+    from orchestrator.tuning.clock import RunClock
     from orchestrator.tuning.tuner import trial_dirname
 
     prepare_env(address)
@@ -226,7 +226,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             print(f"error: {problem}", file=sys.stderr)
             return 2
     start = study_report.start_record(spec, command, resume=resume)  # after the checks: they change nothing
-    clock = StudyClock(spec.storage_path, spec.name).start(command, resume=resume)
+    clock = RunClock(spec.storage_path, spec.name).start(command, resume=resume)
     if spec.study.search and not from_search:
         code = run_search(spec, address=address, tracking_uri=tracking_uri, resume=resume)
         if code != 0:

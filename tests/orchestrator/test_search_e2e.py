@@ -145,6 +145,18 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, shared_data_dir):
         assert [h.step for h in c.get_metric_history(run.info.run_id, "test/mean_acc")] == [4]
     assert summary_csv.is_file() and len(summary_csv.read_text().splitlines()) == 3
 
+    # --report-only writes the report again from what the search stored (Tune's files, MLflow, its clock), no Ray:
+    # the same trials, states, val and the chosen trials' test scores as the search's own report
+    rebuilt = _search(tmp_path, SPACES / "smoke.yaml", _env(shared_data_dir), "--report-only", "--out", "rebuilt")
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]
+    keys = ("trial_id", "method", "state", "val/mean_acc", "test/mean_acc", "val_history", "trainable_params")
+    pick = lambda folder: [{k: t.get(k) for k in keys}  # noqa: E731
+                           for t in json.loads((tmp_path / folder / "trials.json").read_text())]
+    assert pick("rebuilt") == pick("report_out") and all(t["test/mean_acc"] is not None for t in pick("rebuilt"))
+    text = (tmp_path / "rebuilt" / "report.md").read_text()
+    assert "over 2 launches" in text and "report written again by: `python -m orchestrator.search" in text
+    assert "--report-only" not in text.split("report written again")[0]   # the command is the search's own
+
 
 def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path, shared_data_dir):
     space = _space(tmp_path, resources__workers_per_trial=2, debug__fail_method="malora", debug__fail_mode="nan",

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.report import study_report
 from orchestrator.report.answers import FILE, AnswersError, read_answers
-from orchestrator.tuning.clock import StudyClock
+from orchestrator.tuning.clock import RunClock
 from tests.orchestrator.report.test_study_report import TASKS, _runs, _spec, _split
 
 
@@ -81,17 +81,23 @@ def test_altered_or_missing_answers_are_refused(tmp_path):
 
 
 def test_the_clock_sums_every_launch_a_killed_one_included(tmp_path):
-    first = StudyClock(str(tmp_path), "s", interval_s=0.05).start("launch 1", resume=False)
+    first = RunClock(str(tmp_path), "s", interval_s=0.05).start("launch 1", resume=False)
     time.sleep(0.4)
     first._stop.set()                                    # killed: no final write, only its last heartbeat
     time.sleep(0.3)                                      # the study lies stopped
-    second = StudyClock(str(tmp_path), "s", interval_s=0.05).start("launch 2 --resume", resume=True)
+    second = RunClock(str(tmp_path), "s", interval_s=0.05).start("launch 2 --resume", resume=True)
     time.sleep(0.3)
     summary = second.summary()
     assert [x["command"] for x in summary["launches"]] == ["launch 1", "launch 2 --resume"]
     assert summary["launches"][0]["running_s"] == pytest.approx(0.4, abs=0.12)
     assert summary["running_s"] == pytest.approx(0.7, abs=0.2)
     assert summary["elapsed_s"] >= summary["running_s"] + 0.2   # the stopped time shows as the difference
+    # read after the run (a rebuilt report): the span ends at the last launch's last sign of life, not now
+    second._stop.set()
+    time.sleep(0.3)
+    later = RunClock(str(tmp_path), "s", filename="study_clock.json").summary()
+    assert later["elapsed_s"] == pytest.approx(summary["elapsed_s"], abs=0.12)
+    assert later["running_s"] == pytest.approx(summary["running_s"], abs=0.12)
 
 
 def test_rerun_reads_a_cells_items_from_the_kept_answers(tmp_path):

@@ -127,7 +127,7 @@ def test_report_files_from_a_synthetic_trial_table(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| malora | m1 |" in md and "tie: 1 other" in md and "--from-search" in md
     assert "accuracies only (independent binomials" in md and "`abc`" in md and "I(task; expert)" in md
-    assert "- machine: AMD EPYC (2 logical CPUs; avx2), no GPU, torch 2.13" in md and "wall time: 12.0 s" in md
+    assert "- machine: AMD EPYC (2 logical CPUs; avx2), no GPU, torch 2.13" in md and "wall time: 12 s (0.2 min) of running time" in md
 
 
 def test_importances_compare_trials_at_the_largest_budget_three_of_them_reached():
@@ -140,3 +140,14 @@ def test_importances_compare_trials_at_the_largest_budget_three_of_them_reached(
               for i, r in enumerate(rows)]
     study = search_report.method_study(spec, "lora", at_one, budget=1)
     assert sorted(t.value for t in study.trials) == [0.4, 0.45, 0.5, 0.55]
+
+
+def test_the_wall_time_line_sums_the_launches_and_says_when_no_clock_was_kept():
+    wall = search_report._wall
+    two = {"wall_s": 5400.0, "elapsed_s": 9000.0,
+           "launches": [{"start": 0, "running_s": 3600.0, "command": "a"}, {"start": 7200, "running_s": 1800.0,
+                                                                            "command": "a --resume"}]}
+    assert wall(two) == ("5400 s (90.0 min) of running time over 2 launches (60.0, 30.0 min), 150.0 min from the "
+                         "first launch to the last")
+    assert wall({"wall_s": 12.0}) == "12 s (0.2 min) of running time"        # a report from before the clock
+    assert wall({"wall_s": 0.0, "launches": []}).startswith("not recorded")  # rebuilt, no clock on the storage
