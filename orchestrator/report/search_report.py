@@ -274,6 +274,16 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def _launch_commits(prov: dict[str, Any]) -> str:
+    """The launches' commits where any differs from the report's (a trial runs the code of its launch)."""
+    launches = prov.get("launches") or []
+    if not any(x.get("commit") not in (None, prov.get("commit")) for x in launches):
+        return ""
+    return "; the launches ran " + ", ".join(
+        f"{i}: `{str(x.get('commit') or '?')[:7]}`" + ("+" if x.get("dirty") else "")
+        for i, x in enumerate(launches, 1)) + " (+: uncommitted changes)"
+
+
 def _wall(prov: dict[str, Any]) -> str:
     """The running time over every launch and, when it was resumed, the span from the first launch."""
     wall, launches = prov.get("wall_s"), prov.get("launches") or []
@@ -307,7 +317,8 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
            f"- command: `{prov['command']}`" if prov.get("command") else "- command: not recorded",
            *([f"- report written again by: `{prov['report_command']}` (no training)"] if prov.get("report_command")
              else []),
-           f"- commit: `{prov.get('commit')}`" + (" (uncommitted changes in the tree)" if prov.get("dirty") else ""),
+           f"- commit: `{prov.get('commit')}`" + (" (uncommitted changes in the tree)" if prov.get("dirty") else "")
+           + _launch_commits(prov),
            f"- machine: {_machine(prov.get('machine'))}",
            f"- precision: train {', '.join(prov.get('precision') or ['?'])}, "
            f"eval {', '.join(prov.get('eval_precision') or ['?'])}",

@@ -42,11 +42,13 @@ class RunClock:
             record["launches"][self._index]["alive"] = time.time()
             storage.write_text(self.path, json.dumps(record))
 
-    def start(self, command: str, *, resume: bool) -> "RunClock":
+    def start(self, command: str, *, resume: bool, code: dict[str, Any] | None = None) -> "RunClock":
+        """Record this launch (``code``: e.g. the checkout's commit and dirtiness, kept with it: a run resumed
+        after a commit trains its later trials on the later code)."""
         with self._lock:
             record = self._read() if resume else {"launches": []}
             now = time.time()
-            record["launches"].append({"start": now, "alive": now, "command": command})
+            record["launches"].append({"start": now, "alive": now, "command": command, **(code or {})})
             self._index = len(record["launches"]) - 1
             storage.write_text(self.path, json.dumps(record))
         threading.Thread(target=self._beat, name="study-clock", daemon=True).start()
@@ -70,4 +72,4 @@ class RunClock:
         return {"running_s": round(sum(x["alive"] - x["start"] for x in launches), 1),
                 "elapsed_s": round(max(x["alive"] for x in launches) - launches[0]["start"], 1),
                 "launches": [{"start": x["start"], "running_s": round(x["alive"] - x["start"], 1),
-                              "command": x["command"]} for x in launches]}
+                              **{k: v for k, v in x.items() if k not in ("start", "alive")}} for x in launches]}

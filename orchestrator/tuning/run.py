@@ -190,7 +190,9 @@ def run_search(spec: SearchSpec, *, address: str | None, tracking_uri: str | Non
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    clock = search_clock(spec).start(command or "", resume=resume)
+    from orchestrator.report.study_report import commit_state
+
+    clock = search_clock(spec).start(command or "", resume=resume, code=commit_state())
     cluster = init_ray(address)
     outbox.bound_http_requests()  # a dead tracking server costs seconds per call, not ~4 min of retries
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.tracking_uri)

@@ -226,7 +226,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             print(f"error: {problem}", file=sys.stderr)
             return 2
     start = study_report.start_record(spec, command, resume=resume)  # after the checks: they change nothing
-    clock = RunClock(spec.storage_path, spec.name).start(command, resume=resume)
+    clock = RunClock(spec.storage_path, spec.name).start(command, resume=resume, code=study_report.commit_state())
     if spec.study.search and not from_search:
         code = run_search(spec, address=address, tracking_uri=tracking_uri, resume=resume)
         if code != 0:

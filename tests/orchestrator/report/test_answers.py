@@ -85,10 +85,12 @@ def test_the_clock_sums_every_launch_a_killed_one_included(tmp_path):
     time.sleep(0.4)
     first._stop.set()                                    # killed: no final write, only its last heartbeat
     time.sleep(0.3)                                      # the study lies stopped
-    second = RunClock(str(tmp_path), "s", interval_s=0.05).start("launch 2 --resume", resume=True)
+    second = RunClock(str(tmp_path), "s", interval_s=0.05).start("launch 2 --resume", resume=True,
+                                                                  code={"commit": "abc", "dirty": True})
     time.sleep(0.3)
     summary = second.summary()
     assert [x["command"] for x in summary["launches"]] == ["launch 1", "launch 2 --resume"]
+    assert [x.get("commit") for x in summary["launches"]] == [None, "abc"] and summary["launches"][1]["dirty"]
     assert summary["launches"][0]["running_s"] == pytest.approx(0.4, abs=0.12)
     assert summary["running_s"] == pytest.approx(0.7, abs=0.2)
     assert summary["elapsed_s"] >= summary["running_s"] + 0.2   # the stopped time shows as the difference

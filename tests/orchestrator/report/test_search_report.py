@@ -151,3 +151,8 @@ def test_the_wall_time_line_sums_the_launches_and_says_when_no_clock_was_kept():
                          "first launch to the last")
     assert wall({"wall_s": 12.0}) == "12 s (0.2 min) of running time"        # a report from before the clock
     assert wall({"wall_s": 0.0, "launches": []}).startswith("not recorded")  # rebuilt, no clock on the storage
+    commits = search_report._launch_commits
+    assert commits({"commit": "b" * 40, "launches": [{"commit": "a" * 40, "dirty": False},
+                                                      {"commit": "b" * 40, "dirty": True}]}) == (
+        "; the launches ran 1: `aaaaaaa`, 2: `bbbbbbb`+ (+: uncommitted changes)")
+    assert commits({"commit": "b" * 40, "launches": [{"commit": "b" * 40}]}) == "" == commits(two)
