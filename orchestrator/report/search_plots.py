@@ -41,29 +41,34 @@ def method_plots(studies: dict[str, Any], folder: Path, target: str = "val/mean_
     return out
 
 
+SURFACE_MIN_POINTS = 6
+
+
 def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None, path: Path,
                    budget: int | None = None) -> Path | None:
     """MALoRA's trials ``(d, beta, val mean accuracy after budget evaluations, trial id)`` in the (d, β) plane,
-    coloured by accuracy (a triangulated surface under them when three or more points span the plane); the best
-    completed trial is starred and the trials within z·SE of it (its ties, ``report.search_report.ties``) ringed;
-    the noise band z·SE is marked on the colour bar below the best value."""
+    coloured by accuracy (a triangulated surface under them when ``SURFACE_MIN_POINTS`` or more span the plane:
+    through three or four points a surface is a plane or two, a shape the data cannot show); the best completed
+    trial (on its final val score) is starred and the trials within z·SE of it (its ties,
+    ``report.search_report.ties``) ringed; the noise band z·SE is marked on the colour bar below the best value."""
     if not pts:
         return None
     d, beta, acc = (np.array([p[i] for p in pts], float) for i in range(3))
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     lo, hi = 100 * acc.min(), 100 * acc.max() + 1e-9
-    if len(pts) >= 3 and np.ptp(d) > 0 and np.ptp(beta) > 0 and np.linalg.matrix_rank(
+    if len(pts) >= SURFACE_MIN_POINTS and np.ptp(d) > 0 and np.ptp(beta) > 0 and np.linalg.matrix_rank(
             np.c_[d - d.mean(), beta - beta.mean()]) == 2:
         ax.tricontourf(d, beta, 100 * acc, levels=12, cmap="viridis", alpha=0.5, vmin=lo, vmax=hi)
     sc = ax.scatter(d, beta, c=100 * acc, cmap="viridis", vmin=lo, vmax=hi, s=60, edgecolors="k")
     bar = fig.colorbar(sc, ax=ax, label="val mean accuracy (%)")
     best = next((p for p in pts if tie and p[3] == tie["best"]), None)
     if best is not None:
-        ax.scatter([best[0]], [best[1]], marker="*", s=260, color="red", edgecolors="k", label="best", zorder=3)
+        ax.scatter([best[0]], [best[1]], marker="*", s=260, color="red", edgecolors="k",
+                   label="best (final val)", zorder=3)
         tied = [p for p in pts if p[3] in tie["ties"]]
         if tied:
             ax.scatter([p[0] for p in tied], [p[1] for p in tied], s=170, facecolors="none", edgecolors="red",
-                       label="tied with the best", zorder=3)
+                       label="tied with it", zorder=3)
         ses = [o["se"] for o in tie["others"]]
         if ses:
             band = 100 * tie["z"] * float(np.median(ses))
@@ -74,7 +79,9 @@ def malora_surface(pts: list[tuple[float, float, float, str]], tie: dict | None,
         ax.legend(fontsize=7, loc="best")
     for x, y, a, _ in pts:
         ax.annotate(f"{100 * a:.1f}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.margins(0.12)
+    for values, set_lim in ((d, ax.set_xlim), (beta, ax.set_ylim)):  # room for the labels: the surface's
+        pad = 0.15 * np.ptp(values) or 0.1 * abs(values[0]) or 1.0    # extent would put points on the frame
+        set_lim(values.min() - pad, values.max() + pad)
     ax.set_xlabel("d = λ·r·N (shared down-projection rank)")
     ax.set_ylabel("β")
     ax.grid(alpha=0.3)
