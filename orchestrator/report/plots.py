@@ -56,28 +56,37 @@ def utilisation_heatmap(util: dict[str, dict[str, list[float]]], path: str | Pat
 
 
 def pareto_plot(rows: list[dict], front_ids: set[str], path: str | Path, metric: str = "val/mean_acc") -> Path:
-    """Accuracy vs trainable parameters for every trial given, coloured by method (hollow: not on the front); the
-    front (``metric`` max, trainable parameters min) as the staircase of what each budget attains."""
+    """Accuracy vs trainable parameters for every trial given, coloured by method (hollow: not on the front;
+    a triangle: stopped early by ASHA, so its value is at an earlier rung than the others'); the front (``metric``
+    max, trainable parameters min) as the staircase of what each budget attains."""
+    from matplotlib.lines import Line2D
+
     from orchestrator.report.pareto import staircase
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    handles = []
     for method in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == method]
         color = METHOD_COLORS.get(method, "0.4")
         for on in (True, False):
-            mine = [r for r in pts if (r["trial_id"] in front_ids) == on]
-            ax.scatter([r["trainable_params"] for r in mine], [r[metric] for r in mine], s=40, alpha=0.85,
-                       facecolors=color if on else "none", edgecolors=color, label=method if on or not any(
-                           r["trial_id"] in front_ids for r in pts) else None)
+            for stopped in (False, True):
+                mine = [r for r in pts if (r["trial_id"] in front_ids) == on and (r.get("status") == "STOPPED")
+                        == stopped]
+                if mine:
+                    ax.scatter([r["trainable_params"] for r in mine], [r[metric] for r in mine], s=40, alpha=0.85,
+                               marker="v" if stopped else "o", facecolors=color if on else "none", edgecolors=color)
+        handles.append(Line2D([], [], ls="", marker="o", color=color, label=method))
+    handles += [Line2D([], [], ls="", marker="o", mfc="none", color="0.4", label="not on the front"),
+                Line2D([], [], ls="", marker="v", mfc="none", color="0.4", label="stopped early (val at its rung)")]
     front = [r for r in rows if r["trial_id"] in front_ids]
     if front:
         xs, ys = staircase(front, "trainable_params", metric, x_end=max(r["trainable_params"] for r in rows))
-        ax.step(xs, ys, where="post", color="k", ls="--", lw=1, label="Pareto front")
+        handles += ax.step(xs, ys, where="post", color="k", ls="--", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=7)
     ax.set_title(f"{metric} vs trainable parameters", fontsize=10)
     return _save(fig, path)
 

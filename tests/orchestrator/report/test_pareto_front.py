@@ -74,3 +74,11 @@ def test_pareto_png_draws_the_front_as_a_staircase(monkeypatch, tmp_path):
     # a step held until the next budget (was: straight segments between the front's points)
     assert line.get_drawstyle() == "steps-post"
     assert list(line.get_xdata()) == [50, 100, 400, 800] and list(line.get_ydata()) == [0.45, 0.50, 0.70, 0.70]
+    # one legend entry per method however its trials are drawn; an ASHA-stopped trial as a triangle
+    stopped = {**row("s", 0.40, 60), "status": "STOPPED"}
+    plots.pareto_plot([*rows, stopped], {"h", "a", "e"}, tmp_path / "pareto.png")
+    ax = figures[1].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == len(set(labels)) and "stopped early (val at its rung)" in labels
+    offsets = [tuple(c.get_offsets()[0]) for c in ax.collections if len(c.get_offsets()) == 1]
+    assert (60.0, 0.40) in offsets and len(ax.collections) == 3   # on the front, off it, stopped
