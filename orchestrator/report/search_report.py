@@ -169,7 +169,17 @@ def seesaw(rows: list[dict]) -> dict[str, Any]:
         for j in range(len(tasks)):
             if np.ptp(acc[:, i]) > 0 and np.ptp(acc[:, j]) > 0:
                 rho[i, j] = stats.spearmanr(acc[:, i], acc[:, j]).statistic
-    return {"tasks": tasks, "trials": len(acc), "slopes": slopes, "spearman": rho.tolist()}
+    return {"tasks": tasks, "trials": len(acc), "slopes": slopes, "spearman": rho.tolist(),
+            "rho_critical": rho_critical(len(acc))}
+
+
+def rho_critical(n: int, alpha: float = 0.05) -> float:
+    """|ρ| a rank correlation over ``n`` trials must exceed to differ from 0 at two-sided ``alpha``, by the t
+    approximation ``t = ρ sqrt((n - 2) / (1 - ρ²))`` with n - 2 df, i.e. ``ρ = t / sqrt(n - 2 + t²)``."""
+    from scipy import stats
+
+    t = stats.t.ppf(1 - alpha / 2, n - 2)
+    return float(t / math.sqrt(n - 2 + t * t))
 
 
 # --------------------------------------------------------------------------------------------- importances
@@ -364,9 +374,13 @@ def report_markdown(spec: SearchSpec, table: list[dict], summary: dict[str, Any]
         out.append(f"Not computed: {saw['trials']} trial(s) with every task's val accuracy (needs 3).")
     else:
         tasks = saw["tasks"]
-        out += [f"Over {saw['trials']} trials: each task's val accuracy against the trial's mean (slope: points of "
-                "the task per point of the mean; 1 = moves with the mean), and the Spearman rank correlation of the "
-                "tasks' accuracies (negative: the tasks trade off).", "", "![seesaw](seesaw.png)", "",
+        crit = saw.get("rho_critical")
+        out += [f"Over {saw['trials']} trials, each at its last evaluation (a trial ASHA stopped, at its rung): each "
+                "task's val accuracy against the trial's mean (slope: points of the task per point of the mean; 1 = "
+                "moves with the mean), and the Spearman rank correlation of the tasks' accuracies (negative: the "
+                "tasks trade off)" + (f"; over {saw['trials']} trials |ρ| must exceed {crit:.2f} to differ from 0 "
+                                      "at 5 % (one pair; uncorrected for the pairs)" if crit else "") + ".",
+                "", "![seesaw](seesaw.png)", "",
                 "| task | slope vs mean | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for i, t in enumerate(tasks):
             out.append(f"| {t} | {saw['slopes'][t]:.2f} | " + " | ".join(

@@ -156,3 +156,18 @@ def test_the_wall_time_line_sums_the_launches_and_says_when_no_clock_was_kept():
                                                       {"commit": "b" * 40, "dirty": True}]}) == (
         "; the launches ran 1: `aaaaaaa`, 2: `bbbbbbb`+ (+: uncommitted changes)")
     assert commits({"commit": "b" * 40, "launches": [{"commit": "b" * 40}]}) == "" == commits(two)
+
+
+def test_the_critical_rank_correlation_matches_the_permutation_distribution_of_spearmans_rho():
+    """rho_critical(n) against brute force: over every permutation of 7 ranks, the share with |rho| above it is
+    at most 5 % and just below it more (the t approximation is close at small n)."""
+    import itertools
+
+    from scipy import stats
+
+    n = 7
+    crit = search_report.rho_critical(n)
+    rhos = [stats.spearmanr(range(n), p).statistic for p in itertools.permutations(range(n))]
+    beyond = sum(abs(r) > crit + 1e-12 for r in rhos) / len(rhos)
+    assert 0.02 < beyond <= 0.06
+    assert search_report.rho_critical(13) == pytest.approx(0.553, abs=0.002)   # t(0.975, 11) = 2.201
