@@ -62,14 +62,14 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
         searched = {n for n, dom in spec.method(method).hparams if dom.kind != "const"}
         hp = {k: v for k, v in hp.items() if k in searched}  # constants are in MLflow params, not the table
         best = m.get(spec.metric, float("nan"))
-        df, history = res.metrics_dataframe, {}
+        df, frame = res.metrics_dataframe, []
         if df is not None and spec.metric in getattr(df, "columns", ()):
             best = float(df[spec.metric].max())
         if df is not None and {"evaluations", "val/mean_acc"} <= set(getattr(df, "columns", ())):
-            # val mean accuracy after each evaluation: the report compares trials at one budget (an ASHA rung)
-            history = mean_acc_history(df[["evaluations", "val/mean_acc"]].to_dict("records"))
-        # the last result's own list holds the evaluations a restart dropped from the frame
-        history = dict(sorted({**history, **mean_acc_history([m])}.items()))
+            frame = df[["evaluations", "val/mean_acc"]].to_dict("records")
+        # val mean accuracy after each evaluation (the report compares trials at one budget, an ASHA rung): the
+        # frame's rows, then the last result, whose own list holds the evaluations a restart dropped from the frame
+        history = mean_acc_history([*frame, m])
         status = "ERROR" if res.error else "TERMINATED"
         if status == "TERMINATED" and m.get("step", 0) < m.get("total_steps", 0):
             status = "STOPPED"  # ASHA
