@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from orchestrator.evaluation.metrics import mean_acc_history
 from orchestrator.report import pareto, plots, tracking
 from orchestrator.spec.hparams import trial_hparams
 from orchestrator.spec.space import SearchSpec
+
+logger = logging.getLogger(__name__)
 
 
 def log_search_params(uri: str, run_id: str, spec: SearchSpec, reference: dict[str, dict[str, float]],
@@ -58,7 +61,13 @@ def trial_rows(results: Any, spec: SearchSpec) -> list[dict[str, Any]]:
     for res in results:
         m = dict(res.metrics or {})
         trial_id = m.get("trial_id") or Path(res.path).name.removeprefix("trial_")
-        method, hp = trial_hparams(spec.methods, res.config or {})
+        config = res.config or {}
+        if not config or ("method" not in config and len(spec.methods) > 1):
+            # read just as it started, before Tune wrote its config: which method it trains is not known yet
+            # (the first method would be a guess; spec.hparams.ConditionalSpace puts the method in every config)
+            logger.warning("trial %s has no config yet (it had just started): left out of the table", trial_id)
+            continue
+        method, hp = trial_hparams(spec.methods, config)
         searched = {n for n, dom in spec.method(method).hparams if dom.kind != "const"}
         hp = {k: v for k, v in hp.items() if k in searched}  # constants are in MLflow params, not the table
         best = m.get(spec.metric, float("nan"))

@@ -209,3 +209,21 @@ def test_trial_rows_keep_the_evaluations_a_restart_dropped_from_tunes_frame(smok
     (row,) = trial_rows([result], smoke)
     assert row["val_history"] == {1: 0.4, 2: 0.5, 3: 0.6} and row["status"] == "TERMINATED"
     assert row["best val/mean_acc"] == 0.6
+
+
+def test_trial_rows_leave_out_a_trial_whose_config_tune_has_not_written_yet(smoke, caplog):
+    """A report read while a trial starts: its config is still empty. With two methods in the space, reading it as
+    the first (lora) would put a malora trial in lora's rows; it is left out, and the log says which."""
+    from orchestrator.report.summary import trial_rows
+
+    assert len(smoke.methods) > 1
+    last = {"trial_id": "t2", "step": 0, "total_steps": 6}
+    started = SimpleNamespace(metrics=last, path="/x/trial_t2", config={}, error=None, checkpoint=None,
+                              metrics_dataframe=None)
+    known = SimpleNamespace(metrics={"trial_id": "t3", "step": 6, "total_steps": 6, "val/mean_acc": 0.5},
+                            path="/x/trial_t3", config={"method": "malora"}, error=None, checkpoint=None,
+                            metrics_dataframe=None)
+    with caplog.at_level("WARNING"):
+        rows = trial_rows([started, known], smoke)
+    assert [(r["trial_id"], r["method"]) for r in rows] == [("t3", "malora")]
+    assert "t2" in caplog.text
