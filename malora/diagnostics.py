@@ -55,6 +55,15 @@ ROLES: dict[type, dict[str, str]] = {
 
 
 # ------------------------------------------------------------------------------------------ specialisation
+def normalised_entropy(p: np.ndarray) -> np.ndarray:
+    """H(p) / log E along the last axis of ``p`` (..., E), each row a distribution over E >= 2 experts: 0 when one
+    expert takes everything, 1 when all share equally (0 log 0 = 0)."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(p), 0.0)
+    return -plogp.sum(-1) / math.log(p.shape[-1])
+
+
 def _layer_values(counts: np.ndarray) -> dict[str, object] | None:
     """I, H(task), per-task normalised entropy and the largest share of one (T, E) count matrix; None when the
     layer has one expert or no slot."""
@@ -73,8 +82,7 @@ def _layer_values(counts: np.ndarray) -> dict[str, object] | None:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(cond > 0, cond / p_e[None, :], 1.0)
         mi = float((p_t[:, None] * cond * np.log2(ratio)).sum())
-        plogp = np.where(cond > 0, cond * np.log(cond), 0.0)
-    entropy = -plogp.sum(1) / math.log(experts)                             # (T,) in [0, 1]
+    entropy = normalised_entropy(cond)                                      # (T,) in [0, 1]
     return {"mi": max(mi, 0.0), "h_task": math.log2(int(present.sum())), "present": present,
             "entropy": entropy, "max_share": float(p_e.max()), "share": cond}
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from malora.diagnostics import normalised_entropy
+
 
 def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over the Train workers (identity without an initialised process group)."""
@@ -63,9 +65,7 @@ def routing_entropy(fractions: dict[str, torch.Tensor]) -> float:
         total = float(frac.sum())
         if frac.numel() < 2 or total <= 0:
             continue
-        p = frac.double() / total
-        h = -float((p[p > 0] * p[p > 0].log()).sum())
-        values.append(h / math.log(frac.numel()))
+        values.append(float(normalised_entropy(frac.double().numpy() / total)))
     return sum(values) / len(values) if values else float("nan")
 
 

@@ -186,3 +186,17 @@ def test_zero_gradient_gives_nan_and_is_left_out_of_the_summary():
     assert np.isnan(cos[0, 1]) and np.isnan(cos[1, 1]) and cos[0, 2] == pytest.approx(-1.0)
     s = conflict_summary(cos, ["a", "b", "c"])
     assert s == {"mean": pytest.approx(-1.0), "min": pytest.approx(-1.0), "pair": ("a", "c")}
+
+
+def test_normalised_entropy_against_scipy():
+    """H(p)/log E per row (scipy.stats.entropy as the reference), zeros allowed, both ends of [0, 1] exact."""
+    from scipy.stats import entropy
+
+    from malora.diagnostics import normalised_entropy
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=4)
+    p[0, :2] = [0.0, p[0, 0] + p[0, 1]]
+    np.testing.assert_allclose(normalised_entropy(p), entropy(p, axis=1) / np.log(5), rtol=1e-12)
+    assert normalised_entropy(np.array([0.0, 1.0, 0.0])) == 0.0
+    assert normalised_entropy(np.full(8, 0.125)) == pytest.approx(1.0)
