@@ -227,6 +227,10 @@ class ResourcesSpec:
     """Concurrent trials, or "auto": as many as the cluster's free CPUs/GPUs fit."""
     max_failures: int = _f(0, ge=-1)
     """Ray Train worker-group restarts per trial (from the last adapter checkpoint); -1 = unlimited."""
+    checkpoint_every_min: float = _f(10.0, ge=0)
+    """Minutes between saves of the training state between evaluations (``training.partial``): a worker killed
+    there resumes from it, with its RNG, instead of from the last evaluation. 0: only at evaluations. Not part
+    of a run's fingerprint: the continuation trains exactly what an uninterrupted run trains."""
 
 
 @dataclass(frozen=True)
@@ -241,8 +245,10 @@ class TrackingSpec:
 class DebugSpec:
     fail_method: str | None = _f(None)
     """Test hook: trials of this method fail on purpose."""
-    fail_mode: str = _f("raise", choices=("raise", "nan"))
-    """raise an exception, or turn the loss into NaN (exercises the NaN guard)."""
+    fail_mode: str = _f("raise", choices=("raise", "nan", "kill"))
+    """raise an exception, turn the loss into NaN (exercises the NaN guard), or SIGKILL the worker's own process
+    before the step, in a worker that started at step 0 only (exercises the states saved between evaluations:
+    the restarted worker resumes past step 0 and goes on)."""
     fail_at_step: int = _f(1, ge=1)
     """Optimizer step at which the failure happens."""
 

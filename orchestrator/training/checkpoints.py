@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.training.partial import PartialStore, restore_rng
 from orchestrator.training.trial import Optimisation, Progress, TrialModel
 
 logger = logging.getLogger(__name__)
@@ -19,20 +20,51 @@ ADAPTER_DIR = "adapter"
 
 
 def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, device: torch.device,
-                     trial_id: str = "") -> Progress:
-    """Load adapter, optimizer and schedule from the session's checkpoint, if it holds one; else start at 0."""
+                     trial_id: str = "", *, partial: PartialStore | None = None,
+                     trial_config: dict[str, Any] | None = None, steps: int | None = None) -> Progress:
+    """Load adapter, optimizer and schedule from the session's checkpoint, or from the ``partial`` store's state
+    when that is further on (``training.partial``: also the open window and this rank's RNG); else start at 0."""
     with session.checkpoint_dir() as ckpt:
-        if not ckpt or not (Path(ckpt) / TRAIN_STATE).is_file():
+        state, source = None, None
+        if ckpt and (Path(ckpt) / TRAIN_STATE).is_file():
+            state = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False)
+            source = ckpt
+        later = partial.latest(session.rank, after=state["step"] if state else 0, trial=trial_config,
+                               steps=steps) if partial is not None else None
+        if later is not None:
+            state, source = later, partial.root
+        if state is None:
             return Progress()
-        state = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False)
         missing = set(state["adapter"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
         if missing:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the adapter: {sorted(missing)[:5]}")
+            raise RuntimeError(f"checkpoint {source} does not match the adapter: {sorted(missing)[:5]}")
         model.load_state_dict(state["adapter"], strict=False)
         optim.optimizer.load_state_dict(state["optimizer"])
         optim.scheduler.load_state_dict(state["scheduler"])
-        logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], ckpt)
-        return Progress(state["step"], state["tokens"], state.get("history", []))
+        if later is not None:
+            restore_rng(later["rng"])
+        logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], source)
+        return Progress(state["step"], state["tokens"], state.get("history", []), state.get("window"))
+
+
+def save_partial(session: Any, partial: PartialStore, trial: TrialModel, optim: Optimisation, step: int,
+                 tokens: int, history: list[dict[str, float]], window: dict[str, Any],
+                 trial_config: dict[str, Any], steps: int) -> None:
+    """Every rank: the training state after ``step`` into ``partial`` (rank 0 the state, each rank its RNG and
+    open ``window``); ``tokens`` and ``history`` as of the last evaluation (the window holds the rest)."""
+    state = None
+    if session.rank == 0:
+        state = {"step": step, "tokens": tokens, "history": history, "trial": trial_config, "steps": steps,
+                 **_train_state(trial, optim)}
+    partial.save(step, session.rank, state, window)
+    if session.rank == 0:
+        logger.info("step %d: training state saved to %s", step, partial.root)
+
+
+def _train_state(trial: TrialModel, optim: Optimisation) -> dict[str, Any]:
+    """Adapter tensors, optimizer and schedule: what a restarted worker loads (``restore_progress``)."""
+    return {"optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
+            "adapter": {n: p.detach() for n, p in trial.model.named_parameters() if p.requires_grad}}
 
 
 def report_final_again(session: Any, trial_id: str = "") -> list[dict[str, Any]]:
@@ -67,9 +99,7 @@ def checkpoint_and_report(session: Any, trial: TrialModel, optim: Optimisation, 
         if session.rank == 0:
             save_adapter(core, trial.adapter, Path(tmp) / ADAPTER_DIR)
             torch.save({"step": progress.step, "tokens": progress.tokens, "history": progress.history,
-                        "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
-                        "adapter": {n: p.detach() for n, p in core.named_parameters() if p.requires_grad}},
-                       Path(tmp) / TRAIN_STATE)
+                        **_train_state(trial, optim)}, Path(tmp) / TRAIN_STATE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=1))
             ckpt_dir = tmp
             out.append(metrics)

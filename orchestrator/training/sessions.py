@@ -5,10 +5,15 @@ model prepared for it, the restored checkpoint and a ``report(metrics, checkpoin
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from orchestrator.training.partial import PartialStore
+
+logger = logging.getLogger(__name__)
 
 
 class LocalSession:
@@ -16,9 +21,14 @@ class LocalSession:
 
     rank, world_size = 0, 1
 
-    def __init__(self, resume_dir: str | None = None, keep_checkpoints: str | None = None):
+    def __init__(self, resume_dir: str | None = None, keep_checkpoints: str | None = None,
+                 partial_dir: str | None = None):
         self.reports: list[dict[str, Any]] = []
-        self.resume_dir, self.keep = resume_dir, keep_checkpoints
+        self.resume_dir, self.keep, self.partial_dir = resume_dir, keep_checkpoints, partial_dir
+
+    def partial_store(self) -> PartialStore | None:
+        """Where states between evaluations go (``training.partial``): ``partial_dir``, or nowhere."""
+        return PartialStore.local(self.partial_dir) if self.partial_dir else None
 
     def device(self) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,6 +65,18 @@ class RaySession:
 
         ckpt = ray.train.get_checkpoint()
         return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
+
+    def partial_store(self) -> PartialStore | None:
+        """``<Train run>/partial`` on the run's storage file system (``training.partial``); None, with a warning,
+        where this Ray does not expose it (``TrainContext.get_storage`` is a DeveloperAPI)."""
+        import ray.train
+
+        try:
+            storage = ray.train.get_context().get_storage()
+            return PartialStore(storage.storage_filesystem, f"{storage.experiment_fs_path}/partial")
+        except (AttributeError, NotImplementedError) as err:
+            logger.warning("no storage for states between evaluations (%s): checkpoints at evaluations only", err)
+            return None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import resource
+import signal
 import time
 from typing import Any
 
@@ -13,6 +16,8 @@ from orchestrator.evaluation.metrics import reduce_sum
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.chunks import token_chunks
 from orchestrator.training.trial import Optimisation, TrialModel
+
+logger = logging.getLogger(__name__)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -57,6 +62,15 @@ def progress_line(trial_id: str, done: int, steps: int, window: dict[str, Any], 
             f"{per_step:.2f} s/step, ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
+def debug_kill(spec: SearchSpec, method: str, step: int, started_at: int) -> None:
+    """``debug.fail_mode: kill``: SIGKILL this process before optimizer step ``step + 1`` when it is the failing
+    step of the failing method and this worker started at step 0 (so a resumed worker goes on)."""
+    d = spec.debug
+    if d.fail_mode == "kill" and d.fail_method == method and step + 1 == d.fail_at_step and started_at == 0:
+        logger.warning("debug.fail_mode=kill: killing this worker (pid %d) before step %d", os.getpid(), step + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, stream, spec: SearchSpec, world: int,
                step: int, window: dict[str, Any], device: torch.device) -> int:
     """One optimizer step over ``grad_accum`` micro-batches of ``L = CE + balance loss``; returns the data epoch.
@@ -85,7 +99,7 @@ def train_step(ddp: torch.nn.Module, trial: TrialModel, optim: Optimisation, str
                 lm_loss = out if torch.is_tensor(out) else out.loss  # ResponseLoss: L; a bare HF model: an output
                 aux = collect_aux_loss(trial.model)
                 loss = lm_loss + aux
-                if fail and step + 1 == spec.debug.fail_at_step:
+                if fail and step + 1 == spec.debug.fail_at_step and spec.debug.fail_mode != "kill":
                     if spec.debug.fail_mode == "raise":
                         raise RuntimeError(f"debug.fail_method={trial.method!r}: failing on purpose at step {step + 1}")
                     loss = loss * float("nan")

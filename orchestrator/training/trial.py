@@ -43,11 +43,13 @@ class Optimisation:
 
 @dataclass
 class Progress:
-    """Where a trial stands: optimizer steps done, real tokens seen, and the accuracies of earlier evaluations."""
+    """Where a trial stands: optimizer steps done, real tokens seen, the accuracies of earlier evaluations, and
+    (restored from a state saved between evaluations, ``training.partial``) the open window's accumulators."""
 
     step: int = 0
     tokens: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    window: dict[str, Any] | None = None
 
 
 def build_trial_model(spec: SearchSpec, trial_config: dict[str, Any], device: torch.device) -> TrialModel:

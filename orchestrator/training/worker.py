@@ -26,12 +26,12 @@ from orchestrator.data.suites import load_pools
 from orchestrator.models.precision import FP32
 from orchestrator.spec.space import SearchSpec
 from orchestrator.training.checkpoints import (ADAPTER_DIR, TRAIN_STATE, checkpoint_and_report, report_final_again,
-                                               restore_progress)
+                                               restore_progress, save_partial)
 from orchestrator.training.diagnostics import trial_probe
 from orchestrator.training.eval_window import evaluate_sharded, evaluate_window, evaluations_done, mean_of
 from orchestrator.training.sessions import LocalSession, RaySession, no_buffer_sync
-from orchestrator.training.step import (max_over_ranks, new_window, peak_memory_mb, progress_line, synchronize,
-                                        train_step, window_pad_share)
+from orchestrator.training.step import (debug_kill, max_over_ranks, new_window, peak_memory_mb, progress_line,
+                                        synchronize, train_step, window_pad_share)
 from orchestrator.training.trial import (Optimisation, Progress, TrialModel, build_optimisation, build_trial_model,
                                          eager_scoring, training_loss)
 from orchestrator.training.trial_data import batches, build_training_data, resume_stream, total_steps
@@ -67,27 +67,40 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     pools = pools if score_test else {**pools, "test": {}}
     steps = total_steps(spec, len(encoded), session.world_size)
     optim = build_optimisation(trial, spec, steps)
-    progress = restore_progress(session, trial.model, optim, device, trial_id)
+    partial = session.partial_store() if spec.resources.checkpoint_every_min > 0 else None
+    progress = restore_progress(session, trial.model, optim, device, trial_id, partial=partial,
+                                trial_config=trial_config, steps=steps)
     if progress.step >= steps:  # killed after its last checkpoint: the training is done, say so again
         return report_final_again(session, trial_id)
     probe = trial_probe(spec, trial, load_pools(spec).train)  # the same items at every evaluation and resume
     ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads
     stream = resume_stream(encoded, spec, session, trial.tokenizer, progress.step)
     setup_s = time.perf_counter() - t_setup
-    window, out, epoch = new_window(device), [], 0
-    last_line = time.monotonic()
+    window, out, epoch = progress.window or new_window(device), [], 0
+    last_line = last_save = time.monotonic()
+    started_at = progress.step
     for step in range(progress.step, steps):
+        debug_kill(spec, trial.method, step, started_at)
         epoch = train_step(ddp, trial, optim, stream, spec, session.world_size, step, window, device)
         done = step + 1
         if session.rank == 0 and time.monotonic() - last_line >= PROGRESS_EVERY_S:
             logger.info("%s", progress_line(trial_id, done, steps, window, session.world_size))
             last_line = time.monotonic()
         if done % spec.eval.every_n_steps and done != steps:
+            if partial is not None:
+                due = time.monotonic() - last_save >= 60 * spec.resources.checkpoint_every_min
+                # every rank saves at the same step: rank 0's clock decides
+                if max_over_ranks(float(due and session.rank == 0), session.rank, session.world_size, device):
+                    save_partial(session, partial, trial, optim, done, progress.tokens, progress.history, window,
+                                 trial_config, steps)
+                    last_save = time.monotonic()
             continue
         metrics = evaluate_window(trial, optim, spec, session, device, pools, window, progress,
                                   reference=reference, notes=notes, done=done, steps=steps, epoch=epoch,
                                   setup_s=setup_s, probe=probe)
         progress.step = done
         checkpoint_and_report(session, trial, optim, progress, metrics, out)
-        window = new_window(device)
+        if partial is not None and session.rank == 0:
+            partial.clear()  # the checkpoint is at least as new
+        window, last_save = new_window(device), time.monotonic()
     return out

@@ -7,6 +7,7 @@ multi-objective (TPE) search.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -177,6 +178,44 @@ def test_failing_trial_is_failed_while_a_two_worker_ddp_trial_completes(tmp_path
     # Tune's view: one trial ERROR, one TERMINATED
     summary = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text()
     assert ",malora,ERROR," in summary and ",lora,TERMINATED," in summary
+
+
+def test_a_worker_sigkilled_between_evaluations_resumes_from_its_saved_state(tmp_path, shared_data_dir, monkeypatch):
+    """One trial, evaluated only at its last step (4), saving its training state after every step between; its
+    Train worker SIGKILLs itself before step 3 when it started at step 0 (``debug.fail_mode: kill``). Only a
+    retry that resumed from the state saved after step 2 gets past step 3: from step 0 it would be killed again
+    and, with one retry, the trial would end in ERROR. Its final scores equal a run never killed."""
+    from orchestrator.spec.space import load_space
+    from orchestrator.training.worker import LocalSession, run_training
+
+    raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    raw["methods"] = {"lora": {"r": 4, "alpha_over_r": 2.0, "lr": 5.0e-3, "dropout": 0.3}}
+    raw["search"].update(num_trials=1, points_to_evaluate=None, asha={"enabled": False})
+    raw["eval"]["every_n_steps"] = 4
+    raw["resources"].update(checkpoint_every_min=1.0e-9, max_failures=1)
+    raw["debug"] = {"fail_method": "lora", "fail_mode": "kill", "fail_at_step": 3}
+    raw["tracking"] = {"experiment": "e2e-kill"}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = _search(tmp_path, space, _env(shared_data_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "killing this worker" in log and "retrying from its last checkpoint" in log
+    summary = (tmp_path / "ray_results" / "smoke" / "summary.csv").read_text()
+    assert ",lora,TERMINATED," in summary
+    (run_dir,) = (tmp_path / "ray_results" / "smoke" / "train_runs").iterdir()
+    assert (run_dir / "partial").is_dir() and not list((run_dir / "partial").iterdir())  # cleared at step 4
+    _, (child,) = _runs(tmp_path, "e2e-kill")
+    assert child.info.status == "FINISHED" and child.data.metrics["step"] == 4
+
+    monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
+    spec = load_space(space)
+    config = {"method": "lora", "lora.r": 4, "lora.alpha_over_r": 2.0, "lora.lr": 5.0e-3, "lora.dropout": 0.3}
+    never_killed = run_training(dataclasses.replace(spec, debug=dataclasses.replace(spec.debug, fail_method=None)),
+                                config, LocalSession(), score_test=False)[-1]
+    for key in ("val/mean_acc", "tokens_total"):
+        assert child.data.metrics[key] == pytest.approx(never_killed[key], abs=1e-9), key
+    assert child.data.metrics["train_loss"] == pytest.approx(never_killed["train_loss"], rel=1e-4)
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,

@@ -126,6 +126,8 @@ BAD = [
     ("search.points_to_evaluate", [{"method": "lora", "rank": 4}], r"points_to_evaluate\[0\]\.rank: unknown key"),
     ("resources.max_concurrent_trials", "many", r"max_concurrent_trials: 'many' must be a positive integer or 'auto'"),
     ("resources.cpus_per_worker", 0.005, r"cpus_per_worker: must exceed resources\.trial_driver_cpus"),
+    ("resources.checkpoint_every_min", -1.0, r"resources\.checkpoint_every_min: -1\.0 is impossible"),
+    ("debug.fail_mode", "segfault", r"debug\.fail_mode: 'segfault' is not allowed"),
     ("data.data_dir", "/no/such/folder", r"data\.data_dir: '/no/such/folder' -> no such folder.*MALORA_DATA_DIR"),
     ("data.suite", "intra_domain", r"data: give exactly one of data\.suite .* or data\.tasks"),
     ("data.tasks", ["boolq", "arcx"], r"data\.tasks: unknown task 'arcx'"),

@@ -1,0 +1,106 @@
+"""A worker killed between two evaluations resumes from the state it saved there (``training.partial``) and
+trains exactly what an uninterrupted run trains: the same adapter tensors, losses, tokens and test answers."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.spec.space import load_space
+from orchestrator.training import worker
+from orchestrator.training.partial import PartialStore
+
+SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
+MALORA = {"method": "malora", "malora.r": 4, "malora.num_experts": 4, "malora.top_k": 2, "malora.d": 16,
+          "malora.beta": 1.25, "malora.alpha_over_r": 2.0, "malora.target_modules": ["q_proj", "v_proj"],
+          "malora.lr": 1.0e-3, "malora.dropout": 0.3}  # dropout draws from the RNG the state must carry
+
+
+class Killed(Exception):
+    """What SIGKILL would do to the loop, raised where the test wants it."""
+
+
+@pytest.fixture
+def spec(shared_data_dir, monkeypatch):
+    monkeypatch.setenv("MALORA_DATA_DIR", str(shared_data_dir))
+    smoke = load_space(SPACES / "smoke.yaml")
+    # one evaluation, at the end (step 4); a state after every step between (any elapsed time is due)
+    return dataclasses.replace(smoke, eval=dataclasses.replace(smoke.eval, every_n_steps=4),
+                               resources=dataclasses.replace(smoke.resources, checkpoint_every_min=1e-9))
+
+
+def _final_state(folder: Path) -> dict:
+    return torch.load(folder / "step_000004" / worker.TRAIN_STATE, weights_only=False)
+
+
+def kill_at(monkeypatch, step: int) -> None:
+    """Make optimizer step ``step`` (1-based) die before it runs."""
+    real = worker.train_step
+
+    def dying(ddp, trial, optim, stream, spec, world, index, window, device):
+        if index + 1 == step:
+            raise Killed(f"killed before step {step}")
+        return real(ddp, trial, optim, stream, spec, world, index, window, device)
+
+    monkeypatch.setattr(worker, "train_step", dying)
+
+
+@pytest.mark.slow  # three tiny trainings, ~10 s
+def test_a_run_killed_between_evaluations_continues_exactly(spec, tmp_path, monkeypatch):
+    whole = worker.run_training(spec, MALORA, worker.LocalSession(keep_checkpoints=str(tmp_path / "whole"),
+                                                                  partial_dir=str(tmp_path / "p_whole")))
+    assert [r["step"] for r in whole] == [4]
+    assert not list((tmp_path / "p_whole").iterdir())  # the final checkpoint cleared the states before it
+
+    with monkeypatch.context() as m:
+        kill_at(m, 3)
+        with pytest.raises(Killed):
+            worker.run_training(spec, MALORA, worker.LocalSession(partial_dir=str(tmp_path / "p")))
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["step_000002"]  # only the newest kept
+
+    resumed = worker.run_training(spec, MALORA, worker.LocalSession(keep_checkpoints=str(tmp_path / "resumed"),
+                                                                    partial_dir=str(tmp_path / "p")))
+    assert [r["step"] for r in resumed] == [4]
+    a, b = _final_state(tmp_path / "whole"), _final_state(tmp_path / "resumed")
+    assert a["adapter"].keys() == b["adapter"].keys()
+    for name, tensor in a["adapter"].items():
+        assert torch.equal(tensor, b["adapter"][name]), name
+    for key in ("train_loss", "balance_loss", "tokens_total", "test/mean_acc", "val/mean_acc"):
+        assert resumed[0][key] == whole[0][key], key
+    for task in ("boolq", "arc_e"):
+        assert resumed[0][f"test_correct/{task}"] == whole[0][f"test_correct/{task}"]
+
+
+@pytest.mark.slow  # two tiny trainings, ~6 s
+def test_a_state_written_for_another_config_is_not_resumed(spec, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        kill_at(m, 3)
+        with pytest.raises(Killed):
+            worker.run_training(spec, MALORA, worker.LocalSession(partial_dir=str(tmp_path / "p")))
+    other = {**MALORA, "malora.lr": 2.0e-3}
+    session = worker.LocalSession(partial_dir=str(tmp_path / "p"))
+    reports = worker.run_training(spec, other, session)
+    # trained from step 0: its train loss averages 4 steps of its own, not 2 inherited from the other config's
+    fresh = worker.run_training(spec, other, worker.LocalSession())
+    assert reports[0]["train_loss"] == fresh[0]["train_loss"]
+
+
+def test_the_store_keeps_the_newest_complete_state(tmp_path):
+    store = PartialStore.local(str(tmp_path))
+    trial, window = {"method": "lora"}, {"loss": 1.0, "tokens": 3}
+    store.save(2, 0, {"step": 2, "trial": trial, "steps": 9}, window)
+    store.save(5, 0, {"step": 5, "trial": trial, "steps": 9}, {**window, "tokens": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000005"]
+    got = store.latest(0, after=0, trial=trial, steps=9)
+    assert got["step"] == 5 and got["window"]["tokens"] == 7 and torch.equal(got["rng"]["cpu"],
+                                                                              torch.get_rng_state())
+    assert store.latest(0, after=5, trial=trial, steps=9) is None     # an evaluation at 5 is as new
+    assert store.latest(0, after=0, trial=trial, steps=10) is None    # another step count
+    assert store.latest(1, after=0, trial=trial, steps=9)["rng"] is None  # a rank that wrote none
+    (tmp_path / "step_000007").mkdir()                                 # killed while writing: no mark
+    (tmp_path / "step_000007" / "state.pt").write_bytes(b"half")
+    assert store.latest(0, after=0, trial=trial, steps=9)["step"] == 5
+    store.clear()
+    assert not list(tmp_path.iterdir()) and store.latest(0, after=0, trial=trial, steps=9) is None
