@@ -17,7 +17,7 @@ checkpoints on the run's storage file system (local, NFS or S3, through pyarrow.
     <train run>/partial/step_000123/complete      written last by rank 0: the folder is whole
 
 The state carries the trial's config and step count; a folder written by another configuration is ignored.
-Only the newest complete folder is kept, and an evaluation's checkpoint clears them all.
+Saving a folder deletes the older ones (complete or not), and an evaluation's checkpoint clears them all.
 """
 
 from __future__ import annotations
@@ -57,14 +57,19 @@ class PartialStore:
         with self.fs.open_input_stream(path) as f:
             return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
+    def _folders(self) -> list[int]:
+        """Steps of every ``step_*`` folder, oldest first (also one a kill left half written)."""
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
+        return sorted(int(i.base_name.removeprefix("step_")) for i in infos
+                      if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("step_"))
+
     def _steps(self) -> list[int]:
         """Steps of the complete folders, oldest first."""
         import pyarrow.fs
 
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
-        steps = sorted(int(i.base_name.removeprefix("step_")) for i in infos
-                       if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("step_"))
-        return [s for s in steps
+        return [s for s in self._folders()
                 if self.fs.get_file_info(self._path(s, COMPLETE)).type == pyarrow.fs.FileType.File]
 
     def _path(self, step: int, name: str = "") -> str:
@@ -84,7 +89,7 @@ class PartialStore:
         self._write(self._path(step, STATE), state)
         with self.fs.open_output_stream(self._path(step, COMPLETE)) as f:
             f.write(b"")
-        for old in self._steps():
+        for old in self._folders():
             if old < step:
                 self.fs.delete_dir(self._path(old))
 
@@ -109,11 +114,8 @@ class PartialStore:
 
     def clear(self) -> None:
         """Delete every folder (an evaluation's checkpoint holds a state at least as new)."""
-        import pyarrow.fs
-
-        for info in self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True)):
-            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("step_"):
-                self.fs.delete_dir(info.path)
+        for step in self._folders():
+            self.fs.delete_dir(self._path(step))
 
 
 def restore_rng(rng: dict[str, torch.Tensor] | None) -> None:

@@ -102,5 +102,7 @@ def test_the_store_keeps_the_newest_complete_state(tmp_path):
     (tmp_path / "step_000007").mkdir()                                 # killed while writing: no mark
     (tmp_path / "step_000007" / "state.pt").write_bytes(b"half")
     assert store.latest(0, after=0, trial=trial, steps=9)["step"] == 5
+    store.save(8, 0, {"step": 8, "trial": trial, "steps": 9}, window)   # the half-written 7 goes with 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000008"]
     store.clear()
     assert not list(tmp_path.iterdir()) and store.latest(0, after=0, trial=trial, steps=9) is None
