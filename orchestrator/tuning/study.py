@@ -137,6 +137,20 @@ def run_spec(spec: SearchSpec, run: dict[str, Any]) -> SearchSpec:
     return dataclasses.replace(spec, train=train, data=data)
 
 
+def unfinished_message(results: Any, total: int) -> str:
+    """What a launch that ended before every run had its test-scored report says: runs that failed (an error:
+    fix it) apart from runs that were only interrupted (Ctrl-C, a stop: ``--resume`` continues them)."""
+    failed = sum(1 for r in results if r.error)
+    done = sum(1 for r in results if not r.error and "test/mean_acc" in (r.metrics or {}))
+    stopped = total - done - failed
+    parts = []
+    if failed:
+        parts.append(f"{failed} of {total} study runs failed (see MLflow): fix the cause and rerun with --resume")
+    if stopped:
+        parts.append(f"{stopped} of {total} runs unfinished (interrupted or not started): --resume continues them")
+    return "error: " + "; ".join(parts)
+
+
 def study_driver(config: dict[str, Any], spec: SearchSpec, reference: dict[str, float] | None = None) -> None:
     """Tune function trainable of one study run: a search trial on :func:`run_spec` of its description."""
     from orchestrator.training.driver import trial_driver
@@ -286,12 +300,12 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         # a run counts only with its final, test-scored report (a trial can end without one if it was stopped)
         done = [{"run": r.config["run"], "metrics": dict(r.metrics or {}), "history": val_history(r)}
                 for r in results if not r.error and "test/mean_acc" in (r.metrics or {})]
-        failed = [r.config["run"] for r in results if r.error or "test/mean_acc" not in (r.metrics or {})]
-        if failed or len(done) < len(runs):
-            tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": f"{len(failed)} failed runs"})
-            tracking.client(uri).set_terminated(parent_id, "FAILED")
-            print(f"error: {len(failed)} of {len(runs)} study runs failed (see MLflow); fix the cause and rerun with "
-                  "--resume", file=sys.stderr)
+        if len(done) < len(runs):
+            print(unfinished_message(results, len(runs)), file=sys.stderr)
+            failed = sum(1 for r in results if r.error)
+            tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": f"{failed} failed runs, "
+                                                    f"{len(runs) - len(done) - failed} unfinished"})
+            tracking.client(uri).set_terminated(parent_id, "FAILED" if failed else "KILLED")
             return 1
         if spec.study.zero_shot:
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)

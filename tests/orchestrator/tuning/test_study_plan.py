@@ -103,3 +103,16 @@ def test_single_task_references_train_at_the_first_single_task_seeds(smoke, monk
     assert [r["seed"] for r in runs if r["role"] == "replicate"] == [0, 1, 2, 0, 1, 2]
     assert [(r["task"], r["seed"]) for r in runs if r["role"] == "single_task"] == [
         ("boolq", 0), ("boolq", 1), ("arc_e", 0), ("arc_e", 1)]
+
+
+def test_an_interrupted_launch_is_not_reported_as_failed_runs():
+    """Ctrl-C during two runs: they end without error and without a test score. The message sends the user to
+    --resume, not to a cause that does not exist; a run with an error is still called failed."""
+    done = SimpleNamespace(error=None, metrics={"test/mean_acc": 0.5})
+    stopped = SimpleNamespace(error=None, metrics={"step": 40})
+    broken = SimpleNamespace(error=RuntimeError("boom"), metrics={})
+    assert study.unfinished_message([done, stopped, stopped], 10) == \
+        "error: 9 of 10 runs unfinished (interrupted or not started): --resume continues them"
+    text = study.unfinished_message([done, broken, stopped], 3)
+    assert text.startswith("error: 1 of 3 study runs failed (see MLflow): fix the cause") and \
+        text.endswith("1 of 3 runs unfinished (interrupted or not started): --resume continues them")
