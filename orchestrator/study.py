@@ -5,7 +5,8 @@ on validation; each is retrained with ``study.seeds`` seeds, single-task referen
 added, and the report (``results.md``/``.json``/``.csv`` and plots, in the MLflow parent run and in ``--out``)
 gives test accuracy per method and task with CIs, Δ vs single-task, paired comparisons and seesaw counts. The
 ``study:`` block of the YAML configures it (``orchestrator.spec.space.StudySpec``); the search's flags work the
-same. Exit codes: 0 done, 1 a run failed (``--resume`` continues), 2 invalid input (nothing started).
+same. Exit codes: 0 done, 1 a run failed (``--resume`` continues), 2 invalid input (nothing started), 130 interrupted
+(``--resume`` continues).
 """
 
 from __future__ import annotations

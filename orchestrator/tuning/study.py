@@ -306,7 +306,7 @@ def run_study(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
             tracking.log_dict(uri, parent_id, tags={"malora.failure_reason": f"{failed} failed runs, "
                                                     f"{len(runs) - len(done) - failed} unfinished"})
             tracking.client(uri).set_terminated(parent_id, "FAILED" if failed else "KILLED")
-            return 1
+            return 1 if failed else 130   # as the search: 130 interrupted
         if spec.study.zero_shot:
             tracking.zero_shot_run(uri, exp_id, parent_id, exp_path, spec, reference)
         wall_s = time.perf_counter() - t0
