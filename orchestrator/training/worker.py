@@ -71,6 +71,8 @@ def run_training(spec: SearchSpec, trial_config: dict[str, Any], session: Any, *
     progress = restore_progress(session, trial.model, optim, device, trial_id, partial=partial,
                                 trial_config=trial_config, steps=steps)
     if progress.step >= steps:  # killed after its last checkpoint: the training is done, say so again
+        if partial is not None and session.rank == 0:
+            partial.clear()  # a state the kill left before the last checkpoint's clear
         return report_final_again(session, trial_id)
     probe = trial_probe(spec, trial, load_pools(spec).train)  # the same items at every evaluation and resume
     ddp = session.prepare(training_loss(trial.model))  # DDP wraps the loss module, so it all-reduces its grads

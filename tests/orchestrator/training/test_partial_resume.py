@@ -72,6 +72,12 @@ def test_a_run_killed_between_evaluations_continues_exactly(spec, tmp_path, monk
     for task in ("boolq", "arc_e"):
         assert resumed[0][f"test_correct/{task}"] == whole[0][f"test_correct/{task}"]
 
+    # killed between its final checkpoint and the clear: the restart trains nothing, reports again, and clears
+    PartialStore.local(str(tmp_path / "p")).save(3, 0, {"step": 3, "trial": MALORA, "steps": 4}, {})
+    again = worker.run_training(spec, MALORA, worker.LocalSession(resume_dir=str(tmp_path / "resumed" / "step_000004"),
+                                                                  partial_dir=str(tmp_path / "p")))
+    assert [r["step"] for r in again] == [4] and not list((tmp_path / "p").iterdir())
+
 
 @pytest.mark.slow  # two tiny trainings, ~6 s
 def test_a_state_written_for_another_config_is_not_resumed(spec, tmp_path, monkeypatch):
