@@ -35,6 +35,8 @@ from orchestrator.evaluation import statistics as st
 from orchestrator.evaluation.changes import item_changes
 from orchestrator.evaluation.multiplicity import adjust, judge_comparisons, tost
 from orchestrator.report import plots, tracking
+from orchestrator.report.formatting import cell, ci_text, delta_cell, df_text, p_text, pct, points
+from orchestrator.report.secondary import secondary_markdown, secondary_results
 from orchestrator.report.seesaw_report import seesaw_over_training_plot, seesaw_section
 from orchestrator.report.answers import answers_record, read_answers, write_answers
 from orchestrator.spec.hparams import trial_hparams
@@ -56,19 +58,7 @@ def _matrix(runs: list[dict], task: str) -> tuple[np.ndarray, list[int]]:
             [r["run"]["seed"] for r in rows])
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
 
-
-def _cell(iv: dict) -> str:
-    low, high = iv["ci95"]
-    return f"{_pct(iv['mean'])} ± {100 * (high - low) / 2:.1f}"
-
-
-def _delta_cell(c: dict | None) -> str:
-    if not c:
-        return "-"
-    return f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
 
 
 def _git(*args: str) -> str:
@@ -209,6 +199,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
     }
     if ST:
         out["single_task"]["mean"] = st.mean_over_tasks_interval(ST).as_dict()
+    paired_rows: dict[str, dict[str, np.ndarray]] = {}
     for m in methods:
         runs = [r for r in replicates if r["run"]["method"] == m]
         first = runs[0]["metrics"]
@@ -217,6 +208,7 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         seeds = sorted(r["run"]["seed"] for r in runs)  # the row order of X[m][t] (see _matrix)
         # the method's rows at the references' seeds: all of them, or the first study.single_task_seeds
         paired = {t: X[m][t][[i for i, seed in enumerate(seeds) if seed in st_seeds]] for t in tasks} if ST else X[m]
+        paired_rows[m] = paired
         for t in tasks:
             mat = X[m][t]
             iv = st.accuracy_interval(mat).as_dict()
@@ -271,6 +263,11 @@ def build_results(spec: SearchSpec, configs: dict[str, dict], done: list[dict], 
         out["comparisons"].append({"a": a, "b": b, **c.as_dict(),
                                    "tost": tost(c.diff, c.primary.se, c.primary.df, s.equivalence_margin)})
     judge_comparisons(out["comparisons"])
+    if s.secondary_without:
+        out["secondary"] = secondary_results(tuple(s.secondary_without), tasks, X, paired_rows, ST, zero, pairs,
+                                             n_boot=s.n_boot, margin=s.equivalence_margin)
+        out["statistics"]["multiplicity"]["secondary"] = ("Holm across the secondary's pairwise comparisons, and "
+                                                          "across the methods' secondary mean Δs")
     out["meta"] = provenance(command, wall_s, start)
     out["provenance"] = {**(provenance_record or {}), "precision": precision, "formulation": formulation,
                          "wall_s": round(float(wall_s), 1)}
@@ -291,25 +288,25 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m, e in results["methods"].items():
         delta = e.get("delta_vs_single_task") or (e.get("delta_vs_zero_shot") if not results["single_task"] else None)
-        extra = [_delta_cell(e.get("delta_vs_zero_shot"))] if both else []
+        extra = [delta_cell(e.get("delta_vs_zero_shot"))] if both else []
         lines.append("| " + " | ".join([m, f"{e['trainable_params']:,} ({100 * e['trainable_share']:.2f} %)",
-                                        *(_cell(e["per_task"][t]) for t in tasks), _cell(e["mean"]),
-                                        _delta_cell(delta), *extra]) + " |")
+                                        *(cell(e["per_task"][t]) for t in tasks), cell(e["mean"]),
+                                        delta_cell(delta), *extra]) + " |")
     if results["single_task"]:
         stt = results["single_task"]
         lines.append("| " + " | ".join([f"{results['single_task_method']} (ST)", "per task",
-                                        *(_cell(stt[t]) for t in tasks), _cell(stt["mean"]), "0",
+                                        *(cell(stt[t]) for t in tasks), cell(stt["mean"]), "0",
                                         *(["-"] if zs else [])]) + " |")
     majority = results.get("majority_label") or {}
     if any(v is not None for v in majority.values()):
         lines.append("| " + " | ".join(["majority label (constant answer)", "0",
-                                        *(_pct(majority[t]) if majority.get(t) is not None else "-" for t in tasks),
-                                        _pct(np.mean([v for v in majority.values() if v is not None])), "-",
+                                        *(pct(majority[t]) if majority.get(t) is not None else "-" for t in tasks),
+                                        pct(np.mean([v for v in majority.values() if v is not None])), "-",
                                         *(["-"] if both else [])]) + " |")
     if zs:
         z = results["zero_shot"]
-        lines.append("| " + " | ".join(["zero-shot", "0", *(_pct(z[t]) for t in tasks),
-                                        _pct(sum(z.values()) / len(z)), "-", *(["0"] if both else [])]) + " |")
+        lines.append("| " + " | ".join(["zero-shot", "0", *(pct(z[t]) for t in tasks),
+                                        pct(sum(z.values()) / len(z)), "-", *(["0"] if both else [])]) + " |")
     meta, split = results["meta"], results["split"]
     fewer = results.get("single_task_seeds") if results["single_task"] else None
     fewer = fewer if fewer and len(fewer) < len(results["seeds"]) else None
@@ -327,11 +324,14 @@ def markdown(results: dict[str, Any]) -> str:
                  "", "| a − b | diff (points) | 95 % CI (seeds + items) | p | p Holm | df | 95 % CI given these "
                  "items (per-seed t) | item bootstrap 95 % CI | MDD 80 % (points) | TOST p | verdict |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | {_ci(c['ci95'])} | {_p(c['p'])} | "
-                 f"{_p(c.get('p_holm'))} | {_df(c.get('df'))} | {_ci(c['seed_t']['ci95'])} | "
-                 f"{_ci(c['bootstrap']['ci95'])} | {_points(c['mdd80'])} | {_p((c.get('tost') or {}).get('p'))} | "
+        text += [f"| {c['a']} − {c['b']} | {100 * c['diff']:+.2f} | {ci_text(c['ci95'])} | {p_text(c['p'])} | "
+                 f"{p_text(c.get('p_holm'))} | {df_text(c.get('df'))} | {ci_text(c['seed_t']['ci95'])} | "
+                 f"{ci_text(c['bootstrap']['ci95'])} | {points(c['mdd80'])} | {p_text((c.get('tost') or {}).get('p'))} | "
                  f"{c.get('verdict', '-')} |" for c in results["comparisons"]]
         text.append("")
+    if results.get("secondary"):
+        text += secondary_markdown(results["secondary"], results["statistics"].get("equivalence", {}).get(
+            "margin", 0.008))
     if zs:
         above = [m for m, e in results["methods"].items() if e.get("above_zero_shot_ci")]
         below = [m for m in results["methods"] if m not in above]
@@ -340,7 +340,7 @@ def markdown(results: dict[str, Any]) -> str:
     for m, e in results["methods"].items():
         if e.get("learned_per_item"):
             text.append(f"- learned per item, {m} (test items whose answer changed from zero-shot / changed to gold): "
-                        + ", ".join(f"{t} {_pct(c['changed'])} / {_pct(c['to_gold'])} %"
+                        + ", ".join(f"{t} {pct(c['changed'])} / {pct(c['to_gold'])} %"
                                     for t, c in e["learned_per_item"].items()) + ".")
     for m, ss in results["seesaw"].items():
         undetermined = f"; undetermined (no spread): {', '.join(ss['undetermined'])}" if ss.get("undetermined") else ""
@@ -371,20 +371,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(text) + "\n"
 
 
-def _ci(ci: list[float]) -> str:
-    return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
 
 
-def _p(p: float | None) -> str:
-    return "undetermined" if p is None else f"{p:.3f}"
-
-
-def _df(df: float | None) -> str:
-    return "-" if df is None else f"{df:.1f}"
-
-
-def _points(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def _machine_line(machine: dict | None) -> str:

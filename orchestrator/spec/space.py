@@ -292,6 +292,11 @@ class StudySpec:
     choice_seeds: tuple[int, ...] = _f(())
     """Training seeds of the probes and pilots whose results fixed a choice of this study (a learning-rate probe,
     a pilot that sized it): recorded in the plan, and never used by a replicate or single-task run."""
+    secondary_without: tuple[str, ...] = _f(())
+    """Tasks left out of a named secondary: the mean over the other tasks, reported beside the primary with the
+    same statistics (its own Holm family), and each left-out task's share of the mean's gain over zero-shot. E.g.
+    [boolq]: the LLM-Adapters BoolQ file has no passage, so its gain is the yes/no prior. Changes the report only:
+    ``--resume`` and ``--report-only`` accept a changed value."""
 
 
 @dataclass(frozen=True)
@@ -564,7 +569,7 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str = "searc
     problems += _check_points(search.points_to_evaluate, methods)
     problems += _check_objectives(search.objectives, data)
     if "study" in raw and methods:  # a search-only space is not held to the study defaults (e.g. a lora reference)
-        problems += _check_study(groups["study"], methods)
+        problems += _check_study(groups["study"], methods, space_tasks(data))
     dbg = groups["debug"]
     if dbg.fail_method is not None and dbg.fail_method not in kinds:
         problems.append(f"debug.fail_method: {dbg.fail_method!r} is not a searched method ({', '.join(kinds)})")
@@ -599,8 +604,9 @@ def warn_small_label(model: str, formulation: str, source: str) -> None:
                        source, model, params / 1e6)
 
 
-def _check_study(study: StudySpec, methods: list[MethodSpec]) -> list[str]:
-    """Fixed configurations name declared methods and every searched hyperparameter; comparisons are "a-b"."""
+def _check_study(study: StudySpec, methods: list[MethodSpec], tasks: tuple[str, ...]) -> list[str]:
+    """Fixed configurations name declared methods and every searched hyperparameter; comparisons are "a-b"; the
+    secondary leaves out tasks of the space, not all of them."""
     kinds = {m.kind: m for m in methods}
     out = []
     if study.single_task and study.single_task_method not in kinds:
@@ -610,6 +616,15 @@ def _check_study(study: StudySpec, methods: list[MethodSpec]) -> list[str]:
         out.append(f"study.single_task_seeds: {study.single_task_seeds} is more than study.seeds "
                    f"({study.seeds}); the references train at the first of the replicates' seeds. Fix: at most "
                    f"{study.seeds}, or leave it out (all of them)")
+    if study.secondary_without:
+        left = set(tasks) - set(study.secondary_without)
+        unknown = [t for t in study.secondary_without if t not in tasks]
+        if unknown:
+            out.append(f"study.secondary_without: {', '.join(map(repr, unknown))} is not a task of this space "
+                       f"({', '.join(tasks)}). Fix: name tasks of data.tasks / data.suite")
+        elif not left:
+            out.append("study.secondary_without: leaves no task for the secondary mean. Fix: leave at least one out "
+                       "of the list")
     for i, pair in enumerate(study.comparisons or ()):
         a, sep, b = str(pair).partition("-")
         if not sep or a not in kinds or b not in kinds:
@@ -637,11 +652,16 @@ OBJECTIVE_METRICS = ("val/mean_acc", "trainable_params", "trainable_share", "tot
                      "step_time_s", "peak_memory_mb", "train_loss")
 
 
-def _check_objectives(objectives: dict | None, data: DataSpec) -> list[str]:
-    """Each objective must be reported by every trial at every evaluation, and never be a test metric."""
+def space_tasks(data: DataSpec) -> tuple[str, ...]:
+    """The tasks of ``data``: its suite's (``orchestrator.data.tasks.SUITES``) or its ``tasks``."""
     from orchestrator.data.tasks import SUITES
 
-    tasks = SUITES.get(data.suite or "", ()) if data.suite else tuple(data.tasks or ())
+    return tuple(SUITES.get(data.suite or "", ())) if data.suite else tuple(data.tasks or ())
+
+
+def _check_objectives(objectives: dict | None, data: DataSpec) -> list[str]:
+    """Each objective must be reported by every trial at every evaluation, and never be a test metric."""
+    tasks = space_tasks(data)
     valid = [*OBJECTIVE_METRICS, *(f"val/acc/{t}" for t in tasks)]
     out = []
     for name in objectives or {}:

@@ -20,6 +20,10 @@ from orchestrator.spec.space import SearchSpec
 PLAN = "plan.json"
 #: what the runs' results depend on; resources, tracking and the debug hooks may change between launches
 FINGERPRINTED = ("model", "data", "train", "eval", "methods", "search", "study")
+#: keys of those groups that change only what the report computes from the runs' answers (or the estimate),
+#: never a run: a resume accepts a changed value
+REPORT_ONLY = {"study": ("n_boot", "comparisons", "noise_multiple", "equivalence_margin", "time_bound_min",
+                         "secondary_without")}
 
 
 class PlanError(ValueError):
@@ -62,11 +66,20 @@ def check_resume(spec: SearchSpec, recorded: dict[str, Any], what: str) -> None:
     groups = spec_groups(spec, list(old) or FINGERPRINTED)
     if fingerprint(groups) == recorded.get("fingerprint"):
         return
-    changed = [g for g in groups if groups.get(g) != old.get(g)]
+    changed = [g for g in groups if _runs_part(g, groups.get(g)) != _runs_part(g, old.get(g))]
+    if old and not changed:   # only report keys differ (REPORT_ONLY)
+        return
     raise PlanError(f"--resume: the space differs from the one that launched this {what} "
                     f"(changed: {', '.join(changed) or 'unknown'}; recorded in {plan_path(spec)}). The recorded "
                     f"plan is what ran. Fix: restore the space (and flags) of the first launch, or start a new "
                     f"{what} with --name")
+
+
+def _runs_part(group: str, values: Any) -> Any:
+    """A recorded group without its :data:`REPORT_ONLY` keys (absent keys and the defaults of newer code alike)."""
+    if not isinstance(values, dict):
+        return values
+    return {k: v for k, v in values.items() if k not in REPORT_ONLY.get(group, ())}
 
 
 def replicate_seeds(first: int, n: int, used: set[int] | list[int]) -> list[int]:

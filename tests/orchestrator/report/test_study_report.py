@@ -238,3 +238,40 @@ def test_single_task_references_at_fewer_seeds_pair_the_methods_runs_at_those_se
 
     with pytest.raises(study_report.ReportError, match=r"different seeds: piqa \[0, 1\]; boolq \[0, 1, 2\]"):
         _hand_study(tmp_path, change=mismatched)
+
+
+def test_the_named_secondary_leaves_its_tasks_out_of_every_statistic(tmp_path):
+    """study.secondary_without [boolq]: the secondary is piqa alone here, so every number is checked against piqa's
+    matrices by hand (numpy, scipy's one-sample t); boolq's share of the gain from the per-task gains."""
+    rng = np.random.default_rng(1)
+    n = 300
+    zero = {t: (rng.random(n) < 0.3).astype(int) for t in TASKS}
+    lora = {t: np.stack([np.maximum(zero[t], rng.random(n) < (0.1 if t == "piqa" else 0.5)) for _ in range(3)])
+            for t in TASKS}
+    molora = {t: np.stack([np.maximum(zero[t], rng.random(n) < 0.2) for _ in range(3)]) for t in TASKS}
+    spec = _spec(tmp_path)
+    spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, secondary_without=("boolq",)))
+    res = study_report.build_results(
+        spec, {"lora": {"method": "lora"}, "molora": {"method": "molora"}}, _runs("lora", lora) +
+        _runs("molora", molora), {"test_correct": {t: zero[t].tolist() for t in TASKS}}, _split(n),
+        wall_s=1.0, command="cmd")
+    sec = res["secondary"]
+    assert sec["without"] == ["boolq"] and sec["tasks"] == ["piqa"]
+    assert sec["zero_shot_mean"] == pytest.approx(zero["piqa"].mean())
+    e = sec["methods"]["lora"]
+    assert e["mean"]["mean"] == pytest.approx(lora["piqa"].mean())
+    assert e["delta_vs_zero_shot"]["diff"] == pytest.approx(lora["piqa"].mean() - zero["piqa"].mean())
+    gains = {t: lora[t].mean() - zero[t].mean() for t in TASKS}
+    assert e["share_of_gain"]["boolq"] == pytest.approx(gains["boolq"] / 2 / np.mean(list(gains.values())))
+    assert 0.5 < e["share_of_gain"]["boolq"] < 1  # boolq gained 5x piqa here
+    (c,) = sec["comparisons"]
+    per_seed = molora["piqa"].mean(1) - lora["piqa"].mean(1)
+    assert (c["a"], c["b"]) == ("molora", "lora") and c["diff"] == pytest.approx(per_seed.mean())
+    assert c["seed_t"]["p"] == pytest.approx(stats.ttest_1samp(per_seed, 0.0).pvalue)
+    assert c["p_holm"] == pytest.approx(c["p"]) and c["verdict"]
+    # the primary is untouched: still over both tasks
+    assert res["methods"]["lora"]["mean"]["mean"] == pytest.approx(np.mean([lora[t].mean() for t in TASKS]))
+    text = study_report.markdown(res)
+    assert "Named secondary (study.secondary_without): the mean over piqa, without boolq" in text
+    assert f"| zero-shot | {100 * zero['piqa'].mean():.1f} | 0 | - |" in text
+    assert f"| molora − lora | {100 * c['diff']:+.2f} |" in text.split("Named secondary")[1]

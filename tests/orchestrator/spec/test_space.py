@@ -118,6 +118,9 @@ BAD = [
     ("eval.scoring", "generate", r"eval\.scoring: 'generate' decodes from the templated prompt.*data\.formulation: "
                                  r"label"),
     ("study.seeds", 0, r"study\.seeds: 0 is impossible"),
+    ("study.secondary_without", ["boolx"], r"study\.secondary_without: 'boolx' is not a task of this space "
+                                           r"\(boolq, arc_e\)"),
+    ("study.secondary_without", ["boolq", "arc_e"], r"study\.secondary_without: leaves no task"),
     ("study.single_task_method", "hydra", r"study\.single_task_method: 'hydra' is not a method of this space"),
     ("study.comparisons", ["malora-molora"], r"study\.comparisons\[0\]: 'malora-molora' must be 'a-b'"),
 

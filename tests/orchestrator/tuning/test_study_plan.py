@@ -83,6 +83,17 @@ def test_a_resume_with_a_changed_space_is_refused(smoke):
         record.check_resume(changed, recorded, "search")
     other = dataclasses.replace(smoke, resources=dataclasses.replace(smoke.resources, max_concurrent_trials=1))
     record.check_resume(other, recorded, "search")  # resources are not part of what the runs trained
+    # the report's own settings change no run: a resume takes them (the plan recorded the old values)
+    report = dataclasses.replace(smoke, study=dataclasses.replace(
+        smoke.study, equivalence_margin=0.01, secondary_without=("boolq",), n_boot=500))
+    record.check_resume(report, recorded, "study")
+    more_seeds = dataclasses.replace(report, study=dataclasses.replace(report.study, seeds=5))
+    with pytest.raises(record.PlanError, match=r"changed: study;"):
+        record.check_resume(more_seeds, recorded, "study")
+    # a plan written before the secondary existed (its study group lacks the key) resumes under this code
+    old = {**recorded, "groups": {**recorded["groups"], "study": {
+        k: v for k, v in recorded["groups"]["study"].items() if k != "secondary_without"}}}
+    record.check_resume(smoke, old, "study")
 
 
 def test_replicates_never_reuse_a_seed_that_fixed_a_choice(smoke, monkeypatch):
