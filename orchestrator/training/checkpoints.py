@@ -26,13 +26,19 @@ def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, 
     when that is further on (``training.partial``: also the open window and this rank's RNG); else start at 0."""
     with session.checkpoint_dir() as ckpt:
         state, source = None, None
-        if ckpt and (Path(ckpt) / TRAIN_STATE).is_file():
-            state = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False)
-            source = ckpt
-        later = partial.latest(session.rank, after=state["step"] if state else 0, trial=trial_config,
+        has_ckpt = bool(ckpt) and (Path(ckpt) / TRAIN_STATE).is_file()
+        # The checkpoint's step from its small metrics.json, so that a newer partial state is found before the
+        # checkpoint's tensors (hundreds of MB) are read only to be dropped.
+        ckpt_step = _checkpoint_step(Path(ckpt)) if has_ckpt else 0
+        if has_ckpt and ckpt_step is None:
+            state, source = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False), ckpt
+            ckpt_step = state["step"]
+        later = partial.latest(session.rank, after=ckpt_step, trial=trial_config,
                                steps=steps) if partial is not None else None
         if later is not None:
             state, source = later, partial.root
+        elif has_ckpt and state is None:
+            state, source = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False), ckpt
         if state is None:
             return Progress()
         missing = set(state["adapter"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
@@ -45,6 +51,15 @@ def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, 
             restore_rng(later["rng"])
         logger.info("trial %s resumes at step %d from %s", trial_id, state["step"], source)
         return Progress(state["step"], state["tokens"], state.get("history", []), state.get("window"))
+
+
+def _checkpoint_step(ckpt: Path) -> int | None:
+    """The step recorded in a checkpoint's metrics.json; None when it has none (then the state says)."""
+    try:
+        step = json.loads((ckpt / "metrics.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None
+    return int(step) if isinstance(step, (int, float)) else None
 
 
 def save_partial(session: Any, partial: PartialStore, trial: TrialModel, optim: Optimisation, step: int,

@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.spec.space import load_space
 from orchestrator.training import worker
+from orchestrator.training.checkpoints import restore_progress
 from orchestrator.training.partial import PartialStore
 
 SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
@@ -112,3 +113,32 @@ def test_the_store_keeps_the_newest_complete_state(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000008"]
     store.clear()
     assert not list(tmp_path.iterdir()) and store.latest(0, after=0, trial=trial, steps=9) is None
+
+
+def _tiny_optimisation(model: torch.nn.Module) -> worker.Optimisation:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    return worker.Optimisation(params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
+
+
+def test_a_newer_state_is_restored_without_reading_the_checkpoint_tensors(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optim = _tiny_optimisation(model)
+    trial = {"method": "lora"}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metrics.json").write_text('{"step": 2}')
+    (ckpt / worker.TRAIN_STATE).write_bytes(b"not a torch file")  # reading it would raise
+    weights = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    store = PartialStore.local(str(tmp_path / "p"))
+    store.save(3, 0, {"step": 3, "tokens": 30, "history": [], "trial": trial, "steps": 9, "adapter": weights,
+                      "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict()},
+               {"tokens": 5})
+    session = worker.LocalSession(resume_dir=str(ckpt))
+    got = restore_progress(session, model, optim, torch.device("cpu"), partial=store, trial_config=trial, steps=9)
+    assert (got.step, got.tokens, got.window) == (3, 30, {"tokens": 5})
+    assert torch.equal(model.weight, torch.full((2, 2), 7.0))
+    # a state no newer than the checkpoint leaves the checkpoint to be read: the corrupt file is reached
+    with pytest.raises(Exception):
+        restore_progress(session, model, optim, torch.device("cpu"), partial=store, trial_config={"method": "x"},
+                         steps=9)
