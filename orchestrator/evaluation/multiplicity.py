@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from orchestrator.report.formatting import p_text
+
 
 def _finite(pvalues: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
     p = np.array([np.nan if v is None else float(v) for v in pvalues], dtype=float)
@@ -80,7 +82,7 @@ def verdict(diff: float, p_adjusted: float | None, equivalence: dict, mdd: float
     if p_adjusted < alpha:
         return "A > B" if diff > 0 else "A < B"
     if equivalence.get("equivalent"):
-        return f"equivalent within ±{100 * equivalence['margin']:.2g} points (TOST p {equivalence['p']:.3f})"
+        return f"equivalent within ±{100 * equivalence['margin']:.2g} points (TOST p {p_text(equivalence['p'])})"
     mdd_text = f"{100 * mdd:.2f} points" if mdd is not None and not math.isnan(mdd) else "unknown"
     return f"not distinguishable (MDD {mdd_text})"
 

@@ -23,7 +23,10 @@ def ci_text(ci: list[float]) -> str:
 
 
 def p_text(p: float | None) -> str:
-    return "undetermined" if p is None else f"{p:.3f}"
+    """Three decimals; below 0.001 "< 0.001" (never "0.000", which reads as certainty); None "undetermined"."""
+    if p is None:
+        return "undetermined"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def df_text(df: float | None) -> str:

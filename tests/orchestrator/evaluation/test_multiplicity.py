@@ -60,3 +60,7 @@ def test_verdicts():
     wide = tost(0.001, 0.02, 30.0, 0.008)
     assert verdict(0.001, 0.9, wide, 0.057) == "not distinguishable (MDD 5.70 points)"
     assert verdict(0.0, None, wide, None).startswith("undetermined")
+    # a TOST p below 0.001 (here about 1e-12: the 90 % CI +-0.16 points inside +-0.8) is never printed as 0.000
+    tight = tost(0.0, 0.001, 30.0, 0.008)
+    assert tight["p"] < 1e-6
+    assert verdict(0.0, 0.9, tight, 0.003) == "equivalent within ±0.8 points (TOST p < 0.001)"
