@@ -22,8 +22,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from orchestrator.report.formatting import p_text
-
 
 def _finite(pvalues: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
     p = np.array([np.nan if v is None else float(v) for v in pvalues], dtype=float)
@@ -72,6 +70,13 @@ def tost(diff: float, se: float, df: float, margin: float, alpha: float = 0.05) 
     p = max(p_low, p_high)
     return {"margin": margin, "p": p, "equivalent": bool(p < alpha), "ci90": [diff - half, diff + half],
             "alpha": alpha}
+
+
+def p_text(p: float | None) -> str:
+    """Three decimals; below 0.001 "< 0.001" (never "0.000", which reads as certainty); None "undetermined"."""
+    if p is None:
+        return "undetermined"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def verdict(diff: float, p_adjusted: float | None, equivalence: dict, mdd: float | None, alpha: float = 0.05) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from orchestrator.evaluation.multiplicity import p_text  # the verdicts print p the same way
+
+__all__ = ["cell", "ci_text", "delta_cell", "df_text", "p_text", "pct", "points"]
+
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -20,13 +24,6 @@ def delta_cell(c: dict | None) -> str:
 
 def ci_text(ci: list[float]) -> str:
     return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
-
-
-def p_text(p: float | None) -> str:
-    """Three decimals; below 0.001 "< 0.001" (never "0.000", which reads as certainty); None "undetermined"."""
-    if p is None:
-        return "undetermined"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def df_text(df: float | None) -> str:
