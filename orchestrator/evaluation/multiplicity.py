@@ -79,13 +79,16 @@ def p_text(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def verdict(diff: float, p_adjusted: float | None, equivalence: dict, mdd: float | None, alpha: float = 0.05) -> str:
-    """One phrase a report may print for a comparison: "A > B", "A < B", "equivalent within ±δ", or
-    "not distinguishable (MDD x)" / "undetermined". Differences in the accuracy scale (0.01 = 1 point)."""
+def verdict(diff: float, p_adjusted: float | None, equivalence: dict, mdd: float | None, alpha: float = 0.05,
+            names: tuple[str, str] = ("A", "B")) -> str:
+    """One phrase a report may print for the comparison ``a − b`` (``names``): "a > b", "a < b", "equivalent
+    within ±δ", or "not distinguishable (MDD x)" / "undetermined". Differences in the accuracy scale (0.01 = 1
+    point)."""
     if p_adjusted is None:
         return "undetermined (no spread between runs)"
     if p_adjusted < alpha:
-        return "A > B" if diff > 0 else "A < B"
+        a, b = names
+        return f"{a} > {b}" if diff > 0 else f"{a} < {b}"
     if equivalence.get("equivalent"):
         return f"equivalent within ±{100 * equivalence['margin']:.2g} points (TOST p {p_text(equivalence['p'])})"
     mdd_text = f"{100 * mdd:.2f} points" if mdd is not None and not math.isnan(mdd) else "unknown"
@@ -98,4 +101,4 @@ def judge_comparisons(comparisons: list[dict], alpha: float = 0.05) -> None:
     adjusted = adjust({i: c["p"] for i, c in enumerate(comparisons)}, "holm")
     for i, c in enumerate(comparisons):
         c["p_holm"] = adjusted[i]
-        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"], alpha)
+        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"], alpha, (c.get("a", "A"), c.get("b", "B")))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.evaluation.multiplicity import adjust, benjamini_hochberg, holm, tost, verdict
+from orchestrator.evaluation.multiplicity import adjust, benjamini_hochberg, holm, judge_comparisons, tost, verdict
 
 
 def test_holm_by_hand():
@@ -56,6 +56,7 @@ def test_verdicts():
     eq = tost(0.001, 0.002, 30.0, 0.008)
     assert verdict(0.02, 0.001, eq, 0.01) == "A > B"
     assert verdict(-0.02, 0.001, eq, 0.01) == "A < B"
+    assert verdict(-0.02, 0.001, eq, 0.01, names=("malora", "molora")) == "malora < molora"
     assert verdict(0.001, 0.6, eq, 0.006).startswith("equivalent within ±0.8 points")
     wide = tost(0.001, 0.02, 30.0, 0.008)
     assert verdict(0.001, 0.9, wide, 0.057) == "not distinguishable (MDD 5.70 points)"
@@ -64,3 +65,15 @@ def test_verdicts():
     tight = tost(0.0, 0.001, 30.0, 0.008)
     assert tight["p"] < 1e-6
     assert verdict(0.0, 0.9, tight, 0.003) == "equivalent within ±0.8 points (TOST p < 0.001)"
+
+
+def test_judge_comparisons_adjusts_the_family_and_names_the_methods():
+    wide = tost(0.001, 0.02, 30.0, 0.008)
+    family = [{"a": "malora", "b": "molora", "diff": 0.012, "p": 0.01, "tost": wide, "mdd80": 0.01},
+              {"a": "malora", "b": "lora", "diff": -0.015, "p": 0.04, "tost": wide, "mdd80": 0.01},
+              {"a": "molora", "b": "lora", "diff": 0.002, "p": 0.30, "tost": wide, "mdd80": 0.03}]
+    judge_comparisons(family)
+    # Holm by hand: sorted p 0.01, 0.04, 0.30 times 3, 2, 1 -> 0.03, 0.08, 0.30 (monotone already)
+    assert [c["p_holm"] for c in family] == pytest.approx([0.03, 0.08, 0.30])
+    assert [c["verdict"] for c in family] == ["malora > molora", "not distinguishable (MDD 1.00 points)",
+                                              "not distinguishable (MDD 3.00 points)"]
