@@ -210,8 +210,9 @@ def evaluate_tasks(
                                                batch_size=batch_size, max_new_tokens=budget)
                 results[name] = TaskScore(sum(hits) / len(hits), len(examples), None, "generate", chance,
                                           tuple(hits), chosen=tuple(chosen))
-            logger.info("%s: acc %.4f over %d items in %.1f s", name, results[name].accuracy, len(examples),
-                        time.perf_counter() - start)
+            score = results[name]  # the task's own metric first: the one every table and comparison uses
+            logger.info("%s: %s %.4f (acc %.4f) over %d items in %.1f s", name, score.primary,
+                        score.primary_accuracy, score.accuracy, len(examples), time.perf_counter() - start)
     finally:
         model.train(was_training)
     return results
