@@ -23,6 +23,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RerunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from orchestrator.models.hardware import machine_info
+    from orchestrator.report.study_report import commit_state
     from orchestrator.training.worker import LocalSession, run_training
     from orchestrator.tuning.study import REPLICATE, run_spec
 
+    code = commit_state()  # at the start: the code this process imports, whatever is committed meanwhile
     run = {"role": REPLICATE, "method": args.method, "seed": args.seed, "task": None, "config": config}
+    started = time.monotonic()
     try:
         final = run_training(run_spec(spec, run), config, LocalSession(), score_test=True)[-1]
     except Exception as exc:  # noqa: BLE001 - one line and exit 1, as the study does for a failed run
@@ -204,12 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     rerun = {t: final[f"test_correct/{t}"] for t in recorded}
     rows = compare(recorded, rerun, items)
+    wall_s = time.monotonic() - started
     print(table(args.method, args.seed, rows))
+    print(f"rerun at commit {code['commit'] or 'unknown'}{' (uncommitted changes)' if code['dirty'] else ''}, "
+          f"{wall_s / 60:.1f} min, precision {final.get('precision')}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": str(args.results), "space": space, "method": args.method,
                                         "seed": args.seed, "config": config, "tasks": rows,
-                                        "precision": final.get("precision")}, indent=1))
+                                        "precision": final.get("precision"), **code, "wall_s": wall_s,
+                                        "machine": machine_info()}, indent=1))
     return 0
 
 

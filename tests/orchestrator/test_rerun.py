@@ -3,6 +3,7 @@ bad input ends with one error line and exit 2 before anything trains."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,18 @@ def test_a_rerun_reproduces_the_recorded_cell_item_by_item(study, tmp_path, caps
     out = tmp_path / "rerun.json"
     assert rerun.main(["--results", str(path), "--method", "lora", "--seed", "1", "--storage-path", str(storage),
                        "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["tasks"]
+    written = json.loads(out.read_text())
+    rows = written["tasks"]
     for task, a in acc.items():
         assert rows[task]["recorded"] == a and rows[task]["rerun"] == pytest.approx(a, abs=0)
         assert rows[task]["items_changed"] == 0 and rows[task]["n_items"] == 6
-    assert "| boolq |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| boolq |" in printed
+    # the code and machine the figure came from: this checkout's HEAD, read by git here
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
+    assert written["commit"] == head and f"rerun at commit {head}" in printed
+    assert written["machine"]["cpu"] and written["wall_s"] > 0
 
 
 def test_compare_counts_changed_items_and_the_difference():
