@@ -101,4 +101,5 @@ def judge_comparisons(comparisons: list[dict], alpha: float = 0.05) -> None:
     adjusted = adjust({i: c["p"] for i, c in enumerate(comparisons)}, "holm")
     for i, c in enumerate(comparisons):
         c["p_holm"] = adjusted[i]
-        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"], alpha, (c.get("a", "A"), c.get("b", "B")))
+        names = (c.get("a", "A"), c.get("b", "B"))
+        c["verdict"] = verdict(c["diff"], c["p_holm"], c["tost"], c["mdd80"], alpha, names)
