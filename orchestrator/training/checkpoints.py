@@ -26,19 +26,22 @@ def restore_progress(session: Any, model: torch.nn.Module, optim: Optimisation, 
     when that is further on (``training.partial``: also the open window and this rank's RNG); else start at 0."""
     with session.checkpoint_dir() as ckpt:
         state, source = None, None
-        has_ckpt = bool(ckpt) and (Path(ckpt) / TRAIN_STATE).is_file()
+        saved = Path(ckpt) / TRAIN_STATE if ckpt else None
+        has_ckpt = saved is not None and saved.is_file()
         # The checkpoint's step from its small metrics.json, so that a newer partial state is found before the
-        # checkpoint's tensors (hundreds of MB) are read only to be dropped.
-        ckpt_step = _checkpoint_step(Path(ckpt)) if has_ckpt else 0
-        if has_ckpt and ckpt_step is None:
-            state, source = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False), ckpt
+        # checkpoint's tensors (hundreds of MB) are read only to be dropped; without one, the state says.
+        ckpt_step = _checkpoint_step(saved.parent) if has_ckpt else 0
+        if ckpt_step is None:
+            state = torch.load(saved, map_location=device, weights_only=False)
             ckpt_step = state["step"]
         later = partial.latest(session.rank, after=ckpt_step, trial=trial_config,
                                steps=steps) if partial is not None else None
         if later is not None:
             state, source = later, partial.root
-        elif has_ckpt and state is None:
-            state, source = torch.load(Path(ckpt) / TRAIN_STATE, map_location=device, weights_only=False), ckpt
+        elif has_ckpt:
+            if state is None:
+                state = torch.load(saved, map_location=device, weights_only=False)
+            source = ckpt
         if state is None:
             return Progress()
         missing = set(state["adapter"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}

@@ -3,6 +3,7 @@ trains exactly what an uninterrupted run trains: the same adapter tensors, losse
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,6 @@ def test_a_newer_state_is_restored_without_reading_the_checkpoint_tensors(tmp_pa
     assert (got.step, got.tokens, got.window) == (3, 30, {"tokens": 5})
     assert torch.equal(model.weight, torch.full((2, 2), 7.0))
     # a state no newer than the checkpoint leaves the checkpoint to be read: the corrupt file is reached
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         restore_progress(session, model, optim, torch.device("cpu"), partial=store, trial_config={"method": "x"},
                          steps=9)
